@@ -1,0 +1,201 @@
+"""``DetectionDataModule``: COCO or VOC splits on disk -> batched dataloaders.
+
+Batches are ``(images, targets)`` tuples of variable-size images, as torchvision
+detectors expect. With ``generate=True`` the embedded shapes dataset is written to
+``root`` on first use, so the demo configs run on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+
+from training.images import DEFAULT_MAX_PIXELS
+
+from .coco import CocoDetection, read_coco_categories
+from .samples import BadSamplePolicy, DetectionDataset, collate_detection
+from .transforms import detection_transforms
+from .voc import VOC_CLASSES, VOCDetection
+
+_LAYOUT_DEFAULTS = {
+    "coco": ("images/{split}", "annotations/instances_{split}.json"),
+    "voc": ("JPEGImages", "Annotations"),
+}
+
+
+class GroupedBatchSampler(BatchSampler):
+    """Batches whose images share an aspect-ratio group (wide vs tall), as torchvision's references do.
+
+    Padding a batch to its largest image wastes less when shapes agree. Takes a
+    ``sampler`` argument so Lightning can swap in a ``DistributedSampler`` under DDP.
+    """
+
+    def __init__(self, sampler: Sampler, group_ids: list[int], batch_size: int, drop_last: bool = False):
+        super().__init__(sampler, batch_size, drop_last)
+        self.group_ids = group_ids
+
+    def __iter__(self):
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for idx in self.sampler:
+            bucket = buckets[self.group_ids[idx]]
+            bucket.append(idx)
+            if len(bucket) == self.batch_size:
+                yield list(bucket)
+                bucket.clear()
+        if not self.drop_last:  # leftovers of each group, in sampler order
+            for bucket in buckets.values():
+                if bucket:
+                    yield list(bucket)
+
+    def __len__(self) -> int:
+        counts: dict[int, int] = defaultdict(int)
+        for idx in self.sampler:
+            counts[self.group_ids[idx]] += 1
+        if self.drop_last:
+            return sum(c // self.batch_size for c in counts.values())
+        return sum((c + self.batch_size - 1) // self.batch_size for c in counts.values())
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Detection data in COCO or Pascal VOC layout.
+
+    Args:
+        root: dataset directory.
+        format: "coco" (``images_dir``/``annotations`` templates with ``{split}``) or
+            "voc" (``JPEGImages``, ``Annotations``, ``ImageSets/Main/<split>.txt``).
+        train_split, val_split, test_split: split names (``train2017``, ``val``, ...).
+        images_dir, annotations: COCO path templates relative to ``root``; defaults fit the
+            shapes layout (``images/{split}``, ``annotations/instances_{split}.json``). Real
+            COCO 2017: ``images_dir="{split}"``.
+        classes: VOC class names in label order (default: the 20 VOC classes). COCO
+            reads its categories from the file.
+        aspect_ratio_grouping: batch wide and tall images separately.
+        hflip_prob, photometric, scale_jitter: train augmentation (see ``detection_transforms``).
+        strict: box anomalies (outside the image, zero size) are errors instead of repaired.
+        on_bad_sample: "raise" stops at an unreadable image naming it; "skip" warns and drops it.
+        generate: write the embedded shapes dataset to ``root`` if it is missing.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        format: Literal["coco", "voc"] = "coco",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        images_dir: str | None = None,
+        annotations: str | None = None,
+        classes: list[str] | None = None,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        aspect_ratio_grouping: bool = False,
+        hflip_prob: float = 0.5,
+        photometric: bool = True,
+        scale_jitter: tuple[float, float] | None = None,
+        strict: bool = False,
+        on_bad_sample: BadSamplePolicy = "raise",
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        generate: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if format not in _LAYOUT_DEFAULTS:
+            raise ValueError(f"format must be 'coco' or 'voc', got {format!r}")
+        self.save_hyperparameters()
+        default_images, default_annotations = _LAYOUT_DEFAULTS[format]
+        self.images_dir = images_dir or default_images
+        self.annotations = annotations or default_annotations
+        self._class_names: list[str] | None = None
+        self.datasets: dict[str, DetectionDataset] = {}
+
+    # -- what the model needs to know before setup (LightningCLI links these) --
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (label i+1 -> class_names[i]), read without loading a split."""
+        if self._class_names is None:
+            hp = self.hparams
+            if hp.format == "voc":
+                self._class_names = list(hp.classes) if hp.classes is not None else list(VOC_CLASSES)
+            else:
+                self.prepare_data()
+                self._class_names = [c["name"] for c in read_coco_categories(self._annotation_path(hp.val_split))]
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        """Including background, as torchvision counts."""
+        return len(self.class_names) + 1
+
+    def _annotation_path(self, split: str) -> str:
+        return os.path.join(self.hparams.root, self.annotations.format(split=split))
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        if hp.generate and not os.path.exists(os.path.join(hp.root, "shapes.json")):
+            from .shapes import generate_shapes
+
+            generate_shapes(hp.root, seed=hp.seed)
+
+    def make_dataset(self, split: str, train: bool) -> DetectionDataset:
+        hp = self.hparams
+        transforms = detection_transforms(train, hp.hflip_prob, hp.photometric, hp.scale_jitter)
+        common = dict(transforms=transforms, strict=hp.strict, on_bad_sample=hp.on_bad_sample,
+                      max_image_pixels=hp.max_image_pixels)  # fmt: skip
+        if hp.format == "voc":
+            return VOCDetection(hp.root, split, classes=self.class_names, **common)
+        ds = CocoDetection(
+            os.path.join(hp.root, self.images_dir.format(split=split)), self._annotation_path(split), **common
+        )
+        if ds.class_names != self.class_names:
+            raise ValueError(
+                f"{ds.annotation_file}: categories {ds.class_names} differ from the "
+                f"{hp.val_split} split's {self.class_names}; all splits must declare the same categories"
+            )
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        wanted = {
+            "fit": [("train", hp.train_split, True), ("val", hp.val_split, False)],
+            "validate": [("val", hp.val_split, False)],
+            "test": [("test", hp.test_split or hp.val_split, False)],
+            "predict": [("predict", hp.test_split or hp.val_split, False)],
+        }
+        for key, split, train in wanted.get(stage, []) if stage else sum(wanted.values(), []):
+            if key not in self.datasets:
+                self.datasets[key] = self.make_dataset(split, train)
+
+    def _loader(self, key: str, train: bool) -> DataLoader:
+        hp = self.hparams
+        ds = self.datasets[key]
+        workers = dict(
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            collate_fn=collate_detection,
+        )
+        if train and hp.aspect_ratio_grouping:
+            groups = [int(r >= 1.0) for r in ds.aspect_ratios()]
+            sampler = GroupedBatchSampler(RandomSampler(ds), groups, hp.batch_size)
+            return DataLoader(ds, batch_sampler=sampler, **workers)
+        sampler = RandomSampler(ds) if train else SequentialSampler(ds)
+        return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, **workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)
+

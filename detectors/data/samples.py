@@ -1,0 +1,183 @@
+"""What COCO and VOC have in common once parsed: a list of images with their boxes.
+
+Format readers (``coco.py``, ``voc.py``) only parse and validate files into
+``ImageRecord`` lists; this module turns a record into a training sample, repairs
+box anomalies once, and applies the one bad-sample policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from training.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
+
+log = logging.getLogger("litvision")
+
+BadSamplePolicy = Literal["raise", "skip"]
+
+
+@dataclass
+class ImageRecord:
+    """One image and its objects, boxes already XYXY absolute pixels."""
+
+    path: str
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [N, 4] XYXY
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [N] 1..K
+    area: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # [N]
+    iscrowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [N]
+    difficult: np.ndarray | None = None  # [N] bool, VOC only
+
+
+class BoxRepairLog:
+    """Collects box repairs during parsing and reports them in one warning (or raises when strict)."""
+
+    def __init__(self, source: str, strict: bool):
+        self.source, self.strict = source, strict
+        self.clamped: list[str] = []
+        self.dropped: list[str] = []
+
+    def repair(self, boxes: np.ndarray, width: int, height: int, ids: list[str]) -> np.ndarray:
+        """Clamp XYXY ``boxes`` to the image and return the mask of boxes with positive width and height.
+
+        The same repair torchvision's detection reference scripts apply to COCO.
+        """
+        if len(boxes) == 0:
+            return np.zeros((0,), bool)
+        clamped = boxes.copy()
+        clamped[:, 0::2] = clamped[:, 0::2].clip(0, width)
+        clamped[:, 1::2] = clamped[:, 1::2].clip(0, height)
+        keep = (clamped[:, 2] > clamped[:, 0]) & (clamped[:, 3] > clamped[:, 1])
+        moved = (np.abs(clamped - boxes) > 0).any(axis=1)
+        for i, ident in enumerate(ids):
+            if not keep[i]:
+                self.dropped.append(ident)
+            elif moved[i]:
+                self.clamped.append(ident)
+        if self.strict and (self.dropped or self.clamped):
+            bad = self.dropped or self.clamped
+            what = "has non-positive width or height" if self.dropped else "extends outside the image"
+            raise ValueError(f"{self.source}: {bad[0]} {what} (strict=True; use strict=False to repair)")
+        boxes[:] = clamped
+        return keep
+
+    def report(self) -> None:
+        if not (self.clamped or self.dropped):
+            return
+        parts = []
+        if self.dropped:
+            parts.append(f"dropped {len(self.dropped)} degenerate boxes (first: {', '.join(self.dropped[:5])})")
+        if self.clamped:
+            parts.append(f"clamped {len(self.clamped)} boxes to the image (first: {', '.join(self.clamped[:5])})")
+        warnings.warn(f"{self.source}: " + "; ".join(parts) + " (strict=True makes these errors)", stacklevel=3)
+
+
+def check_inside_root(root: str, file_name: str, source: str) -> str:
+    """Join ``file_name`` to ``root`` and refuse names that would resolve outside it.
+
+    The check is lexical (normpath), so symlinks a user placed inside the root keep working.
+    """
+    if os.path.isabs(file_name) or file_name.startswith(("/", "\\")):
+        raise ValueError(f"{source}: refusing absolute image path {file_name!r}; file names must be relative")
+    root_n = os.path.normpath(root)
+    full = os.path.normpath(os.path.join(root_n, file_name))
+    if os.path.commonpath([root_n, full]) != root_n:
+        raise ValueError(f"{source}: refusing image file_name {file_name!r}: it resolves outside {root_n}")
+    return full
+
+
+class DetectionDataset(Dataset):
+    """Base dataset: ``records`` in, ``(image, target)`` out.
+
+    ``__getitem__`` returns:
+        image: ``tv_tensors.Image`` float32 [3, H, W] in [0, 1] (after ``transforms``)
+        target: ``boxes`` BoundingBoxes[N, 4] XYXY absolute pixels, ``labels`` int64[N] in 1..K,
+            ``image_id`` int, ``area`` float32[N], ``iscrowd`` int64[N] and, for VOC, ``difficult`` bool[N].
+    With ``on_bad_sample="skip"``, an unreadable image yields ``None`` (with a warning naming
+    the file); ``collate_detection`` drops it from the batch.
+    """
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        class_names: list[str],
+        transforms=None,
+        on_bad_sample: BadSamplePolicy = "raise",
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        self.records = records
+        self.class_names = list(class_names)
+        self.transforms = transforms
+        self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background (what torchvision's ``num_classes`` means)."""
+        return len(self.class_names) + 1
+
+    def aspect_ratios(self) -> list[float]:
+        return [r.width / r.height for r in self.records]
+
+    def load(self, index: int):
+        rec = self.records[index]
+        img = open_image(rec.path, self.max_image_pixels)
+        if img.size != (rec.width, rec.height):
+            raise BadImageError(
+                f"{rec.path}: image is {img.size[0]}x{img.size[1]} but the annotations declare "
+                f"{rec.width}x{rec.height}"
+            )
+        image = tv_tensors.Image(F.pil_to_tensor(img))
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.as_tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4),
+                format="XYXY",
+                canvas_size=(rec.height, rec.width),
+            ),
+            "labels": torch.as_tensor(rec.labels, dtype=torch.int64),
+            "image_id": rec.image_id,
+            "area": torch.as_tensor(rec.area, dtype=torch.float32),
+            "iscrowd": torch.as_tensor(rec.iscrowd, dtype=torch.int64),
+        }
+        if rec.difficult is not None:
+            target["difficult"] = torch.as_tensor(rec.difficult, dtype=torch.bool)
+        return image, target
+
+    def __getitem__(self, index: int):
+        try:
+            image, target = self.load(index)
+        except BadImageError as e:
+            if self.on_bad_sample == "raise":
+                raise
+            warnings.warn(f"skipping bad sample {index}: {e}", stacklevel=2)
+            return None
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        else:
+            image = F.to_dtype(image, torch.float32, scale=True)
+        return image, target
+
+
+def collate_detection(batch):
+    """Keep variable-size images: ``(images, targets)`` tuples; samples skipped as bad are dropped."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return (), ()
+    return tuple(zip(*batch))

@@ -1,0 +1,186 @@
+"""Finding and loading images: the Keras ``glob.glob`` + ``load_img`` of the lesson.
+
+``load_image`` mirrors ``keras.utils.load_img`` (same arguments, same resize and
+crop arithmetic, returns a PIL image). ``open_image`` is the strict loader the
+datasets use: it refuses decompression bombs, forces a full decode so a truncated
+file fails here (naming the path) rather than inside a training step, and turns
+any PIL mode -- grayscale, palette, RGBA, CMYK, 16-bit -- into 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Keras' PIL_INTERPOLATION_METHODS, name for name.
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# PIL's own warning threshold; images above it are treated as decompression bombs.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class BadImageError(OSError):
+    """An image file that is missing, unreadable, truncated or too large. The message names the path."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(root_or_pattern: str | os.PathLike, allow_empty: bool = False) -> list[str]:
+    """Sorted image paths under a directory (recursive) or matching a glob pattern.
+
+    Extensions jpg/jpeg/png/bmp/webp/tif(f) match case-insensitively; ``**`` in a
+    pattern recurses as in ``glob.glob(..., recursive=True)``. Raises
+    ``FileNotFoundError`` naming the argument when nothing matches, unless
+    ``allow_empty``.
+    """
+    spec = os.fspath(root_or_pattern)
+    if os.path.isdir(spec):
+        pattern = os.path.join(glob.escape(spec), "**", "*")
+    elif glob.has_magic(spec):
+        pattern = spec
+    elif os.path.isfile(spec):
+        pattern = glob.escape(spec)
+    else:
+        raise FileNotFoundError(f"{spec}: no such directory or file, and it is not a glob pattern")
+    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and is_image_file(p))
+    if not paths and not allow_empty:
+        raise FileNotFoundError(f"{spec}: matches no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def _read(path) -> Image.Image:
+    if isinstance(path, io.BytesIO):
+        return Image.open(path)
+    with open(path, "rb") as f:
+        return Image.open(io.BytesIO(f.read()))
+
+
+def load_image(
+    path: str | os.PathLike | io.BytesIO,
+    target_size: Sequence[int] | None = None,
+    color_mode: str = "rgb",
+    interpolation: str = "nearest",
+    keep_aspect_ratio: bool = False,
+    exif_transpose: bool = False,
+) -> Image.Image:
+    """Keras ``load_img``: load an image file into a PIL image.
+
+    Args:
+        target_size: ``(height, width)`` or None to keep the file's size.
+        color_mode: "grayscale" (8/16/32-bit grayscale files keep their mode, as in
+            Keras), "rgb" or "rgba".
+        interpolation: nearest, bilinear, bicubic, hamming, box or lanczos.
+        keep_aspect_ratio: centre-crop to the target aspect ratio before resizing.
+        exif_transpose: apply the EXIF orientation tag. Keras does not, so it is off.
+    """
+    if color_mode not in ("grayscale", "rgb", "rgba"):
+        raise ValueError(f'color_mode must be "grayscale", "rgb", or "rgba", got {color_mode!r}')
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"Invalid interpolation method {interpolation!r}; supported: {', '.join(INTERPOLATIONS)}"
+        )
+    if isinstance(path, Path):
+        path = str(path.resolve())
+    img = _read(path)
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    if color_mode == "grayscale":
+        if img.mode not in ("L", "I;16", "I"):
+            img = img.convert("L")
+    elif color_mode == "rgba":
+        if img.mode != "RGBA":
+            img = img.convert("RGBA")
+    elif img.mode != "RGB":
+        img = to_rgb(img)
+    if target_size is not None:
+        width_height = (int(target_size[1]), int(target_size[0]))
+        if img.size != width_height:
+            resample = INTERPOLATIONS[interpolation]
+            if keep_aspect_ratio:
+                # Keras' arithmetic: the largest centred crop with the target aspect ratio.
+                width, height = img.size
+                target_width, target_height = width_height
+                crop_height = min(height, (width * target_height) // target_width)
+                crop_width = min(width, (height * target_width) // target_height)
+                top = (height - crop_height) // 2
+                left = (width - crop_width) // 2
+                img = img.resize(width_height, resample, box=(left, top, left + crop_width, top + crop_height))
+            else:
+                img = img.resize(width_height, resample)
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB.
+
+    16-bit and 32-bit integer images are scaled to 8 bits (PIL's ``convert`` would
+    clip everything above 255 to white); palette images with transparency go
+    through RGBA so the palette is honoured; alpha is dropped.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        if arr.ndim == 3:  # some PIL versions expose I;16 as HxWx1
+            arr = arr[..., 0]
+        arr = np.clip(arr.astype(np.int64), 0, 65535) >> 8
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and convert an image to RGB, or raise ``BadImageError`` naming the path.
+
+    The pixel count is checked from the header before decoding, so a
+    decompression bomb is refused without allocating it.
+    """
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides; PIL's warning (and its 2x error) would second-guess it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except FileNotFoundError as e:
+        raise BadImageError(f"{path}: image file not found") from e
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{path}: refused as a decompression bomb ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{path}: not a readable image ({e})") from e
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise BadImageError(
+                f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                "(possible decompression bomb; raise max_image_pixels if the image is genuine)"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+            return to_rgb(img).copy()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadImageError(f"{path}: image is truncated or corrupt ({e})") from e
