@@ -1,0 +1,113 @@
+import json
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import RandomSampler
+
+from detectors.data.datamodule import DetectionDataModule, GroupedBatchSampler
+
+from .helpers import coco_dict, write_image, write_voc
+
+
+def write_split(root, split, n_images, sizes=((40, 30), (30, 40))):
+    data = coco_dict()
+    data["images"], data["annotations"] = [], []
+    for i in range(n_images):
+        w, h = sizes[i % len(sizes)]
+        data["images"].append({"id": i + 1, "file_name": f"{i:03d}.jpg", "width": w, "height": h})
+        write_image(root / "images" / split / f"{i:03d}.jpg", w, h, seed=i)
+        if i % 3:  # every third image has no objects
+            data["annotations"].append(
+                {"id": i + 1, "image_id": i + 1, "category_id": 2 if i % 2 else 5, "bbox": [1, 2, 10, 8], "area": 80}
+            )
+    (root / "annotations").mkdir(exist_ok=True, parents=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    write_split(tmp_path, "train", 10)
+    write_split(tmp_path, "val", 5)
+    return tmp_path
+
+
+def test_batches_with_workers(coco_root):
+    dm = DetectionDataModule(str(coco_root), batch_size=4, num_workers=2, pin_memory=False, persistent_workers=False)
+    assert dm.class_names == ["dog", "cat"] and dm.num_classes == 3  # read before setup
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert [len(images) for images, _ in batches] == [4, 4, 2]
+    ids = sorted(t["image_id"] for _, targets in batches for t in targets)
+    assert ids == list(range(1, 11))  # every image exactly once, in shuffled order
+    for images, targets in batches:
+        assert isinstance(images, tuple) and isinstance(targets, tuple)
+        for img, t in zip(images, targets):
+            assert img.dtype == torch.float32 and img.shape[0] == 3
+            assert t["boxes"].shape[1] == 4 and t["boxes"].shape[0] == t["labels"].shape[0]
+    val = list(dm.val_dataloader())
+    assert [t["image_id"] for _, ts in val for t in ts] == [1, 2, 3, 4, 5]  # validation keeps file order
+    # Variable sizes survive collation: 40x30 and 30x40 images side by side.
+    assert {tuple(img.shape[1:]) for img in val[0][0]} == {(30, 40), (40, 30)}
+
+
+def test_aspect_ratio_grouping(coco_root):
+    dm = DetectionDataModule(str(coco_root), batch_size=2, num_workers=0, aspect_ratio_grouping=True)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, GroupedBatchSampler)
+    shapes = [{tuple(img.shape[1:]) for img in images} for images, _ in loader]
+    assert all(len(s) == 1 for s in shapes)  # never a wide and a tall image together
+    assert sum(len(images) for images, _ in loader) == 10 and len(loader) == 6  # 5 wide -> 3 batches, 5 tall -> 3
+
+
+def test_grouped_sampler_counts():
+    groups = [0, 1, 0, 0, 1, 0, 1]
+    sampler = GroupedBatchSampler(RandomSampler(range(7)), groups, batch_size=2)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches) and len(batches) == len(sampler) == 4
+
+
+def test_skip_policy_drops_bad_images_from_batches(coco_root):
+    (coco_root / "images" / "val" / "002.jpg").write_bytes(b"garbage")
+    dm = DetectionDataModule(str(coco_root), batch_size=5, num_workers=0, on_bad_sample="skip")
+    dm.setup("validate")
+    with pytest.warns(UserWarning, match="002.jpg"):
+        (images, targets), = list(dm.val_dataloader())
+    assert [t["image_id"] for t in targets] == [1, 2, 4, 5]
+    strict = DetectionDataModule(str(coco_root), batch_size=5, num_workers=0)
+    strict.setup("validate")
+    with pytest.raises(OSError, match="002.jpg"):
+        list(strict.val_dataloader())
+
+
+def test_splits_must_agree_on_categories(coco_root):
+    path = coco_root / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    data["categories"][0]["name"] = "lion"
+    path.write_text(json.dumps(data))
+    dm = DetectionDataModule(str(coco_root), num_workers=0)
+    with pytest.raises(ValueError, match="instances_train.json: categories .* differ"):
+        dm.setup("fit")
+
+
+def test_voc_format(tmp_path):
+    write_voc(tmp_path, {"a": (20, 20, [("ellipse", 0, 1, 1, 5, 5)]), "b": (20, 20, [])}, {"train": ["a", "b"], "val": ["b"]})
+    dm = DetectionDataModule(str(tmp_path), format="voc", classes=["rectangle", "ellipse"], batch_size=2, num_workers=0)
+    assert dm.num_classes == 3
+    dm.setup("fit")
+    (images, targets), = list(dm.train_dataloader())
+    assert sorted(len(t["boxes"]) for t in targets) == [0, 1]
+    assert all("difficult" in t for t in targets)
+
+
+def test_generate_writes_shapes_once(tmp_path):
+    pytest.importorskip("detectors.data.shapes")
+    root = tmp_path / "shapes"
+    dm = DetectionDataModule(str(root), generate=True, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dm.class_names == ["rectangle", "ellipse", "triangle"]
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) > 0 and len(dm.datasets["val"]) > 0
