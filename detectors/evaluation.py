@@ -484,7 +484,8 @@ class DetectionEvaluator(Metric):
         self.gt_counts.append(torch.tensor([len(t["labels"]) for t in targets], device=dev))
 
     def _images(self) -> tuple[list[dict], list[dict]]:
-        if not self.det_counts or (isinstance(self.det_counts, Tensor) and self.det_counts.numel() == 0):
+        counts = self.det_counts  # a list of per-batch tensors, or one tensor after a DDP sync
+        if (isinstance(counts, list) and not counts) or (isinstance(counts, Tensor) and counts.numel() == 0):
             return [], []
         s = {k: dim_zero_cat(getattr(self, k)).cpu() for k in self._defaults}
         d_counts, g_counts = s["det_counts"].tolist(), s["gt_counts"].tolist()

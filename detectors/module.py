@@ -1,0 +1,311 @@
+"""Lightning modules for a two-stage (Faster R-CNN) and a one-stage (RetinaNet) detector.
+
+``DetectionModule`` owns everything the two share -- steps, validation loss,
+metrics, optimiser, warm-up, logging -- so a comparison between them changes only
+the detector. The subclasses only say which torchvision model to build; their
+constructor signatures are the configuration (LightningCLI reads the type hints)
+and ``save_hyperparameters()`` stores all of it, so ``load_model`` can rebuild
+the architecture from a checkpoint.
+
+Batches are ``(images, targets)`` as produced by ``detectors.data``: images
+float ``[3, H, W]`` in 0..1 of any size; targets with ``boxes`` XYXY absolute
+pixels, ``labels`` 1..K, ``iscrowd``, ``area`` (and ``difficult`` for VOC).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from training.saving import SavableModule
+
+from .evaluation import DetectionEvaluator
+from .models import build_detector, count_parameters
+from .val_loss import losses_and_detections
+
+Optimizer = Literal["sgd", "adamw"]
+
+
+def _loss_targets(targets) -> list[dict[str, Tensor]]:
+    """What the torchvision model trains on: plain tensors, crowd regions left out (as COCO training does)."""
+    out = []
+    for t in targets:
+        keep = t["iscrowd"] == 0 if "iscrowd" in t else slice(None)
+        out.append({"boxes": t["boxes"].as_subclass(Tensor)[keep], "labels": t["labels"][keep]})
+    return out
+
+
+class DetectionModule(SavableModule, L.LightningModule):
+    """Shared training/evaluation logic; subclasses implement :meth:`build_model`.
+
+    Args:
+        num_classes: classes including background, torchvision's convention (K objects -> K + 1). May be
+            omitted when ``class_names`` is given.
+        class_names: object class names in label order; used to name per-class metrics.
+        backbone: detector variant, see ``detectors.models.list_variants``.
+        weights, weights_backbone, weights_path, trainable_backbone_layers: as torchvision defines them
+            (see ``detectors.models.build_detector``).
+        min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
+        anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
+        score_thresh, nms_thresh, detections_per_img: post-processing of detections.
+        optimizer: "sgd" (momentum 0.9 by default) or "adamw".
+        lr, momentum, weight_decay: optimiser settings; only trainable parameters are optimised.
+        warmup_iters, warmup_factor: linear warm-up from ``lr * warmup_factor`` over the first iterations.
+        lr_milestones, lr_gamma: optional epoch milestones multiplying the LR by ``lr_gamma`` (the
+            torchvision reference recipe); leave empty when ReduceLROnPlateau manages the LR.
+        compute_val_loss: compute ``val_loss`` (costs the detection heads a second time, not the backbone).
+    """
+
+    arch: str = ""
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        backbone: str = "resnet50_fpn",
+        weights: str | None = None,
+        weights_backbone: str | None = None,
+        weights_path: str | None = None,
+        trainable_backbone_layers: int | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        anchor_sizes: list[list[int]] | list[int] | None = None,
+        aspect_ratios: list[float] | None = None,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        optimizer: Optimizer = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_iters: int = 100,
+        warmup_factor: float = 0.001,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        compute_val_loss: bool = True,
+        **model_kwargs: Any,
+    ):
+        super().__init__()
+        if class_names is not None:
+            if num_classes is not None and num_classes != len(class_names) + 1:
+                raise ValueError(
+                    f"num_classes={num_classes} counts background, so it must be len(class_names) + 1 = "
+                    f"{len(class_names) + 1} for class_names={class_names}"
+                )
+            num_classes = len(class_names) + 1
+        if num_classes is None:
+            raise ValueError("give num_classes (including background) or class_names")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, num_classes)]
+        self.model = self.build_model(
+            backbone=backbone,
+            num_classes=num_classes,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            weights_path=weights_path,
+            trainable_backbone_layers=trainable_backbone_layers,
+            min_size=min_size,
+            max_size=max_size,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            **model_kwargs,
+        )
+        self.val_metrics = DetectionEvaluator(self.class_names)
+        self.test_metrics = DetectionEvaluator(self.class_names)
+
+    def build_model(self, **kwargs: Any) -> torch.nn.Module:
+        return build_detector(self.arch, **kwargs)
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Eval-mode detections: per image ``boxes [D, 4]`` XYXY pixels, ``scores [D]``, ``labels [D]`` in 1..K."""
+        return self.model(list(images))
+
+    # -- training ----------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int):
+        images, targets = batch
+        if len(images) == 0:  # every sample of the batch was skipped as unreadable
+            return None
+        losses = self.model(list(images), _loss_targets(targets))
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            ids = [t.get("image_id") for t in targets]
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step} (image ids {ids}); "
+                f"components: { {k: v.item() for k, v in losses.items()} }. Lower the LR or lengthen warm-up."
+            )
+        n = len(images)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    # -- validation / test -------------------------------------------------------------------------------
+    def _eval_step(self, batch, metrics: DetectionEvaluator, prefix: str) -> None:
+        images, targets = batch
+        if len(images) == 0:
+            return
+        with_loss = self.hparams.compute_val_loss
+        losses, detections = losses_and_detections(
+            self.model, list(images), _loss_targets(targets) if with_loss else None
+        )
+        metrics.update(detections, list(targets))
+        if losses:
+            n = len(images)
+            self.log(f"{prefix}_loss", sum(losses.values()), prog_bar=True, on_epoch=True, batch_size=n,
+                     sync_dist=True)  # fmt: skip
+            self.log_dict({f"{prefix}_{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=n,
+                          sync_dist=True)  # fmt: skip
+
+    def _log_metrics(self, metrics: DetectionEvaluator, prefix: str) -> None:
+        if metrics.update_count == 0:  # sanity check with zero batches, or every batch skipped
+            return
+        values = metrics.compute()
+        metrics.reset()
+        # Only scalars reach the logger; names follow DESIGN.md (val_map, val_ap/<class>, ...).
+        # compute() already gathered across processes, so no sync_dist here.
+        self.log(f"{prefix}_map_50", values.pop("map_50"), prog_bar=True)
+        self.log_dict({f"{prefix}_{k}": float(v) for k, v in values.items()})
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Detections per image with its ``image_id`` (when the batch has targets) on the CPU."""
+        images, targets = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+        if len(images) == 0:
+            return []
+        detections = self.model(list(images))
+        out = []
+        for i, det in enumerate(detections):
+            item = {k: v.detach().cpu() for k, v in det.items()}
+            if targets is not None:
+                item["image_id"] = targets[i].get("image_id", i) if isinstance(targets[i], dict) else targets[i]
+            out.append(item)
+        return out
+
+    # -- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen layers stay out of the optimiser
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        # Chainable schedulers multiply the current LR, so reductions made by the Keras-style
+        # ReduceLROnPlateau callback compose with them instead of being overwritten.
+        schedulers = []
+        if hp.warmup_iters > 0 and hp.warmup_factor < 1:
+            warmup = torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters)
+            schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
+        if hp.lr_milestones:
+            steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
+            schedulers.append({"scheduler": steps, "interval": "epoch", "name": "milestones"})
+        return [opt], schedulers
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, trainable) parameters of the detector."""
+        return count_parameters(self.model)
+
+
+class FasterRCNNModule(DetectionModule):
+    """Two-stage detector: torchvision Faster R-CNN (RPN proposals, then ROI classification).
+
+    Besides :class:`DetectionModule`'s arguments: ``rpn_pre_nms_top_n_*``/``rpn_post_nms_top_n_*``
+    (proposals kept before/after NMS in training and testing) and ``box_batch_size_per_image`` (ROIs
+    sampled per image for the box head); None keeps torchvision's defaults.
+    """
+
+    arch = "fasterrcnn"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        backbone: str = "resnet50_fpn",
+        weights: str | None = None,
+        weights_backbone: str | None = None,
+        weights_path: str | None = None,
+        trainable_backbone_layers: int | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        anchor_sizes: list[list[int]] | list[int] | None = None,
+        aspect_ratios: list[float] | None = None,
+        rpn_pre_nms_top_n_train: int | None = None,
+        rpn_post_nms_top_n_train: int | None = None,
+        rpn_pre_nms_top_n_test: int | None = None,
+        rpn_post_nms_top_n_test: int | None = None,
+        box_batch_size_per_image: int | None = None,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        optimizer: Optimizer = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_iters: int = 100,
+        warmup_factor: float = 0.001,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        compute_val_loss: bool = True,
+    ):
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__(**args)
+        self.save_hyperparameters()
+
+
+class RetinaNetModule(DetectionModule):
+    """One-stage detector: torchvision RetinaNet (dense anchors, focal loss).
+
+    ``group_norm_head`` puts GroupNorm in the head towers (as torchvision's ``_v2`` does) for the
+    composed backbones; it trains markedly better from scratch. ``detections_per_img`` defaults to 100
+    (torchvision: 300) so both detector types are scored under COCO's maxDets=100.
+    """
+
+    arch = "retinanet"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        backbone: str = "resnet50_fpn",
+        weights: str | None = None,
+        weights_backbone: str | None = None,
+        weights_path: str | None = None,
+        trainable_backbone_layers: int | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        anchor_sizes: list[list[int]] | list[int] | None = None,
+        aspect_ratios: list[float] | None = None,
+        group_norm_head: bool = False,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        detections_per_img: int = 100,
+        optimizer: Optimizer = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_iters: int = 100,
+        warmup_factor: float = 0.001,
+        lr_milestones: list[int] | None = None,
+        lr_gamma: float = 0.1,
+        compute_val_loss: bool = True,
+    ):
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__(**args)
+        self.save_hyperparameters()

@@ -1,0 +1,113 @@
+"""Validation loss *and* detections from one backbone pass, changing no state.
+
+torchvision detectors return losses only in train mode and detections only in
+eval mode. Calling the model twice would run the backbone twice, and the train-mode
+call would update BatchNorm running statistics and draw from the global RNG (RPN
+and ROI sampling). Here the input transform and backbone run once in eval mode,
+then the heads run:
+
+* for the loss, with the detector-level modules in training mode (so torchvision
+  computes its losses, sampling proposals as in training) but every BatchNorm and
+  Dropout still in eval mode -- the loss Keras reports as ``val_loss`` is computed
+  with layers in inference mode -- inside ``torch.random.fork_rng`` so the
+  sampling does not advance the RNG that training uses;
+* for the detections, in eval mode, exactly as ``model(images)`` would.
+
+Every module's ``training`` flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+_INFERENCE_ONLY = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+
+
+@contextlib.contextmanager
+def loss_mode(model: nn.Module):
+    """Training-mode control flow with inference-mode layers; restores every flag and the RNG."""
+    flags = {m: m.training for m in model.modules()}
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            for m in model.modules():
+                if isinstance(m, _INFERENCE_ONLY):
+                    m.eval()
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None):
+    original_sizes = [tuple(img.shape[-2:]) for img in images]
+    was_training = model.transform.training
+    model.transform.eval()  # eval picks the fixed (last) min_size; training would draw one at random
+    try:
+        image_list, targets = model.transform(images, targets)
+    finally:
+        model.transform.training = was_training
+    features = model.backbone(image_list.tensors)
+    if isinstance(features, Tensor):
+        features = OrderedDict([("0", features)])
+    return image_list, targets, features, original_sizes
+
+
+def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
+    image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
+    losses: dict[str, Tensor] = {}
+    if with_loss:
+        with loss_mode(model):
+            proposals, rpn_losses = model.rpn(image_list, features, targets)
+            _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
+        losses = {**det_losses, **rpn_losses}
+    proposals, _ = model.rpn(image_list, features)
+    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+def _retinanet(model: RetinaNet, images, targets, with_loss: bool):
+    image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
+    features = list(features.values())
+    head_outputs = model.head(features)  # the head has no train/eval difference that matters (GroupNorm or none)
+    anchors = model.anchor_generator(image_list, features)
+    losses: dict[str, Tensor] = {}
+    if with_loss:
+        with loss_mode(model):
+            losses = model.compute_loss(targets, head_outputs, anchors)
+    # The remainder mirrors RetinaNet.forward in eval mode: split outputs per pyramid level.
+    per_level = [x.size(2) * x.size(3) for x in features]
+    anchors_per_location = head_outputs["cls_logits"].size(1) // sum(per_level)
+    per_level = [hw * anchors_per_location for hw in per_level]
+    split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+    split_anchors = [list(a.split(per_level)) for a in anchors]
+    detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
+    return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+@torch.no_grad()
+def losses_and_detections(
+    model: nn.Module, images: list[Tensor], targets: list[dict] | None = None
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """Loss components (empty without ``targets``) and eval-mode detections, from one backbone pass.
+
+    Args:
+        images: float ``[3, H, W]`` in 0..1, any sizes.
+        targets: ``boxes`` FloatTensor[N, 4] XYXY absolute pixels, ``labels`` Int64Tensor[N].
+    Returns:
+        ``(losses, detections)``; detections per image: ``boxes [D, 4]`` XYXY in the input image's
+        pixels, ``scores [D]``, ``labels [D]``.
+    """
+    with_loss = targets is not None
+    if isinstance(model, RetinaNet):
+        return _retinanet(model, images, targets, with_loss)
+    if isinstance(model, GeneralizedRCNN):
+        return _fasterrcnn(model, images, targets, with_loss)
+    raise TypeError(f"expected a torchvision GeneralizedRCNN or RetinaNet, got {type(model).__name__}")

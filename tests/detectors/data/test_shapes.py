@@ -1,0 +1,291 @@
+"""Tests for the synthetic shapes generator, checked with pycocotools and a hand-written VOC parser."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detectors.data.shapes import SHAPES_CATEGORIES, generate_shapes, main
+
+REPO = Path(__file__).resolve().parents[3]
+NAMES = {1: "rectangle", 3: "ellipse", 7: "triangle"}
+SMALL, LARGE = 32**2, 96**2  # pycocotools' areaRng boundaries
+PARAMS = dict(num_train=24, num_val=8, image_size=(192, 192), seed=0)
+
+
+def _quiet(fn, *args):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("shapes") / "ds", **PARAMS)
+
+
+@pytest.fixture(scope="module")
+def cocos(dataset):
+    return {split: _quiet(COCO, str(dataset[f"{split}_annotations"])) for split in ("train", "val")}
+
+
+def _split_checks(out: Path, split: str, n_images: int) -> None:
+    """Guarantees every split must meet, whatever its size."""
+    coco = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+    assert len(coco["images"]) == n_images
+    areas = [a["area"] for a in coco["annotations"]]
+    assert (
+        any(a < SMALL for a in areas)
+        and any(SMALL < a < LARGE for a in areas)
+        and any(a > LARGE for a in areas)
+    )
+    assert {a["category_id"] for a in coco["annotations"]} == {1, 3, 7}
+    with_objects = {a["image_id"] for a in coco["annotations"]}
+    assert any(im["id"] not in with_objects for im in coco["images"])
+
+
+def test_module_constant():
+    assert [(c["id"], c["name"]) for c in SHAPES_CATEGORIES] == sorted(NAMES.items())
+
+
+def test_coco_files_load_and_match_images(dataset, cocos):
+    ids = set()
+    for split, coco in cocos.items():
+        cats = coco.loadCats(coco.getCatIds())
+        assert {c["id"]: c["name"] for c in cats} == NAMES
+        assert all(c["supercategory"] for c in cats)
+        assert set(coco.dataset) >= {"info", "licenses", "images", "annotations", "categories"}
+        assert len(coco.getImgIds()) == PARAMS[f"num_{split}"]
+        for img in coco.loadImgs(coco.getImgIds()):
+            assert "/" not in img["file_name"] and img["file_name"].endswith(".jpg")
+            with Image.open(dataset[f"{split}_images"] / img["file_name"]) as im:
+                assert im.size == (img["width"], img["height"]) == (192, 192) and im.mode == "RGB"
+        ids |= set(coco.getImgIds())
+    assert len(ids) == PARAMS["num_train"] + PARAMS["num_val"]  # image ids unique across splits
+
+
+def test_boxes_inside_image_integer_and_positive(cocos):
+    for coco in cocos.values():
+        for ann in coco.loadAnns(coco.getAnnIds()):
+            img = coco.imgs[ann["image_id"]]
+            x, y, w, h = ann["bbox"]
+            assert all(isinstance(v, float) and v == int(v) for v in ann["bbox"])
+            assert w > 0 and h > 0 and x >= 0 and y >= 0
+            assert x + w <= img["width"] and y + h <= img["height"]
+            assert ann["iscrowd"] == 0 and ann["category_id"] in NAMES
+
+
+def test_every_split_has_all_sizes_classes_and_an_empty_image(dataset):
+    for split in ("train", "val"):
+        _split_checks(dataset["root"], split, PARAMS[f"num_{split}"])
+
+
+def test_rle_masks_agree_with_area_and_bbox_and_do_not_overlap(cocos):
+    overlapping_boxes = 0
+    for coco in cocos.values():
+        for img_id in coco.getImgIds():
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+            union = np.zeros((192, 192), dtype=np.int32)
+            for ann in anns:
+                rle = ann["segmentation"]
+                assert isinstance(rle["counts"], str)
+                assert int(mask_utils.area(rle)) == ann["area"]
+                assert mask_utils.toBbox(rle).tolist() == ann["bbox"]
+                m = coco.annToMask(ann)
+                assert m.shape == (192, 192) and int(m.sum()) == ann["area"]
+                union += m
+            # Visible masks: every pixel belongs to at most one object, although boxes do overlap.
+            assert union.max() <= 1
+            boxes = [a["bbox"] for a in anns]
+            for i, (x1, y1, w1, h1) in enumerate(boxes):
+                for x2, y2, w2, h2 in boxes[i + 1 :]:
+                    overlapping_boxes += min(x1 + w1, x2 + w2) > max(x1, x2) and min(y1 + h1, y2 + h2) > max(
+                        y1, y2
+                    )
+    assert overlapping_boxes > 0
+
+
+def test_pycocotools_evaluates_ground_truth_as_perfect_in_every_area_range(cocos):
+    coco = cocos["train"]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in coco.loadAnns(coco.getAnnIds())
+    ]
+    evaluator = COCOeval(coco, _quiet(coco.loadRes, dets), "bbox")
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    _quiet(evaluator.summarize)
+    # AP, AP50, AP75, AP small, medium, large: -1 would mean "no ground truth in this range".
+    assert evaluator.stats[:6].tolist() == pytest.approx([1.0] * 6)
+
+
+def _read_voc(path: Path) -> tuple[str, tuple[int, int], list[tuple[str, list[float], int]]]:
+    root = ET.parse(path).getroot()
+    size = root.find("size")
+    objects = []
+    for obj in root.findall("object"):
+        b = {k: int(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")}
+        # VOC 1-based inclusive corners -> COCO 0-based [x, y, w, h].
+        box = [b["xmin"] - 1.0, b["ymin"] - 1.0, b["xmax"] - b["xmin"] + 1.0, b["ymax"] - b["ymin"] + 1.0]
+        assert obj.find("pose").text and obj.find("truncated").text in ("0", "1")
+        objects.append((obj.find("name").text, box, int(obj.find("difficult").text)))
+    hw = (int(size.find("height").text), int(size.find("width").text))
+    assert size.find("depth").text == "3"
+    return root.find("filename").text, hw, objects
+
+
+def test_voc_round_trips_to_coco_boxes(dataset, cocos):
+    voc = dataset["voc"]
+    difficult = 0
+    for split, coco in cocos.items():
+        listed = (voc / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+        assert listed == [Path(img["file_name"]).stem for img in coco.loadImgs(coco.getImgIds())]
+        for img in coco.loadImgs(coco.getImgIds()):
+            stem = Path(img["file_name"]).stem
+            assert (voc / "JPEGImages" / f"{stem}.jpg").is_file()
+            filename, hw, objects = _read_voc(voc / "Annotations" / f"{stem}.xml")
+            assert filename == f"{stem}.jpg" and hw == (img["height"], img["width"])
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=img["id"]))
+            expected = sorted((NAMES[a["category_id"]], a["bbox"]) for a in anns)
+            assert sorted((name, box) for name, box, _ in objects) == expected
+            for _, (_, _, w, h), diff in objects:
+                if min(w, h) < 8:  # the documented "tiny" half of the difficult rule
+                    assert diff == 1
+                difficult += diff
+    assert difficult > 0
+    trainval = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    assert len(trainval) == len(set(trainval)) == PARAMS["num_train"] + PARAMS["num_val"]
+
+
+def test_classification_tree_has_every_class_and_one_crop_per_large_enough_object(dataset, cocos):
+    for split, coco in cocos.items():
+        root = dataset[f"{split}_classification"]
+        assert sorted(p.name for p in root.iterdir()) == sorted(NAMES.values())
+        crops = Counter()
+        for class_dir in root.iterdir():
+            files = list(class_dir.glob("*.png"))
+            assert files, f"no {class_dir.name} crops in {split}"
+            crops[class_dir.name] = len(files)
+            for f in files:
+                with Image.open(f) as im:
+                    assert min(im.size) >= 8 and im.mode == "RGB"
+        expected = Counter(
+            NAMES[a["category_id"]] for a in coco.loadAnns(coco.getAnnIds()) if min(a["bbox"][2:]) >= 8
+        )
+        assert crops == expected
+
+
+def test_same_seed_same_annotations_other_seed_differs(dataset, tmp_path):
+    again = generate_shapes(tmp_path / "again", **PARAMS, voc=False, classification=False)
+    other = generate_shapes(tmp_path / "other", **{**PARAMS, "seed": 1}, voc=False, classification=False)
+    for split in ("train", "val"):
+        key = f"{split}_annotations"
+        assert again[key].read_bytes() == dataset[key].read_bytes()
+        assert other[key].read_bytes() != dataset[key].read_bytes()
+        # Same machine, same libjpeg: the images are byte-identical too.
+        first = sorted(dataset[f"{split}_images"].iterdir())[0]
+        assert (again[f"{split}_images"] / first.name).read_bytes() == first.read_bytes()
+    assert "voc" not in again and not (tmp_path / "again" / "voc").exists()
+    assert not (tmp_path / "again" / "classification").exists()
+
+
+def test_rerun_is_a_no_op_and_other_parameters_raise(dataset):
+    watched = [dataset["manifest"], dataset["train_annotations"], next(dataset["train_images"].iterdir())]
+    before = [p.stat().st_mtime_ns for p in watched]
+    assert generate_shapes(dataset["root"], **PARAMS) == dataset
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    with pytest.raises(FileExistsError, match="different parameters.*seed"):
+        generate_shapes(dataset["root"], **{**PARAMS, "seed": 5})
+    with pytest.raises(FileExistsError, match="num_val"):
+        generate_shapes(dataset["root"], **{**PARAMS, "num_val": 9})
+    assert [p.stat().st_mtime_ns for p in watched] == before
+
+
+def test_unknown_content_raises_and_overwrite_replaces(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a shapes dataset"):
+        generate_shapes(out, num_train=4, num_val=4, voc=False, classification=False)
+    paths = generate_shapes(out, num_train=4, num_val=4, voc=False, classification=False, overwrite=True)
+    assert not (out / "mine.txt").exists()
+    assert json.loads(paths["manifest"].read_text())["parameters"]["num_train"] == 4
+    paths = generate_shapes(out, num_train=5, num_val=4, voc=False, classification=False, overwrite=True)
+    assert json.loads(paths["manifest"].read_text())["parameters"]["num_train"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary siblings left behind
+
+
+def test_empty_existing_directory_is_used(tmp_path):
+    (tmp_path / "ds").mkdir()
+    paths = generate_shapes(tmp_path / "ds", num_train=4, num_val=4, voc=False, classification=False)
+    assert paths["train_annotations"].is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_train": 3}, "num_train"),
+        ({"num_val": 0}, "num_val"),
+        ({"image_size": (128, 192)}, "height"),
+        ({"image_size": (192,)}, "image_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_parameters_raise_clear_errors(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_shapes(tmp_path / "ds", **kwargs)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_main_reports_counts_and_no_op(tmp_path, capsys):
+    argv = ["--out", str(tmp_path / "ds"), "--num-train", "4", "--num-val", "4", "--no-voc", "--width", "160"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert str(tmp_path / "ds") in first and "generated" in first and "train: 4 images" in first
+    assert not (tmp_path / "ds" / "voc").exists() and (tmp_path / "ds" / "classification").is_dir()
+    assert main(argv) == 0
+    assert "nothing written" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(argv[:-2] + ["--width", "170"])
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point_with_minimum_split_size(tmp_path):
+    out = tmp_path / "cli"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "detectors.shapes",
+            "--out",
+            str(out),
+            "--num-train",
+            "4",
+            "--num-val",
+            "4",
+            "--seed",
+            "3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout
+    for split in ("train", "val"):  # the guarantees hold even for the smallest allowed split
+        _split_checks(out, split, 4)
+    assert (out / "voc" / "ImageSets" / "Main" / "val.txt").is_file()

@@ -1,0 +1,156 @@
+"""The detection LightningModules: tiny models, real torchvision detectors, no weights."""
+
+import lightning as L
+import pytest
+import torch
+
+from detectors.data.datamodule import DetectionDataModule
+from detectors.module import FasterRCNNModule, RetinaNetModule
+from detectors.val_loss import losses_and_detections
+
+CLASSES = ["rectangle", "ellipse", "triangle"]
+TINY = dict(class_names=CLASSES, min_size=64, max_size=64, warmup_iters=2)
+
+
+def tiny(cls, **kw):
+    torch.manual_seed(0)
+    return cls(**{**TINY, "backbone": "resnet18_fpn", **kw})
+
+
+MODULES = {
+    "fasterrcnn": lambda: tiny(FasterRCNNModule, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                               box_batch_size_per_image=32),  # fmt: skip
+    "retinanet": lambda: tiny(RetinaNetModule, group_norm_head=True),
+}
+
+
+def _trainer(**kw):
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_fast_dev_run(name, shapes_dir):
+    module = MODULES[name]()
+    dm = DetectionDataModule(str(shapes_dir), batch_size=2, num_workers=0)
+    trainer = _trainer(fast_dev_run=2)
+    trainer.fit(module, dm)
+    logged = trainer.callback_metrics
+    for key in ("train_loss", "val_loss", "val_map", "val_map_50", "val_map_75", "val_mar_100",
+                "val_map_small", "val_map_medium", "val_map_large", "val_ap/triangle"):  # fmt: skip
+        assert key in logged, key
+        assert logged[key].numel() == 1
+    assert torch.isfinite(logged["val_loss"])
+
+
+def _shapes_batch(shapes_dir, n=2):
+    dm = DetectionDataModule(str(shapes_dir), batch_size=n, num_workers=0, photometric=False, hflip_prob=0)
+    dm.setup("validate")
+    return next(iter(dm.val_dataloader()))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_empty_targets_train(name):
+    module = MODULES[name]()
+    module.train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 70, 64)]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "iscrowd": torch.zeros(0, dtype=torch.int64)}  # fmt: skip
+    loss = module.training_step(((images[0], images[1]), (empty, dict(empty))), 0)
+    assert torch.isfinite(loss)
+    loss.backward()  # background-only images still give a classification signal
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_val_loss_pass_changes_no_state(name, shapes_dir):
+    module = MODULES[name]()
+    module.model.train()  # run some training steps first so BN stats are not at their initial values
+    images, targets = _shapes_batch(shapes_dir)
+    plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
+    module.model(list(images), plain)
+    module.eval()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flags = {n: m.training for n, m in module.named_modules()}
+    rng = torch.get_rng_state()
+
+    losses, detections = losses_and_detections(module.model, list(images), plain)
+
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a parameter or buffer changed"
+    assert flags == {n: m.training for n, m in module.named_modules()}
+    assert torch.equal(rng, torch.get_rng_state())
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    # The detections are exactly what the eval-mode model returns.
+    with torch.no_grad():
+        reference = module.model(list(images))
+    for ours, ref in zip(detections, reference):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_val_loss_equals_train_mode_loss_with_inference_layers(name, shapes_dir):
+    """The loss is torchvision's own train-mode loss, computed with BN/Dropout in inference mode."""
+    module = MODULES[name]()
+    images, targets = _shapes_batch(shapes_dir)
+    plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
+    model = module.model
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    model.transform.eval()
+    torch.manual_seed(123)
+    with torch.no_grad():
+        expected = model(list(images), plain)
+    model.eval()
+    torch.manual_seed(123)
+    losses, _ = losses_and_detections(model, list(images), plain)
+    assert expected.keys() == losses.keys()
+    for k in expected:
+        torch.testing.assert_close(losses[k], expected[k])
+
+
+def test_crowd_boxes_are_left_out_of_the_loss():
+    from detectors.module import _loss_targets
+
+    t = {"boxes": torch.tensor([[0.0, 0, 5, 5], [1, 1, 9, 9]]), "labels": torch.tensor([1, 2]),
+         "iscrowd": torch.tensor([0, 1])}  # fmt: skip
+    (out,) = _loss_targets([t])
+    assert out["labels"].tolist() == [1] and out["boxes"].tolist() == [[0, 0, 5, 5]]
+
+
+def test_optimizer_holds_only_trainable_params_and_warmup_composes():
+    module = tiny(FasterRCNNModule, optimizer="adamw", lr=0.1, warmup_iters=10, warmup_factor=0.1)
+    for p in module.model.backbone.body.parameters():
+        p.requires_grad_(False)
+    [opt], [sched] = module.configure_optimizers()
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in module.parameters() if p.requires_grad}
+    assert isinstance(opt, torch.optim.AdamW) and sched["interval"] == "step"
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    opt.param_groups[0]["lr"] *= 0.5  # what ReduceLROnPlateau does
+    for _ in range(10):
+        opt.step()
+        sched["scheduler"].step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # the reduction survives the warm-up
+
+
+def test_num_classes_and_class_names_must_agree():
+    with pytest.raises(ValueError, match="len\\(class_names\\) \\+ 1 = 4"):
+        FasterRCNNModule(num_classes=3, class_names=CLASSES, backbone="resnet18_fpn")
+    with pytest.raises(ValueError, match="num_classes"):
+        RetinaNetModule(backbone="resnet18_fpn")
+
+
+def test_hyperparameters_rebuild_the_architecture():
+    module = tiny(RetinaNetModule, anchor_sizes=[16, 32, 64, 128, 256], detections_per_img=50)
+    hp = dict(module.hparams)
+    assert hp["class_names"] == CLASSES and hp["anchor_sizes"] == [16, 32, 64, 128, 256]
+    assert hp["detections_per_img"] == 50 and module.model.detections_per_img == 50
+    torch.manual_seed(1)
+    rebuilt = RetinaNetModule(**hp)
+    assert rebuilt.state_dict().keys() == module.state_dict().keys()
+    assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), module.state_dict().values()))

@@ -1,0 +1,463 @@
+"""Keras callbacks with tf-keras meaning, as Lightning callbacks.
+
+``ModelCheckpoint`` subclasses Lightning's (file handling, ``last.ckpt``, resume lookup stay Lightning's)
+but decides what to save and prints what tf-keras prints: 1-based epochs in file names and messages,
+``save_best_only`` on strict improvement, the missing-monitor warning. It also makes resuming exact:
+it installs :class:`~training.saving.AtomicCheckpointIO`, stores the RNG states (Python, NumPy, torch)
+in its checkpoint state and restores them before the first resumed epoch, refuses to resume from a
+weights-only file, and turns ``ckpt_path="last"`` without a last checkpoint into an error.
+
+``ReduceLROnPlateau`` is tf-keras' algorithm (absolute ``min_delta``, reduction on the epoch where
+``wait`` reaches ``patience``), not torch's. It acts on every param group of every optimizer at the end
+of each real validation run (never during the sanity check), and its state is checkpointed.
+
+Log the LR with Lightning's ``LearningRateMonitor(logging_interval="epoch")`` (keys ``lr-<Optimizer>``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import string
+from typing import Any, Literal
+from weakref import proxy
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from training.saving import check_resumable, use_atomic_checkpoint_io
+
+# Name tokens of metrics where larger is better (mode="auto"), besides tf-keras' own "acc" substring.
+_MAX_TOKEN = re.compile(r"m?ap\d*|mar\d*|f1|precision|recall|m?iou")
+
+
+def resolve_mode(mode: str, monitor: str) -> Literal["min", "max"]:
+    """``"min"``/``"max"`` as given; ``"auto"``: max for accuracy/mAP/mAR/AP/F1/precision/recall/IoU.
+
+    "auto" follows tf-keras (name contains "acc" or starts with "fmeasure") and also treats as max a name
+    token (split at ``_ / - .``) that is map/mar/ap/f1/precision/recall/iou, optionally followed by
+    digits (``val_map_50``, ``val_ap/cat``, ``map50``, ``val_mar_100``); anything else is min.
+    """
+    if mode in ("min", "max"):
+        return mode  # type: ignore[return-value]
+    if mode != "auto":
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    name = monitor.lower()
+    if "acc" in name or name.startswith("fmeasure"):
+        return "max"
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name) if t]
+    return "max" if any(_MAX_TOKEN.fullmatch(t) for t in tokens) else "min"
+
+
+def _say(trainer: Trainer, message: str) -> None:
+    """Print like tf-keras' print_msg, without breaking a tqdm progress bar."""
+    if not trainer.is_global_zero:
+        return
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, TQDMProgressBar):
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        Tqdm.write(message)
+    elif bar is not None and getattr(bar, "_console", None) is not None:
+        bar.print(message)
+    else:
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- file names
+
+
+class FilepathKeyError(KeyError):
+    """A ``{key}`` of the checkpoint filepath template that was not logged."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0])
+
+
+def _template_keys(template: str) -> list[str]:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"ModelCheckpoint filepath {template!r} is not a valid template: {e}") from None
+    keys = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]
+    if "" in keys:
+        raise ValueError(f"ModelCheckpoint filepath {template!r}: use named fields like {{epoch:02d}}, not {{}}")
+    return keys
+
+
+def format_filepath(template: str, values: dict[str, Any]) -> str:
+    """Keras ``filepath.format(epoch=..., **logs)``, but a missing key is an error naming it and the
+    available keys (Lightning would silently write 0)."""
+    values = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in values.items()}
+    for key in _template_keys(template):
+        if key not in values:
+            raise FilepathKeyError(
+                f"ModelCheckpoint filepath {template!r} uses {{{key}}}, which is not logged"
+                f" at epoch {values.get('epoch', '?')}; available keys: {', '.join(sorted(values))}"
+            )
+    try:
+        return template.format(**values)
+    except (ValueError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"ModelCheckpoint filepath {template!r} cannot be formatted with {values}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU, CUDA) RNG states as plain data + tensors (weights_only-loadable)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+
+
+# ----------------------------------------------------------------------------------------- ModelCheckpoint
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """tf-keras ``ModelCheckpoint`` as a Lightning callback.
+
+    Args:
+        filepath: Keras-style template, e.g. ``ckpt/weights.{epoch:02d}-{val_loss:.2f}.ckpt``: ``epoch``
+            is 1-based, ``batch`` (1-based, in the epoch) exists for step saves, ``step`` is the global
+            step, and any logged metric may appear; a key that is not logged raises ``FilepathKeyError``.
+            Only the file name may contain ``{}`` fields; ``last.ckpt`` goes to the same directory.
+        monitor: metric compared by ``save_best_only``.
+        verbose: 1 prints tf-keras' messages (``Epoch 5: val_loss improved from ... to ...``).
+        save_best_only: save only when ``monitor`` strictly improves on the best so far (a templated
+            filepath keeps one file per improvement, a fixed one is overwritten); False saves every time.
+        save_weights_only: the saved files hold architecture + weights, no optimizer/trainer state
+            (``load_model`` rebuilds them; resuming from them is refused). ``last.ckpt`` stays full.
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (see :func:`resolve_mode`).
+        save_freq: ``"epoch"`` or an int N: save every N training batches (optimizer steps; equal to
+            batches without gradient accumulation) instead of at epoch end.
+        initial_value_threshold: initial "best" value for ``save_best_only``.
+        save_last: also keep ``last.ckpt`` (full state) up to date at every save and epoch end.
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: Literal["epoch"] | int = "epoch",
+        initial_value_threshold: float | None = None,
+        save_last: bool = True,
+    ) -> None:
+        filepath = os.fspath(filepath)
+        directory, name = os.path.split(filepath)
+        if not name:
+            raise ValueError(f"ModelCheckpoint filepath must name a file, got {filepath!r}")
+        if "{" in directory or "}" in directory:
+            raise ValueError(f"ModelCheckpoint filepath {filepath!r}: only the file name may contain {{fields}}")
+        _template_keys(name)
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
+            raise ValueError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
+        resolved = resolve_mode(mode, monitor)
+        super().__init__(
+            dirpath=directory or ".",
+            filename=name,
+            # Lightning's own monitor logic is bypassed; it only sees a monitor when one matters.
+            monitor=monitor if save_best_only else None,
+            verbose=bool(verbose),
+            save_last=bool(save_last),
+            save_top_k=-1,  # Keras never deletes what it saved
+            save_weights_only=save_weights_only,
+            mode=resolved,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,  # after validation, every epoch, like Keras' on_epoch_end
+            enable_version_counter=False,  # Keras overwrites a file of the same name
+        )
+        self.keras_monitor = monitor
+        self.keras_verbose = int(verbose)
+        self.save_best_only = save_best_only
+        self.save_freq = save_freq
+        self.mode_requested = mode
+        self.best = (
+            float(initial_value_threshold)
+            if initial_value_threshold is not None
+            else (math.inf if resolved == "min" else -math.inf)
+        )
+        self._validated_epoch = -1
+        self._pending_rng: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(filename=self.filename, monitor=self.keras_monitor, save_freq=self.save_freq)
+
+    def _improved(self, current: float) -> bool:
+        return current < self.best if self.mode == "min" else current > self.best
+
+    # --- hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning's setup only resolves dirpath (ours is given) and warns about a non-empty directory,
+        # which is the normal case when resuming; Keras overwrites without a word.
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        self._fs = get_filesystem(self.dirpath)
+        use_atomic_checkpoint_io(trainer)
+        if stage == "fit" and self.save_best_only and self.mode_requested == "auto":
+            rank_zero_info(f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the checkpoint is restored and before the train dataloader iterator draws its seeds,
+        # so the resumed run draws the same random numbers as an uninterrupted one.
+        if self._pending_rng is not None:
+            restore_rng_states(self._pending_rng)
+            self._pending_rng = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.save_freq == "epoch" or self._skip(trainer):
+            return
+        step = trainer.global_step
+        if step % self.save_freq != 0 or step == self._last_global_step_saved:  # accumulation repeats steps
+            return
+        self._keras_save(trainer, batch=batch_idx + 1)
+        self._save_last_checkpoint(trainer, {})
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        if self.save_freq == "epoch":
+            self._keras_save(trainer)
+        # Always at epoch end, so last.ckpt holds this epoch's validation results and LR changes.
+        self._save_last_checkpoint(trainer, {})
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == "fit":
+            check_resumable(checkpoint, trainer.ckpt_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        # RNG states are captured now, at save time: the next draws are those of the next epoch.
+        return {**super().state_dict(), "keras_best": self.best, "rng_states": capture_rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best = float(state_dict.get("keras_best", self.best))
+        self._pending_rng = state_dict.get("rng_states")
+
+    # --- Lightning internals redirected to Keras behaviour
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.state.fn != "fit" or trainer.sanity_checking
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        # Lightning calls this only for ckpt_path="last"; it would warn and train from scratch.
+        found = super()._find_last_checkpoints(trainer)
+        if not found:
+            raise FileNotFoundError(
+                f'ckpt_path="last": there is no last checkpoint to resume from in {self.dirpath} '
+                "(no last.ckpt). Run without ckpt_path to start a new training run."
+            )
+        return found
+
+    def format_checkpoint_name(
+        self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None, prefix: str | None = None
+    ) -> str:
+        if filename is not None:  # Lightning's last checkpoint name
+            name = filename + (f"{self.CHECKPOINT_JOIN_CHAR}v{ver}" if ver is not None else "") + self.FILE_EXTENSION
+        else:
+            name = format_filepath(self.filename, metrics)
+        return os.path.join(self.dirpath, name)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        # As Lightning's, except that last.ckpt is always a full checkpoint, for resuming.
+        trainer.save_checkpoint(filepath, weights_only=self.save_weights_only and filepath != self.last_model_path)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _template_values(self, trainer: Trainer, batch: int | None) -> dict[str, Any]:
+        values = {k: v for k, v in trainer.callback_metrics.items()}
+        if self._validated_epoch != trainer.current_epoch:
+            # Validation did not run this epoch: its metrics are from an earlier one (Keras has none).
+            values = {k: v for k, v in values.items() if not k.startswith("val")}
+        values.update(epoch=trainer.current_epoch + 1, step=trainer.global_step)
+        if batch is not None:
+            values["batch"] = batch
+        return values
+
+    def _keras_save(self, trainer: Trainer, batch: int | None = None) -> None:
+        values = self._template_values(trainer, batch)
+        filepath = self.format_checkpoint_name(values)
+        epoch = trainer.current_epoch + 1
+        if not self.save_best_only:
+            if self.keras_verbose:
+                _say(trainer, f"Epoch {epoch}: saving model to {filepath}")
+            self.best_model_path = filepath  # "best" = latest, as Lightning's monitor=None
+            self._save_checkpoint(trainer, filepath)
+            return
+        if self.keras_monitor not in values:
+            rank_zero_warn(f"Can save best model only with {self.keras_monitor} available, skipping.")
+            return
+        current = float(values[self.keras_monitor])
+        if self._improved(current):
+            if self.keras_verbose:
+                _say(
+                    trainer,
+                    f"Epoch {epoch}: {self.keras_monitor} improved from {self.best:.5f} to {current:.5f},"
+                    f" saving model to {filepath}",
+                )
+            self.best = current
+            self.current_score = self.best_model_score = torch.tensor(current)
+            self.best_model_path = filepath
+            self.best_k_models[filepath] = self.best_model_score
+            self._save_checkpoint(trainer, filepath)
+        elif self.keras_verbose:
+            _say(trainer, f"Epoch {epoch}: {self.keras_monitor} did not improve from {self.best:.5f}")
+
+
+# ----------------------------------------------------------------------------------------- ReduceLROnPlateau
+
+
+class ReduceLROnPlateau(Callback):
+    """tf-keras ``ReduceLROnPlateau``: multiply the LR by ``factor`` when ``monitor`` stops improving.
+
+    At the end of each validation run: in cooldown, the cooldown counter is decremented and ``wait``
+    reset; if the value beats ``best`` by more than ``min_delta`` (absolute) it becomes the best and
+    ``wait`` resets; otherwise, out of cooldown, ``wait`` grows and on reaching ``patience`` every
+    param group with ``lr > min_lr`` gets ``lr = max(lr * factor, min_lr)``, then ``wait`` resets and
+    the cooldown starts. E.g. a flat ``val_loss`` with ``patience=3`` reduces at epochs 4, 7, 10.
+
+    LR schedulers with ``base_lrs`` (LambdaLR warm-up, cosine...) get their base LRs scaled by the same
+    ratio, so a scheduler that recomputes the LR from them keeps the reduction.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+    ) -> None:
+        if factor >= 1.0:
+            raise ValueError(f"ReduceLROnPlateau does not support a factor >= 1.0. Got {factor}")
+        self.monitor = monitor
+        self.factor = factor
+        self.patience = patience
+        self.verbose = int(verbose)
+        self.mode_requested = mode
+        self.mode = resolve_mode(mode, monitor)
+        self.min_delta = abs(min_delta)
+        self.cooldown = cooldown
+        self.min_lr = min_lr
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+        self.cooldown_counter = 0
+
+    def _improved(self, current: float) -> bool:
+        if self.mode == "min":
+            return current < self.best - self.min_delta
+        return current > self.best + self.min_delta
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._reset()  # Keras resets on train begin; a resumed run then loads its saved state
+            if self.mode_requested == "auto":
+                rank_zero_info(f"ReduceLROnPlateau: mode='auto' chose '{self.mode}' for monitor '{self.monitor}'")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            rank_zero_warn(
+                f"Learning rate reduction is conditioned on metric `{self.monitor}` which is not available."
+                f" Available metrics are: {','.join(trainer.callback_metrics)}"
+            )
+            return
+        current = float(value)
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if self._improved(current):
+            self.best = current
+            self.wait = 0
+        elif self.cooldown_counter <= 0:
+            self.wait += 1
+            if self.wait >= self.patience:
+                new_lrs = self._reduce(trainer)
+                if new_lrs:
+                    if self.verbose:
+                        shown = new_lrs[0] if len(set(new_lrs)) == 1 else new_lrs
+                        _say(
+                            trainer,
+                            f"Epoch {trainer.current_epoch + 1}: ReduceLROnPlateau reducing learning rate to {shown}.",
+                        )
+                    self.cooldown_counter = self.cooldown
+                    self.wait = 0
+
+    def _reduce(self, trainer: Trainer) -> list[float]:
+        """Reduce every param group above ``min_lr``; return the new LRs of the groups reduced."""
+        new_lrs = []
+        for optimizer in trainer.optimizers:
+            schedulers = [
+                c.scheduler
+                for c in trainer.lr_scheduler_configs
+                if getattr(c.scheduler, "optimizer", None) is optimizer and hasattr(c.scheduler, "base_lrs")
+            ]
+            for i, group in enumerate(optimizer.param_groups):
+                old = float(group["lr"])
+                if not old > self.min_lr:
+                    continue
+                new = max(old * self.factor, self.min_lr)
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(new)
+                else:
+                    group["lr"] = new
+                for scheduler in schedulers:
+                    scheduler.base_lrs[i] *= new / old
+                new_lrs.append(new)
+        return new_lrs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict["best"])
+        self.wait = int(state_dict["wait"])
+        self.cooldown_counter = int(state_dict["cooldown_counter"])

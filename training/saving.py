@@ -1,0 +1,437 @@
+"""Keras-style ``model.save`` / ``load_model`` for LightningModules, atomic and safe checkpoint files.
+
+One file format for everything: a Lightning checkpoint dict (``torch.save``) holding
+
+* ``state_dict``        -- the weights,
+* ``hyper_parameters``  -- the constructor arguments (plain data: numbers, strings, lists, dicts),
+* ``litvision``         -- ``{"class_path": "pkg.mod.Class", "format": 1, "logger_version": ...}``,
+
+plus, for a full (resumable) checkpoint, Lightning's optimizer, scheduler, loop and callback state.
+``load_model`` reads any such file -- ``model.save()`` output, ``last.ckpt``, best/epoch checkpoints --
+and rebuilds the right class without the caller naming it, like ``keras.models.load_model``.
+
+Safety: files are read with ``torch.load(weights_only=True)`` only, so a file holding arbitrary pickled
+objects is refused before any of its code runs. The class named in the file is imported by its dotted
+path (an installed module, as any ``import`` would) and must be a LightningModule subclass.
+
+Atomicity: every write goes to a temporary file in the target's directory, is flushed and fsynced,
+then ``os.replace``d over the target, so a crash or a full disk mid-save never leaves a truncated file
+where a good one was. (Lightning's own ``TorchCheckpointIO`` stages through ``/tmp`` with
+``shutil.move`` -- a copy, not a rename, when /tmp is another filesystem -- and does not fsync.)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import LightningModule
+
+LITVISION_KEY = "litvision"
+FORMAT_VERSION = 1
+
+# Constructor arguments that point at pretrained weights (a download or a local file). load_model sets
+# them to None: the saved state dict replaces those weights anyway, and rebuilding must not touch the net.
+OFFLINE_HPARAM_KEYS = ("weights", "weights_backbone", "weights_path", "backbone_checkpoint")
+
+# The one instantiator Lightning writes into hparams when LightningCLI builds the module.
+_CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint/model file that is truncated, corrupt, unsafe or not a litvision model. Names the file."""
+
+
+class WeightsOnlyCheckpointError(CheckpointFileError):
+    """Training was asked to resume from a file that holds weights only."""
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temp file in the same directory + fsync + ``os.replace``."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would have, or the one it replaces.
+        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+@functools.cache
+def _umask() -> int:
+    # os.umask can only be read by setting it; done once, at the first save.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` with atomic local writes and safe, clearly failing reads.
+
+    ``ModelCheckpoint`` installs it on ``setup`` when the trainer uses the plain default; pass
+    ``Trainer(plugins=[AtomicCheckpointIO()])`` to have it everywhere. Remote (``scheme://``) paths fall
+    back to Lightning's implementation.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if _is_remote(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_remote(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # weights_only is always True: the project never unpickles arbitrary objects.
+        return load_checkpoint_file(path, map_location=map_location)
+
+
+def _is_remote(path: Any) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict with ``torch.load(weights_only=True)``; every failure names the file.
+
+    Raises ``FileNotFoundError`` (missing), ``CheckpointFileError`` (unsafe pickled objects, truncated
+    or corrupt data, not a dict).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower() or "weights_only" in str(e).lower():
+            raise CheckpointFileError(
+                f"{path}: refused to load: the file contains pickled Python objects other than tensors and "
+                "plain data (numbers, strings, lists, dicts), and loading them could run code. Nothing from "
+                f"it was executed. Detail: {_first_line(e)}"
+            ) from None
+        raise CheckpointFileError(f"{path}: corrupt checkpoint file ({_first_line(e)})") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointFileError(
+            f"{path}: truncated or corrupt checkpoint file, cannot be read ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointFileError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_resumable(checkpoint: Mapping[str, Any], path: Any) -> None:
+    """Raise ``WeightsOnlyCheckpointError`` if ``checkpoint`` cannot resume training (no optimizer state)."""
+    if "optimizer_states" not in checkpoint:
+        raise WeightsOnlyCheckpointError(
+            f"{path} holds weights only (architecture + weights, written with save_weights_only=True or "
+            "save_model(weights_only=True)): it has no optimizer, LR-scheduler, loop or callback state, so "
+            "training cannot resume from it. Resume from last.ckpt, or load it with "
+            "training.saving.load_model() and start a new run."
+        )
+
+
+def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> str | None:
+    """Resolve ``--ckpt_path`` for resuming: ``None`` -> ``None``; ``"last"`` -> ``dirpath/last.ckpt``.
+
+    Unlike Lightning (which only warns and starts from scratch), a missing file is an error:
+    ``FileNotFoundError`` naming the path or directory.
+    """
+    if ckpt_path is None:
+        return None
+    if os.fspath(ckpt_path) == "last":
+        if dirpath is None:
+            raise FileNotFoundError("--ckpt_path last: no checkpoint directory is configured to look in")
+        last = os.path.join(os.fspath(dirpath), "last.ckpt")
+        if not os.path.isfile(last):
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last checkpoint to resume from: {last} does not exist. "
+                "Run without --ckpt_path to start a new training run."
+            )
+        return last
+    path = os.fspath(ckpt_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--ckpt_path: checkpoint file not found: {path}")
+    return path
+
+
+def checkpoint_logger_version(path: str | os.PathLike) -> int | str | None:
+    """The logger version the run that wrote ``path`` used (to continue logging in the same version)."""
+    info = load_checkpoint_file(path).get(LITVISION_KEY)
+    return info.get("logger_version") if isinstance(info, dict) else None
+
+
+# ----------------------------------------------------------------------------------------- plain data
+
+
+def find_non_plain(value: Any, where: str = "hyper_parameters") -> str | None:
+    """Return a description of the first value that is not plain data, or None if all of it is."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = find_non_plain(item, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                return f"{where}: key {key!r} of type {type(key).__name__}"
+            found = find_non_plain(item, f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    return f"{where} = {value!r} ({type(value).__module__}.{type(value).__qualname__})"
+
+
+def _require_plain_hparams(hparams: Mapping[str, Any], who: str) -> None:
+    found = find_non_plain(dict(hparams))
+    if found:
+        raise TypeError(
+            f"{who}: hyperparameters must be plain data (numbers, strings, lists, dicts) so checkpoints load "
+            f"with torch.load(weights_only=True); found {found}. Pass plain values (e.g. a path string, a "
+            "class name) or exclude it with save_hyperparameters(ignore=[...])."
+        )
+
+
+# ----------------------------------------------------------------------------------------- the mixin
+
+
+def default_offline_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with the top-level ``OFFLINE_HPARAM_KEYS`` that are present set to None."""
+    return {k: (None if k in OFFLINE_HPARAM_KEYS else v) for k, v in hparams.items()}
+
+
+def class_path_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class SavableModule:
+    """Mixin for LightningModules: ``module.save(path)`` and a class path in every checkpoint.
+
+    Use as ``class MyModule(SavableModule, LightningModule)`` and call ``self.save_hyperparameters()``
+    in ``__init__`` with plain-data arguments; apply freezing in ``__init__`` so that ``load_model``
+    (which calls the constructor) re-applies it.
+    """
+
+    @classmethod
+    def offline_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments for rebuilding without fetching pretrained weights (``load_model``).
+
+        The default (:func:`default_offline_hparams`) sets the standard weight-source arguments to None.
+        Override when a model's architecture depends on them (e.g. torchvision picks FrozenBatchNorm2d
+        only when weights are given): the rebuilt module must have exactly the saved state dict's keys.
+        """
+        return default_offline_hparams(hparams)
+
+    def save(self, path: str | os.PathLike, weights_only: bool = False) -> None:
+        """Keras ``model.save``: see :func:`save_model`."""
+        save_model(self, path, weights_only=weights_only)  # type: ignore[arg-type]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        _require_plain_hparams(checkpoint.get("hyper_parameters") or {}, type(self).__name__)
+        checkpoint[LITVISION_KEY] = _litvision_info(self)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            check_resumable(checkpoint, trainer.ckpt_path)
+
+
+def _litvision_info(module: LightningModule) -> dict[str, Any]:
+    info: dict[str, Any] = {"class_path": class_path_of(type(module)), "format": FORMAT_VERSION}
+    trainer = getattr(module, "_trainer", None)
+    logger = trainer.logger if trainer is not None else None
+    version = getattr(logger, "version", None) if logger is not None else None
+    if isinstance(version, (int, str)):
+        info["logger_version"] = version
+    return info
+
+
+# ----------------------------------------------------------------------------------------- save / load
+
+
+def save_model(module: LightningModule, path: str | os.PathLike, weights_only: bool = False) -> None:
+    """Keras ``model.save``: one file with the class path, hyperparameters and weights (atomic write).
+
+    With ``weights_only=False`` and a module attached to a Trainer, the file is a full Lightning
+    checkpoint (optimizer, schedulers, loops, callbacks: training can resume from it). Otherwise it holds
+    the architecture description and the weights only. Either way ``load_model(path)`` rebuilds it.
+    """
+    _require_plain_hparams(module.hparams, type(module).__name__)
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and not weights_only:
+        use_atomic_checkpoint_io(trainer)
+        trainer.save_checkpoint(path, weights_only=False)
+        return
+    if trainer is not None and not trainer.is_global_zero:
+        return
+    checkpoint: dict[str, Any] = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": _lightning_version(),
+    }
+    if getattr(module, "_hparams_name", None):
+        checkpoint[module.CHECKPOINT_HYPER_PARAMS_NAME] = module._hparams_name
+    module.on_save_checkpoint(checkpoint)
+    checkpoint[LITVISION_KEY] = _litvision_info(module)
+    atomic_torch_save(checkpoint, path)
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Swap the trainer's plain default ``TorchCheckpointIO`` for :class:`AtomicCheckpointIO`."""
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return lightning.__version__
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningModule:
+    """Keras ``load_model``: rebuild the saved module (its own class) and load its weights.
+
+    Accepts ``save_model``/``module.save`` files and the checkpoints ``ModelCheckpoint`` writes
+    (``last.ckpt``, best/epoch files, weights-only files). Pretrained-weight arguments are nulled
+    (``offline_hparams``) so nothing is downloaded or read besides ``path``; the constructor re-applies
+    freezing; weights load with ``strict=True``. The module is returned as the constructor left it
+    (train mode): call ``.eval()`` for inference.
+    """
+    path = os.fspath(path)
+    checkpoint = load_checkpoint_file(path, map_location=map_location)
+    info = checkpoint.get(LITVISION_KEY)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    class_path = info.get("class_path") if isinstance(info, dict) else None
+    if class_path is None and isinstance(hparams, Mapping):
+        class_path = hparams.get("_class_path")  # written by LightningCLI in subclass mode
+    if not isinstance(class_path, str):
+        raise CheckpointFileError(
+            f"{path}: no model class recorded (not written by litvision's save_model/ModelCheckpoint); "
+            "load it with YourModuleClass.load_from_checkpoint() instead"
+        )
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise CheckpointFileError(f"{path}: has no 'state_dict' (no weights to load)")
+    if not isinstance(hparams, Mapping):
+        raise CheckpointFileError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")
+
+    cls = _import_module_class(class_path, path)
+    module = _instantiate(cls, dict(hparams), checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_NAME), path)
+    module.on_load_checkpoint(checkpoint)
+    try:
+        module.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointFileError(
+            f"{path}: the weights do not fit the rebuilt {class_path} (does the constructor build the same "
+            f"architecture without pretrained weights? see offline_hparams): {e}"
+        ) from None
+    if isinstance(map_location, (str, torch.device)):
+        module = module.to(map_location)
+    return module
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _import_module_class(class_path: str, path: str) -> type[LightningModule]:
+    """Import ``pkg.mod.Class`` by name; only LightningModule subclasses are accepted."""
+    if not _DOTTED.fullmatch(class_path):
+        raise CheckpointFileError(f"{path}: invalid model class path {class_path!r}")
+    parts = class_path.split(".")
+    if parts[0] == "__main__":
+        raise CheckpointFileError(
+            f"{path}: its model class {class_path!r} was defined in a script (__main__) and cannot be found "
+            "again; define model classes in an importable module"
+        )
+    obj: Any = None
+    for i in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only "this prefix is not a module" moves on; a missing dependency inside it is a real error.
+            if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+                continue
+            raise
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+        break
+    if not (isinstance(obj, type) and issubclass(obj, LightningModule)):
+        raise CheckpointFileError(
+            f"{path}: model class {class_path!r} "
+            + ("cannot be imported" if obj is None else "is not a LightningModule subclass; refused")
+        )
+    return obj
+
+
+def _instantiate(
+    cls: type[LightningModule], hparams: dict[str, Any], hparams_name: str | None, path: str
+) -> LightningModule:
+    instantiator = hparams.pop("_instantiator", None)
+    hparams.pop("_class_path", None)
+    offline: Callable[[dict[str, Any]], dict[str, Any]] = getattr(cls, "offline_hparams", default_offline_hparams)
+    hparams = offline(hparams)
+    if instantiator is not None:
+        if instantiator != _CLI_INSTANTIATOR:
+            raise CheckpointFileError(f"{path}: unknown instantiator {instantiator!r} refused")
+        # LightningCLI-built modules: their hparams are the CLI config (nested class_path dicts included).
+        from lightning.pytorch.cli import instantiate_module
+
+        return instantiate_module(cls, hparams)
+    params = inspect.signature(cls.__init__).parameters
+    if hparams_name and hparams_name in params and hparams_name != "kwargs":
+        return cls(**{hparams_name: hparams})
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        hparams = {k: v for k, v in hparams.items() if k in params}
+    return cls(**hparams)
