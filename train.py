@@ -1,0 +1,193 @@
+"""litvision entry point: ``python train.py fit|validate|test|predict --config configs/X.yaml`` (LightningCLI),
+plus ``evaluate``, ``shapes`` and ``demo``. Installed as the ``litvision`` console script.
+
+This is the one place that wires the packages together; the work lives in them. The Keras-style
+callbacks are part of every run and configured under their own keys::
+
+    checkpoint:    # training.callbacks.ModelCheckpoint (Keras ModelCheckpoint)
+      filepath: runs/faster_rcnn/checkpoints/best.ckpt
+      save_best_only: true
+    lr_plateau:    # training.callbacks.ReduceLROnPlateau (Keras ReduceLROnPlateau)
+      patience: 3
+      factor: 0.5
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
+from training.saving import checkpoint_logger_version, resolve_ckpt_path
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+EXTRA_COMMANDS = {
+    "evaluate": "score a COCO results file against COCO ground truth (pycocotools-exact)",
+    "shapes": "generate the embedded shapes dataset (COCO, VOC and classification layouts)",
+    "demo": "the main job on the embedded data: generate shapes, train a detector",
+}
+
+
+class LitvisionCLI(LightningCLI):
+    """LightningCLI with the Keras-style callbacks, TensorBoard + CSV logs in ``<runs_dir>/<name>/version_N``,
+    and a ``--ckpt_path last`` that fails instead of silently starting over."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=str, default="litvision", help="run name: logs go to RUNS_DIR/NAME")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="directory holding all runs")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ReduceLROnPlateau, "lr_plateau")
+        parser.set_defaults(
+            {
+                # A file name without a directory goes to RUNS_DIR/NAME/checkpoints/.
+                "checkpoint.filepath": "best.ckpt",
+                "checkpoint.save_best_only": True,
+                "lr_plateau.patience": 3,
+                "lr_plateau.factor": 0.5,
+                "lr_plateau.min_lr": 1e-6,
+                "trainer.callbacks": [
+                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                     "init_args": {"logging_interval": "epoch"}},
+                ],  # fmt: skip
+            }
+        )
+        # The model learns its classes from the data (detectors and classifier alike).
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    def _sub(self):
+        return self.config.get(self.subcommand) if self.subcommand else self.config
+
+    def run_dir(self) -> str:
+        sub = self._sub()
+        return os.path.join(sub["runs_dir"], sub["name"])
+
+    def before_instantiate_classes(self) -> None:
+        sub = self._sub()
+        if not os.path.dirname(sub["checkpoint"]["filepath"]):
+            sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
+        if self.subcommand == "fit" and sub.get("ckpt_path"):
+            sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], os.path.dirname(sub["checkpoint"]["filepath"]))
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        sub = self._sub()
+        ckpt = sub.get("ckpt_path") if self.subcommand == "fit" else None
+        version = checkpoint_logger_version(ckpt) if ckpt else None  # a resumed run continues its version
+        if config.get("logger") in (True, None):
+            if version is None:
+                version = TensorBoardLogger(sub["runs_dir"], sub["name"]).version
+            config["logger"] = [
+                TensorBoardLogger(sub["runs_dir"], sub["name"], version=version),
+                CSVLogger(sub["runs_dir"], sub["name"], version=version),
+            ]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _cli(argv: list[str] | None = None) -> LitvisionCLI:
+    return LitvisionCLI(
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "epilog": "more commands: "
+            + "; ".join(f"{name}: {what}" for name, what in EXTRA_COMMANDS.items())
+            + " (python train.py COMMAND --help)",
+        },
+    )
+
+
+# -- extra subcommands ------------------------------------------------------------------------------------
+
+
+def evaluate(gt: str, predictions: str, out: str | None = None) -> dict:
+    """Score a COCO results file against a COCO ground-truth file and print the metrics.
+
+    Args:
+        gt: COCO ground-truth annotations (instances_*.json).
+        predictions: COCO results file: [{image_id, category_id, bbox [x, y, w, h], score}, ...].
+        out: optional path for a flat JSON of the metrics (torchmetrics key names, per-class entries).
+    """
+    from rich.console import Console
+
+    from detectors.evaluation import evaluate as run_evaluate
+    from detectors.evaluation import format_class_table, format_metrics_table
+
+    metrics = run_evaluate(gt, predictions, out=out)
+    console = Console()
+    console.print(format_metrics_table(metrics))
+    console.print(format_class_table(metrics))
+    if out:
+        console.print(f"metrics written to {out}")
+    return metrics
+
+
+def shapes(
+    out: str,
+    num_train: int = 300,
+    num_val: int = 60,
+    height: int = 192,
+    width: int = 192,
+    seed: int = 0,
+    voc: bool = True,
+    classification: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """Generate the embedded shapes dataset: COCO under OUT, VOC under OUT/voc, crops under OUT/classification.
+
+    Args:
+        out: dataset directory.
+        num_train, num_val: images per split.
+        height, width: image size in pixels (>= 160).
+        seed: random seed; the same seed gives the same annotations on any machine.
+        voc, classification: also write the Pascal VOC and the image-folder layouts.
+        overwrite: replace a dataset generated with other parameters.
+    """
+    from detectors.data.shapes import generate_shapes
+
+    paths = generate_shapes(out, num_train, num_val, (height, width), seed, voc, classification, overwrite)
+    for key, path in paths.items():
+        print(f"{key:24s} {path}")
+
+
+def demo(out: str = "demo", max_time: str = "00:00:04:00", seed: int = 0) -> None:
+    """The main job on the embedded data: generate the shapes dataset, then train a detector.
+
+    Args:
+        out: directory for the dataset and the runs (created; re-running reuses what is there).
+        max_time: training time budget per model, DD:HH:MM:SS.
+        seed: seed of the dataset and of training.
+    """
+    data_root = os.path.join(out, "shapes")
+    shapes(data_root, seed=seed)
+    runs_dir = os.path.join(out, "runs")
+    ckpt_dir = os.path.join(runs_dir, "faster_rcnn", "checkpoints")
+    args = ["fit", "--config", str(CONFIGS / "faster_rcnn.yaml"), "--data.root", data_root,
+            "--runs_dir", runs_dir, "--seed_everything", str(seed), "--trainer.max_time", max_time]  # fmt: skip
+    if os.path.isfile(os.path.join(ckpt_dir, "last.ckpt")):
+        args += ["--ckpt_path", "last"]  # re-running continues where the last run stopped
+    _cli(args)
+    print(f"\ndataset: {data_root}\ncheckpoints: {ckpt_dir}\nlogs: {os.path.join(runs_dir, 'faster_rcnn')}")
+
+
+def _run_extra(command: str, argv: list[str]):
+    functions = {"evaluate": evaluate, "shapes": shapes, "demo": demo}
+    parser = ArgumentParser(prog=f"train.py {command}", description=functions[command].__doc__.split("\n")[0])
+    parser.add_function_arguments(functions[command])
+    cfg = parser.parse_args(argv)
+    return functions[command](**cfg.as_dict())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        _run_extra(argv[0], argv[1:])
+        return
+    _cli(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,9 +29,9 @@ all 12 stats and per-class AP to pycocotools to 1e-6):
 - Classes with no (non-crowd) ground truth get AP/AR ``-1`` and are left out of every mean, as in pycocotools.
   That includes classes that appear only in predictions.
 
-Known residual difference: torchmetrics converts XYXY back to XYWH, so a detection's area is
-``(x2 - x1) * (y2 - y1)`` and can differ from the file's ``w * h`` in the last bit; only a detection whose area
-is exactly 32**2 or 96**2 could change size bucket.
+- pycocotools works on XYWH and takes a detection's area as ``w * h``; torchmetrics converts XYXY input
+  to XYWH, so XYXY input stands for the results file that holds ``w = x2 - x1``. :func:`evaluate` therefore
+  hands the file's XYWH boxes over unchanged (``box_format="xywh"``) rather than round-tripping them.
 
 Resampling (paired bootstrap): every public function takes the per-image lists, so a resample is just
 ``evaluate_detections([preds[i] for i in idx], [targets[i] for i in idx], class_names)``; a repeated index
@@ -47,6 +47,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 
 __all__ = [
     "COCO_KEYS",
@@ -83,6 +84,7 @@ COCO_KEYS = (
     "map", "map_50", "map_75", "map_small", "map_medium", "map_large",
     "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large",
 )  # fmt: skip
+BoxFormat = Literal["xyxy", "xywh"]
 _TINY_AREA = 5e-324  # smallest positive float64: "area 0" that torchmetrics does not replace by the box area
 
 
@@ -179,11 +181,16 @@ def _metric_inputs(preds: Sequence[dict], targets: Sequence[dict]) -> tuple[list
 
 
 def coco_evaluate(
-    preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str], **overrides
+    preds: Sequence[dict],
+    targets: Sequence[dict],
+    class_names: Sequence[str],
+    box_format: BoxFormat = "xyxy",
+    **overrides,
 ) -> CocoResult:
     """COCO bbox evaluation of per-image dicts (module docstring) through :func:`coco_map_metric`.
 
-    ``overrides`` go to :func:`coco_map_metric`. The metric is local and never syncs across processes:
+    ``box_format="xywh"`` takes COCO's boxes as they are (see :func:`evaluate`); ``overrides`` go to
+    :func:`coco_map_metric`. The metric is local and never syncs across processes:
     callers pass already-gathered lists.
     """
     if len(preds) != len(targets):
@@ -195,7 +202,7 @@ def coco_evaluate(
             raise ValueError(
                 f"dict {i}: labels must lie in 1..{len(names)} (class_names), got {labels.tolist()}"
             )
-    overrides = {"extended_summary": True, "sync_on_compute": False, **overrides}
+    overrides = {"extended_summary": True, "sync_on_compute": False, "box_format": box_format, **overrides}
     metric = coco_map_metric(**overrides)
     T, R, K = len(metric.iou_thresholds), len(metric.rec_thresholds), len(names)
     M = len(metric.max_detection_thresholds)
@@ -274,7 +281,12 @@ class _VocMatches:
 
 
 def _voc_match(
-    preds: Sequence[dict], targets: Sequence[dict], num_classes: int, iou_threshold: float, plus_one: bool
+    preds: Sequence[dict],
+    targets: Sequence[dict],
+    num_classes: int,
+    iou_threshold: float,
+    plus_one: bool,
+    box_format: BoxFormat = "xyxy",
 ) -> _VocMatches:
     """VOC devkit matching: detections in descending score order (stable: image order, then input order)
     take the GT of their class with the highest IoU; IoU >= threshold and GT not taken -> TP, GT already
@@ -287,10 +299,10 @@ def _voc_match(
     per_class: list[list[tuple]] = [[] for _ in range(num_classes)]
     npos = np.zeros(num_classes, dtype=np.int64)
     for p, t in zip(preds, targets, strict=True):
-        d_boxes = _as_cpu(p["boxes"], torch.float64).reshape(-1, 4)
+        d_boxes = box_convert(_as_cpu(p["boxes"], torch.float64).reshape(-1, 4), box_format, "xyxy")
         d_scores = _as_cpu(p["scores"], torch.float64).reshape(-1).numpy()
         d_labels = _as_cpu(p["labels"], torch.int64).reshape(-1).numpy()
-        g_boxes = _as_cpu(t["boxes"], torch.float64).reshape(-1, 4)
+        g_boxes = box_convert(_as_cpu(t["boxes"], torch.float64).reshape(-1, 4), box_format, "xyxy")
         g_labels = _as_cpu(t["labels"], torch.int64).reshape(-1).numpy()
         ignored = np.zeros(len(g_labels), dtype=bool)
         for key in ("difficult", "iscrowd"):
@@ -368,6 +380,7 @@ def voc_evaluate(
     iou_threshold: float = 0.5,
     use_07_metric: bool = False,
     plus_one: bool = False,
+    box_format: BoxFormat = "xyxy",
 ) -> VocResult:
     """Pascal VOC detection AP per class over per-image dicts (module docstring; labels 1..num_classes).
 
@@ -377,7 +390,7 @@ def voc_evaluate(
     instead of VOC2010+ all-point AP (:func:`voc_ap`). ``plus_one=True`` uses the devkit's ``x2 - x1 + 1``
     pixel widths; the default measures boxes as continuous coordinates like the rest of the project.
     """
-    m = _voc_match(preds, targets, num_classes, iou_threshold, plus_one)
+    m = _voc_match(preds, targets, num_classes, iou_threshold, plus_one, box_format)
     ap, mean = _voc_ap_per_class(m, use_07_metric)
     return VocResult(ap, mean, m.tp_iou)
 
@@ -386,7 +399,7 @@ def voc_evaluate(
 
 
 def evaluate_detections(
-    preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str]
+    preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str], box_format: BoxFormat = "xyxy"
 ) -> dict[str, float]:
     """Every metric of :class:`DetectionEvaluator` for per-image dicts, as a flat dict of python floats.
 
@@ -396,8 +409,8 @@ def evaluate_detections(
     (-1 where nothing matched). -1 marks an undefined value (no ground truth), as in pycocotools.
     """
     names = list(class_names)
-    out = dict(coco_evaluate(preds, targets, names).metrics)
-    m = _voc_match(preds, targets, len(names), 0.5, plus_one=False)
+    out = dict(coco_evaluate(preds, targets, names, box_format).metrics)
+    m = _voc_match(preds, targets, len(names), 0.5, plus_one=False, box_format=box_format)
     for year, use_07 in (("07", True), ("10", False)):
         ap, mean = _voc_ap_per_class(m, use_07)
         out[f"voc{year}_ap50"] = mean
@@ -441,8 +454,11 @@ class DetectionEvaluator(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, class_names: list[str], **kwargs) -> None:
+    def __init__(self, class_names: list[str], box_format: BoxFormat = "xyxy", **kwargs) -> None:
         super().__init__(**kwargs)
+        if box_format not in ("xyxy", "xywh"):
+            raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
+        self.box_format = box_format
         if not class_names or len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must be non-empty and unique, got {class_names!r}")
         self.class_names = list(class_names)
@@ -466,8 +482,8 @@ class DetectionEvaluator(Metric):
             return torch.cat(parts).to(dev, dtype)
 
         def box_area(t: dict) -> Tensor:  # pycocotools' w * h when no annotation area is given
-            b = t["boxes"].detach().reshape(-1, 4)
-            return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            b = box_convert(t["boxes"].detach().reshape(-1, 4), self.box_format, "xywh")
+            return b[:, 2] * b[:, 3]
 
         def zeros(t: dict) -> Tensor:
             return torch.zeros(len(t["labels"]), dtype=torch.int64, device=t["labels"].device)
@@ -513,10 +529,10 @@ class DetectionEvaluator(Metric):
 
     def coco_result(self, **overrides) -> CocoResult:
         """:func:`coco_evaluate` on the accumulated images: precision array, PR curves, AP per IoU."""
-        return coco_evaluate(*self.images(), self.class_names, **overrides)
+        return coco_evaluate(*self.images(), self.class_names, self.box_format, **overrides)
 
     def compute(self) -> dict[str, float]:
-        return evaluate_detections(*self._images(), self.class_names)
+        return evaluate_detections(*self._images(), self.class_names, self.box_format)
 
 
 # ------------------------------------------------------------------------------------- COCO files
@@ -558,27 +574,29 @@ def _check_entry(entry: object, keys: dict[str, str], where: str) -> None:
             )
 
 
-def _xywh_to_xyxy(rows: list[list[float]]) -> Tensor:
+def _coco_boxes(rows: list[list[float]], box_format: BoxFormat) -> Tensor:
     b = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)  # float64 keeps the file's values exactly
-    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+    return b if box_format == "xywh" else box_convert(b, "xywh", "xyxy")
 
 
 @dataclass
 class CocoGroundTruth:
     """A COCO ground-truth file in evaluator form: ``targets[i]`` belongs to ``image_ids[i]`` (ascending,
-    like pycocotools); label ``k + 1`` is category ``category_ids[k]`` named ``class_names[k]``."""
+    like pycocotools); label ``k + 1`` is category ``category_ids[k]`` named ``class_names[k]``; boxes are
+    float64 in ``box_format``."""
 
     path: str
     image_ids: list[int]
     category_ids: list[int]
     class_names: list[str]
     targets: list[dict]
+    box_format: BoxFormat = "xyxy"
 
 
-def load_coco_ground_truth(gt_json: str | os.PathLike) -> CocoGroundTruth:
-    """Read and validate a COCO instances file; XYWH -> XYXY float64, category ids -> labels 1..K (ascending
-    id), ``area`` and ``iscrowd`` from the annotations (``area`` defaults to w*h when absent). Every image is
-    kept, with or without annotations."""
+def load_coco_ground_truth(gt_json: str | os.PathLike, box_format: BoxFormat = "xyxy") -> CocoGroundTruth:
+    """Read and validate a COCO instances file; boxes XYWH -> ``box_format`` (float64), category ids -> labels
+    1..K (ascending id), ``area`` and ``iscrowd`` from the annotations (``area`` defaults to w*h when absent).
+    Every image is kept, with or without annotations."""
     path = os.fspath(gt_json)
     data = _read_json(path)
     if not isinstance(data, dict):
@@ -615,19 +633,19 @@ def load_coco_ground_truth(gt_json: str | os.PathLike) -> CocoGroundTruth:
     for img in image_ids:
         anns = per_image[img]  # file order, as pycocotools' imgToAnns
         targets.append({
-            "boxes": _xywh_to_xyxy([a["bbox"] for a in anns]),
+            "boxes": _coco_boxes([a["bbox"] for a in anns], box_format),
             "labels": torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64),
             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
                                  dtype=torch.float64),
         })  # fmt: skip
-    return CocoGroundTruth(path, image_ids, cat_ids, names, targets)
+    return CocoGroundTruth(path, image_ids, cat_ids, names, targets, box_format)
 
 
 def load_coco_predictions(predictions_json: str | os.PathLike, gt: CocoGroundTruth) -> list[dict]:
     """Read a COCO results file (a list of ``{image_id, category_id, bbox: [x, y, w, h], score}``) into one
-    prediction dict per ``gt.image_ids`` entry (file order kept within an image; images without detections get
-    empty tensors). An image or category missing from the ground truth is an error: pycocotools rejects the
+    prediction dict per ``gt.image_ids`` entry, boxes in ``gt.box_format`` (file order kept within an image;
+    images without detections get empty tensors). An image or category missing from the ground truth is an error: pycocotools rejects the
     former and silently drops the latter, which hides label-mapping bugs."""
     path = os.fspath(predictions_json)
     data = _read_json(path)
@@ -653,7 +671,7 @@ def load_coco_predictions(predictions_json: str | os.PathLike, gt: CocoGroundTru
         )
     return [
         {
-            "boxes": _xywh_to_xyxy([d["bbox"] for d in dets]),
+            "boxes": _coco_boxes([d["bbox"] for d in dets], gt.box_format),
             "scores": torch.tensor([float(d["score"]) for d in dets], dtype=torch.float64),
             "labels": torch.tensor([label_of[d["category_id"]] for d in dets], dtype=torch.int64),
         }
@@ -686,10 +704,14 @@ def evaluate(
     Returns (and with ``out`` writes atomically as flat JSON) :func:`evaluate_detections`' dict; per-class
     keys use the category names of ``gt_json``. The COCO numbers equal pycocotools ``COCOeval`` on the same
     files (module docstring). Raises ``ValueError`` naming the file for malformed input.
+
+    The evaluator is fed the files' XYWH boxes unchanged (``box_format="xywh"``): a round trip through XYXY
+    turns ``w`` into ``(x + w) - x``, which can differ in the last bit and move a detection of area exactly
+    32**2 or 96**2 to another size bucket, or an IoU sitting exactly on a threshold across it.
     """
-    gt = load_coco_ground_truth(gt_json)
+    gt = load_coco_ground_truth(gt_json, box_format="xywh")
     preds = load_coco_predictions(predictions_json, gt)
-    evaluator = DetectionEvaluator(gt.class_names)
+    evaluator = DetectionEvaluator(gt.class_names, box_format="xywh")
     if gt.image_ids:
         evaluator.update(preds, gt.targets)
         metrics = evaluator.compute()

@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import Literal
 
 import lightning as L
+import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from training.images import DEFAULT_MAX_PIXELS
@@ -73,6 +74,7 @@ class DetectionDataModule(L.LightningDataModule):
             COCO 2017: ``images_dir="{split}"``.
         classes: VOC class names in label order (default: the 20 VOC classes). COCO
             reads its categories from the file.
+        pin_memory: page-locked host memory for faster GPU copies; None: when CUDA is available.
         aspect_ratio_grouping: batch wide and tall images separately.
         hflip_prob, photometric, scale_jitter: train augmentation (see ``detection_transforms``).
         strict: box anomalies (outside the image, zero size) are errors instead of repaired.
@@ -92,7 +94,7 @@ class DetectionDataModule(L.LightningDataModule):
         classes: list[str] | None = None,
         batch_size: int = 4,
         num_workers: int = 2,
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
         aspect_ratio_grouping: bool = False,
         hflip_prob: float = 0.5,
@@ -176,7 +178,7 @@ class DetectionDataModule(L.LightningDataModule):
         ds = self.datasets[key]
         workers = dict(
             num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
+            pin_memory=torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory,
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             collate_fn=collate_detection,
         )

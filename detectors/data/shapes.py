@@ -5,7 +5,7 @@ Layout written under ``out`` (every box below is integer-aligned, so all layouts
     images/{train,val}/000001.jpg             image ids are unique across both splits
     annotations/instances_{train,val}.json    COCO: bbox [x, y, w, h] of the VISIBLE mask, RLE segmentation
     voc/JPEGImages/000001.jpg                 (voc=True) Pascal VOC copy of the same images
-    voc/Annotations/000001.xml                VOC boxes: xmin = x + 1, ymin = y + 1, xmax = x + w, ymax = y + h
+    voc/Annotations/000001.xml                VOC boxes xmin, ymin, xmax, ymax = x + 1, y + 1, x + w, y + h
     voc/ImageSets/Main/{train,val,trainval}.txt
     classification/{train,val}/<class>/*.png  (classification=True) crops of the visible boxes plus a margin
     shapes.json                               manifest: generation parameters and counts
@@ -83,7 +83,7 @@ class _Object:
 
 # ----------------------------------------------------------------------------------------------- geometry
 def _rotation(rng: np.random.Generator, kind: str) -> tuple[float, float]:
-    """(cos, sin) of a random angle from a tangent and a quarter turn: no trig, so bit-identical everywhere."""
+    """(cos, sin) of a random angle from a tangent and a quarter turn: no trig: bit-identical everywhere."""
     if kind == "rectangle":
         if rng.random() < 0.5:
             return 1.0, 0.0
@@ -158,7 +158,7 @@ def _sample_shape(rng: np.random.Generator, kind: str, area: float, aspect: floa
 
 
 def _layout(rng: np.random.Generator, hw: tuple[int, int], n_objects: int, anchor) -> list[_Object]:
-    """Place up to ``n_objects`` shapes back to front; ``anchor`` = (kind, size) forces a protected first one."""
+    """Place up to ``n_objects`` shapes back to front; ``anchor`` = (kind, size) is a protected first one."""
     height, width = hw
     large_hi = max(12000.0, 0.4 * height * width)
     objects: list[_Object] = []
@@ -429,8 +429,7 @@ def _write_dataset(root: Path, params: dict) -> None:
         "categories": SHAPES_CATEGORIES,
         "counts": counts,
         "voc_difficult_rule": f"visible pixels < {DIFFICULT_VISIBLE:.0%} of the full shape, or visible box "
-        f"side "
-        f"< {MIN_CROP_SIDE} px",
+        f"side < {MIN_CROP_SIDE} px",
     }
     # Written last: a directory with a manifest is a complete dataset.
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -559,7 +558,7 @@ def generate_shapes(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m detectors.shapes --out DIR [--num-train N] [--num-val N] [--seed S] ...``; returns 0."""
+    """CLI: ``python -m detectors.shapes --out DIR [--num-train N] [--num-val N] [--seed S] ...``."""
     parser = argparse.ArgumentParser(prog="python -m detectors.shapes", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="dataset directory to create")
     parser.add_argument("--num-train", type=int, default=300, help="training images (default 300)")

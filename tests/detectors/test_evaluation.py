@@ -35,7 +35,9 @@ from detectors.evaluation import (
 )
 
 COCO100 = Path(
-    os.environ.get("LITVISION_COCO100", Path(__file__).resolve().parents[2] / ".." / "shared/data/coco-val2014-100")
+    os.environ.get(
+        "LITVISION_COCO100", Path(__file__).resolve().parents[2] / ".." / "shared/data/coco-val2014-100"
+    )
 )
 GT100 = COCO100 / "instances_val2014_100.json"
 DT100 = COCO100 / "instances_val2014_fakebbox100_results.json"
@@ -84,11 +86,22 @@ def assert_matches_pycocotools(metrics: dict, gt: dict, dets: list) -> tuple[np.
     return stats, per_class
 
 
-def score_files(tmp_path: Path, gt: dict, dets: list, **kwargs) -> dict:
-    gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
+def write_files(folder: Path, gt: dict, dets: list) -> tuple[Path, Path]:
+    gt_path, dt_path = Path(folder, "gt.json"), Path(folder, "dt.json")
     gt_path.write_text(json.dumps(gt))
     dt_path.write_text(json.dumps(dets))
-    return evaluate(gt_path, dt_path, **kwargs)
+    return gt_path, dt_path
+
+
+def score_files(tmp_path: Path, gt: dict, dets: list, **kwargs) -> dict:
+    return evaluate(*write_files(tmp_path, gt, dets), **kwargs)
+
+
+def load_dicts(folder: Path, gt: dict, dets: list, box_format: str = "xyxy"):
+    """(ground truth, per-image prediction dicts) through the module's own COCO readers."""
+    gt_path, dt_path = write_files(folder, gt, dets)
+    gt_data = load_coco_ground_truth(gt_path, box_format=box_format)
+    return gt_data, load_coco_predictions(dt_path, gt_data)
 
 
 # --------------------------------------------------------------------------------- synthetic data
@@ -100,7 +113,12 @@ def synthetic(seed: int, n_images: int = 14) -> tuple[dict, list]:
     areas different from box areas across the small/medium/large limits, a category with detections but no
     ground truth, an image with > 100 detections of two classes, and tied scores across images."""
     rng = np.random.default_rng(seed)
-    cats = [{"id": 3, "name": "car"}, {"id": 17, "name": "cat"}, {"id": 42, "name": "kite"}, {"id": 90, "name": "tb"}]
+    cats = [
+        {"id": 3, "name": "car"},
+        {"id": 17, "name": "cat"},
+        {"id": 42, "name": "kite"},
+        {"id": 90, "name": "tb"},
+    ]
     image_ids = [int(i) for i in rng.permutation(np.arange(100, 100 + 7 * n_images, 7))]
     images = [{"id": i, "width": 640, "height": 480} for i in image_ids]
     anns, dets = [], []
@@ -121,15 +139,28 @@ def synthetic(seed: int, n_images: int = 14) -> tuple[dict, list]:
             for _ in range(int(rng.integers(0, 3))):  # jittered copies: TPs at various IoUs and duplicates
                 x, y, w, h = a["bbox"]
                 j = rng.normal(0, 0.12, 4) * [w, h, w, h]
-                dets.append({"image_id": img, "category_id": a["category_id"] if rng.random() < 0.9 else 42,
-                             "bbox": [x + j[0], y + j[1], w + j[2], h + j[3]], "score": round(float(rng.random()), 2)})
+                dets.append(
+                    {
+                        "image_id": img,
+                        "category_id": a["category_id"] if rng.random() < 0.9 else 42,
+                        "bbox": [x + j[0], y + j[1], w + j[2], h + j[3]],
+                        "score": round(float(rng.random()), 2),
+                    }
+                )
         for _ in range(int(rng.integers(0, 4)) if n % 10 != 5 else 0):  # false positives, some class 90
             dets.append({"image_id": img, "category_id": int(rng.choice([3, 17, 42, 90])), "bbox": box(),
                          "score": round(float(rng.random()), 2)})  # fmt: skip
     crowded = image_ids[1]
     for cat, count in ((3, 130), (17, 110)):  # > maxDets per class in one image
         for _ in range(count):
-            dets.append({"image_id": crowded, "category_id": cat, "bbox": box(), "score": round(float(rng.random()), 2)})
+            dets.append(
+                {
+                    "image_id": crowded,
+                    "category_id": cat,
+                    "bbox": box(),
+                    "score": round(float(rng.random()), 2),
+                }
+            )
     gt = {"images": images, "annotations": anns, "categories": cats}
     return gt, list(rng.permutation(np.array(dets, dtype=object)))
 
@@ -158,7 +189,9 @@ def test_real_coco_subset_matches_pycocotools(tmp_path):
     gt, dets = json.loads(GT100.read_text()), json.loads(DT100.read_text())
     stats, per_class = assert_matches_pycocotools(metrics, gt, dets)
     np.testing.assert_allclose(stats, README_STATS, atol=1e-9)  # the reference itself is the published one
-    assert sum(v == -1 for v in per_class.values()) == 10  # categories without ground truth in these 100 images
+    assert (
+        sum(v == -1 for v in per_class.values()) == 10
+    )  # categories without ground truth in these 100 images
     assert all(type(v) is float for v in metrics.values())
     assert "classes" not in metrics and "map_per_class" not in metrics
     assert json.loads(out.read_text()) == metrics
@@ -198,14 +231,20 @@ def test_synthetic_edge_cases_match_pycocotools(tmp_path, seed):
 
 def test_more_than_100_detections_per_image_are_cut_per_class(tmp_path):
     """pycocotools keeps the top 100 of each class in each image, so all 150 cars and 150 cats can count."""
-    gt = {"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], "annotations": []}
+    gt = {
+        "images": [{"id": 1}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [],
+    }
     dets = []
     for i in range(150):
         x = float(i * 10)
         for cat in (1, 2):
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": 1, "category_id": cat,
                                       "bbox": [x, 0.0, 8.0, 8.0], "area": 64.0, "iscrowd": 0})  # fmt: skip
-            dets.append({"image_id": 1, "category_id": cat, "bbox": [x, 0.0, 8.0, 8.0], "score": 1 - i / 1000})
+            dets.append(
+                {"image_id": 1, "category_id": cat, "bbox": [x, 0.0, 8.0, 8.0], "score": 1 - i / 1000}
+            )
     metrics = score_files(tmp_path, gt, dets)
     assert_matches_pycocotools(metrics, gt, dets)
     assert metrics["mar_100"] == pytest.approx(100 / 150, abs=1e-6)  # not 50/150: the cut is per class
@@ -217,7 +256,14 @@ def test_crowd_regions_absorb_detections(tmp_path):
         "categories": [{"id": 1, "name": "person"}],
         "annotations": [
             {"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 2500, "iscrowd": 0},
-            {"id": 2, "image_id": 5, "category_id": 1, "bbox": [100, 100, 200, 200], "area": 30000, "iscrowd": 1},
+            {
+                "id": 2,
+                "image_id": 5,
+                "category_id": 1,
+                "bbox": [100, 100, 200, 200],
+                "area": 30000,
+                "iscrowd": 1,
+            },
         ],
     }
     dets = [{"image_id": 5, "category_id": 1, "bbox": [0, 0, 50, 50], "score": 0.5}] + [
@@ -259,42 +305,57 @@ def test_ground_truth_without_annotations_gives_minus_one(tmp_path):
     assert all(metrics[k] == -1 for k in COCO_KEYS)
 
 
-def test_bootstrap_resample_equals_pycocotools_on_duplicated_images():
+def test_bootstrap_resample_equals_pycocotools_on_duplicated_images(tmp_path):
     """Re-running on resampled image indices (with repeats) scores repeats as separate images."""
     gt, dets = synthetic(5, n_images=10)
-    gt_data = load_coco_ground_truth_from(gt)
-    preds = load_coco_predictions_from(dets, gt_data)
+    gt_data, preds = load_dicts(tmp_path, gt, dets)
     idx = [4, 4, 1, 7, 7, 7, 0, 9, 3, 2]
-    metrics = evaluate_detections([preds[i] for i in idx], [gt_data.targets[i] for i in idx], gt_data.class_names)
+    metrics = evaluate_detections(
+        [preds[i] for i in idx], [gt_data.targets[i] for i in idx], gt_data.class_names
+    )
     # the same resample as a COCO data set: image n of the resample gets the new id n
-    by_old = {old: n for n, old in enumerate(gt_data.image_ids)}
-    new_gt = {"categories": gt["categories"], "images": [{"id": n} for n in range(len(idx))], "annotations": []}
+    new_gt = {
+        "categories": gt["categories"],
+        "images": [{"id": n} for n in range(len(idx))],
+        "annotations": [],
+    }
     new_dets = []
     for n, i in enumerate(idx):
         old = gt_data.image_ids[i]
         for a in (a for a in gt["annotations"] if a["image_id"] == old):
             new_gt["annotations"].append({**a, "id": len(new_gt["annotations"]) + 1, "image_id": n})
         new_dets += [{**d, "image_id": n} for d in dets if d["image_id"] == old]
-    assert by_old  # the loader sorted image ids
     assert_matches_pycocotools(metrics, new_gt, new_dets)
 
 
-def load_coco_ground_truth_from(gt: dict, tmp=None):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "gt.json"
-        p.write_text(json.dumps(gt))
-        return load_coco_ground_truth(p)
-
-
-def load_coco_predictions_from(dets: list, gt_data):
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "dt.json"
-        p.write_text(json.dumps(dets))
-        return load_coco_predictions(p, gt_data)
+def test_boundary_area_and_iou_are_exact(tmp_path):
+    """A 32x32 detection at x = 0.3 has w*h == 1024 in the file but (32.3 - 0.3)**2 != 1024 after an XYXY
+    round trip; pycocotools counts it as small AND medium. IoUs of exactly 0.5 and 0.75 match (>=)."""
+    assert (0.3 + 32.0) - 0.3 != 32.0  # the premise
+    gt = {
+        "images": [{"id": 1}, {"id": 2}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [300, 300, 50, 50],
+                "area": 2500,
+                "iscrowd": 0,
+            },
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100, "iscrowd": 0},
+        ],
+    }
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0.3, 0.3, 32.0, 32.0], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [300, 300, 50, 50], "score": 0.5},
+        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 5], "score": 0.8},
+        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 7.5], "score": 0.7},
+    ]
+    metrics = score_files(tmp_path, gt, dets)
+    assert_matches_pycocotools(metrics, gt, dets)
+    assert metrics["map_medium"] == pytest.approx(0.5)  # the unmatched 32x32 detection is a medium FP
 
 
 # ------------------------------------------------------------------------------------- file errors
@@ -341,7 +402,10 @@ def test_voc_ap_11_point_and_all_point_differ():
 
 
 def _img(boxes, labels, scores=None, **extra):
-    d = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels).long()}
+    d = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels).long(),
+    }
     if scores is not None:
         d["scores"] = torch.tensor(scores, dtype=torch.float32)
     return d | {k: torch.tensor(v) for k, v in extra.items()}
@@ -350,7 +414,9 @@ def _img(boxes, labels, scores=None, **extra):
 def _difficult_case():
     """Class 1, 3 GT (the last difficult). Ranked detections: d1 on A (IoU 1, TP), d2 on A again (FP, duplicate),
     d3 on the difficult C (ignored), d4 IoU 0.25 with B (FP), d5 on B (IoU 0.81, TP)."""
-    target = _img([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], [1, 1, 1], difficult=[False, False, True])
+    target = _img(
+        [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], [1, 1, 1], difficult=[False, False, True]
+    )
     pred = _img(
         [[0, 0, 10, 10], [0, 0, 10, 9], [40, 0, 50, 10], [20, 0, 25, 5], [20, 0, 29, 9]],
         [1, 1, 1, 1, 1],
@@ -422,8 +488,7 @@ def test_evaluator_flat_float_output_with_voc_and_iou_keys():
 
 def test_evaluator_batches_and_reset(tmp_path):
     gt, dets = synthetic(6)
-    gt_data = load_coco_ground_truth_from(gt)
-    preds = load_coco_predictions_from(dets, gt_data)
+    gt_data, preds = load_dicts(tmp_path, gt, dets)
     f32 = lambda ds: [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in ds]  # noqa: E731
     preds, targets = f32(preds), f32(gt_data.targets)  # what a model produces
     evaluator = DetectionEvaluator(gt_data.class_names)
@@ -467,7 +532,10 @@ def test_evaluator_in_lightning_validation_loop():
 
         def validation_step(self, batch, batch_idx):
             targets = batch
-            preds = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for t in targets]
+            preds = [
+                {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
+                for t in targets
+            ]
             self.evaluator.update(preds, targets)
 
         def on_validation_epoch_end(self):
@@ -476,7 +544,9 @@ def test_evaluator_in_lightning_validation_loop():
 
     data = [[_img([[0, 0, 10, 10], [5, 5, 40, 30]], [1, 2])], [_img([[1, 1, 3, 3]], [2])]]
     module = Perfect().to(torch.device("cpu"))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     (logged,) = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     assert logged["val_map"] == pytest.approx(1.0) and logged["val_ap/dog"] == pytest.approx(1.0)
     assert logged["val_mean_iou"] == pytest.approx(1.0)
@@ -484,10 +554,10 @@ def test_evaluator_in_lightning_validation_loop():
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    Path(out_dir, str(rank)).mkdir()
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     gt, dets = synthetic(7)
-    gt_data = load_coco_ground_truth_from(gt)
-    preds = load_coco_predictions_from(dets, gt_data)
+    gt_data, preds = load_dicts(Path(out_dir, str(rank)).resolve(), gt, dets)
     evaluator = DetectionEvaluator(gt_data.class_names)
     parts = [(0, 3), (3, 5)] if rank == 0 else [(5, 14)]  # uneven image counts and update counts
     for a, b in parts:
@@ -500,10 +570,11 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_evaluator_gathers_across_ddp_processes(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     gt, dets = synthetic(7)
-    gt_data = load_coco_ground_truth_from(gt)
-    preds = load_coco_predictions_from(dets, gt_data)
+    gt_data, preds = load_dicts(tmp_path, gt, dets)
     order = [*range(0, 5), *range(5, 14)]  # rank 0's images, then rank 1's
-    expected = evaluate_detections([preds[i] for i in order], [gt_data.targets[i] for i in order], gt_data.class_names)
+    expected = evaluate_detections(
+        [preds[i] for i in order], [gt_data.targets[i] for i in order], gt_data.class_names
+    )
     for rank in (0, 1):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got == pytest.approx(expected, abs=1e-9)
@@ -513,7 +584,12 @@ def test_evaluator_gathers_across_ddp_processes(tmp_path):
 
 
 def test_tables_show_values_and_na():
-    metrics = {k: 0.5 for k in COCO_KEYS} | {"map_small": -1.0, "voc07_ap50": 0.25, "voc10_ap50": 0.3, "mean_iou": 0.7}
+    metrics = {k: 0.5 for k in COCO_KEYS} | {
+        "map_small": -1.0,
+        "voc07_ap50": 0.25,
+        "voc10_ap50": 0.3,
+        "mean_iou": 0.7,
+    }
     metrics |= {"ap/cat": 0.125, "ap/dog": -1.0, "voc07_ap50/cat": 0.2, "voc10_ap50/cat": 0.3, "iou/cat": 0.9}
     console = Console(record=True, width=150)
     console.print(format_metrics_table(metrics))

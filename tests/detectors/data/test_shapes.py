@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[3]
 NAMES = {1: "rectangle", 3: "ellipse", 7: "triangle"}
 SMALL, LARGE = 32**2, 96**2  # pycocotools' areaRng boundaries
 PARAMS = dict(num_train=24, num_val=8, image_size=(192, 192), seed=0)
+# pycocotools' mask.decode still passes copy=False to numpy 2; harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def _quiet(fn, *args):
@@ -261,6 +263,9 @@ def test_main_reports_counts_and_no_op(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+# Slow only because `import detectors.data` (the package __init__) loads torch and Lightning in the child
+# process (~10-20 s on 2 busy cores); test_main_reports_counts_and_no_op covers the CLI in the fast suite.
+@pytest.mark.slow
 def test_python_dash_m_entry_point_with_minimum_split_size(tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
