@@ -7,8 +7,9 @@ Inputs everywhere are torchvision-style per-image dicts (one dict per image, sam
   optional ``area`` float[G] (the COCO annotation area; without it the box area is used, as pycocotools
   does for results), optional ``difficult`` bool[G] (VOC; only the VOC metrics read it).
 
-Labels are contiguous, label ``i + 1`` is ``class_names[i]``; COCO category ids and XYWH boxes exist only in
-:func:`evaluate`, which scores a COCO results file against a COCO ground-truth file.
+Labels are contiguous, label ``i + 1`` is ``class_names[i]``. COCO category ids and XYWH boxes exist only at
+the file boundary: :func:`evaluate` (a COCO results file against a COCO ground-truth file) and its loaders,
+which hand the evaluator the file's XYWH boxes through ``box_format="xywh"`` (last point below).
 
 COCO numbers come from torchmetrics ``MeanAveragePrecision`` with the faster-coco-eval backend, configured
 by :func:`coco_map_metric` so that it reproduces pycocotools ``COCOeval(gt, dt, "bbox")`` (the tests compare
@@ -28,7 +29,9 @@ all 12 stats and per-class AP to pycocotools to 1e-6):
   because equal scores in different images are ranked by image order.
 - Classes with no (non-crowd) ground truth get AP/AR ``-1`` and are left out of every mean, as in pycocotools.
   That includes classes that appear only in predictions.
-
+- Per-class AP (``ap/<name>``) is computed from the precision array of the one evaluation, exactly as
+  pycocotools' ``summarize()`` does for ``params.catIds = [class]``; torchmetrics' ``class_metrics=True``
+  would give the same numbers (in float32) by re-running the evaluation once per class.
 - pycocotools works on XYWH and takes a detection's area as ``w * h``; torchmetrics converts XYXY input
   to XYWH, so XYXY input stands for the results file that holds ``w = x2 - x1``. :func:`evaluate` therefore
   hands the file's XYWH boxes over unchanged (``box_format="xywh"``) rather than round-tripping them.
@@ -36,7 +39,8 @@ all 12 stats and per-class AP to pycocotools to 1e-6):
 Resampling (paired bootstrap): every public function takes the per-image lists, so a resample is just
 ``evaluate_detections([preds[i] for i in idx], [targets[i] for i in idx], class_names)``; a repeated index
 counts as a separate image, which is what a bootstrap needs. ``DetectionEvaluator.images()`` returns the
-(DDP-gathered) lists it accumulated. For speed pass ``class_metrics=False`` to :func:`coco_evaluate`.
+(DDP-gathered) lists it accumulated; :func:`coco_evaluate` returns the precision array [T, R, K, A, M],
+PR curves and AP per IoU threshold and class (:class:`CocoResult`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,13 @@ def coco_map_metric(**overrides) -> MeanAveragePrecision:
 # --------------------------------------------------------------------------------------------- COCO
 
 
+def _mean_valid(p: np.ndarray, axis: int | tuple[int, ...]) -> np.ndarray:
+    """Mean over ``axis`` of the entries > -1 (pycocotools' ``s[s > -1].mean()``), -1 where there are none."""
+    valid = p > -1
+    count = valid.sum(axis=axis)
+    return np.where(count > 0, np.where(valid, p, 0.0).sum(axis=axis) / np.maximum(count, 1), -1.0)
+
+
 @dataclass
 class CocoResult:
     """Output of :func:`coco_evaluate`.
@@ -137,11 +148,13 @@ class CocoResult:
         ``ap_per_iou()[t].mean over classes != -1`` is mAP at ``iou_thresholds[t]``; the mean over ``t`` of a
         column is the class's COCO AP (``metrics["ap/<name>"]``).
         """
-        p = self.precision[:, :, :, 0, -1]  # [T, R, K]
-        valid = p > -1
-        total = np.where(valid, p, 0.0).sum(axis=1)
-        count = valid.sum(axis=1)
-        return np.where(count > 0, total / np.maximum(count, 1), -1.0)
+        return _mean_valid(self.precision[:, :, :, 0, -1], axis=1)  # [T, R, K] -> [T, K]
+
+    def class_ap(self) -> np.ndarray:
+        """COCO AP per class, float64 [K]: the mean of the class's precision over IoU and recall thresholds
+        (area all, largest maxDets), i.e. pycocotools' ``summarize()`` with ``params.catIds = [class]``;
+        -1 for a class without ground truth."""
+        return _mean_valid(self.precision[:, :, :, 0, -1], axis=(0, 1))  # [T, R, K] -> [K]
 
     def pr_curve(self, class_index: int, iou_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
         """(recall thresholds [R], interpolated precision [R]) of one class at one IoU threshold (area all,
@@ -190,52 +203,52 @@ def coco_evaluate(
     """COCO bbox evaluation of per-image dicts (module docstring) through :func:`coco_map_metric`.
 
     ``box_format="xywh"`` takes COCO's boxes as they are (see :func:`evaluate`); ``overrides`` go to
-    :func:`coco_map_metric`. The metric is local and never syncs across processes:
-    callers pass already-gathered lists.
+    :func:`coco_map_metric` (``extended_summary=False`` skips the arrays and per-class AP, the fastest choice
+    for a bootstrap of mAP alone). The metric is local and never syncs across processes: callers pass
+    already-gathered lists.
     """
     if len(preds) != len(targets):
         raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
     names = list(class_names)
-    for i, d in enumerate([*preds, *targets]):
-        labels = d["labels"]
-        if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > len(names)):
-            raise ValueError(
-                f"dict {i}: labels must lie in 1..{len(names)} (class_names), got {labels.tolist()}"
-            )
-    overrides = {"extended_summary": True, "sync_on_compute": False, "box_format": box_format, **overrides}
-    metric = coco_map_metric(**overrides)
+    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", len(names))
+        _check_image_dict(t, ("boxes", "labels"), f"target {i}", len(names))
+    # One evaluation gives everything: per-class AP is read from its precision array (class_metrics=True
+    # would re-run the evaluation once per class, K times the cost for the same numbers).
+    overrides = {"extended_summary": True, "class_metrics": False, "sync_on_compute": False, **overrides}
+    metric = coco_map_metric(box_format=box_format, **overrides)
     T, R, K = len(metric.iou_thresholds), len(metric.rec_thresholds), len(names)
     M = len(metric.max_detection_thresholds)
-    precision = -np.ones((T, R, K, 4, M))
-    recall = -np.ones((T, K, 4, M))
-    metrics: dict[str, float] = {}
+    precision, recall = -np.ones((T, R, K, 4, M)), -np.ones((T, K, 4, M))
+    per_class: dict[str, float] | None = None
     if len(preds) > 0:
-        p_in, t_in = _metric_inputs(preds, targets)
-        metric.update(p_in, t_in)
+        metric.update(*_metric_inputs(preds, targets))
         out = metric.compute()
+        metrics = {
+            k: float(v) for k, v in out.items() if k.startswith(("map", "mar_")) and "per_class" not in k
+        }
+        # torchmetrics evaluates only the labels that occur; its class axis is their sorted list.
         classes = out["classes"].reshape(-1).tolist()
-        for k in (k for k in out if k.startswith(("map", "mar_")) and "per_class" not in k):
-            metrics[k] = float(out[k])
-        # torchmetrics only evaluates labels that occur; its class axis is their sorted list.
         idx = [c - 1 for c in classes]
         if "precision" in out:
             precision[:, :, idx] = out["precision"].double().numpy()
             recall[:, idx] = out["recall"].double().numpy()
-        per_class = out["map_per_class"].reshape(-1).tolist() if metric.class_metrics else None
-        if per_class is not None and len(per_class) != len(classes):  # the -1 placeholder of an empty run
-            per_class = [-1.0] * len(classes)
+        elif metric.class_metrics and out["map_per_class"].numel() == len(classes):  # else: -1 placeholder
+            per_class = dict.fromkeys(names, -1.0)
+            per_class.update(
+                {names[c - 1]: float(v) for c, v in zip(classes, out["map_per_class"], strict=True)}
+            )
     else:  # nothing to evaluate: pycocotools would have no images
         mar = [f"mar_{m}" for m in metric.max_detection_thresholds]
         metrics = dict.fromkeys([*COCO_KEYS[:6], *mar, *COCO_KEYS[9:]], -1.0)
-        classes, per_class = [], ([] if metric.class_metrics else None)
-    if per_class is not None:
-        ap = dict.fromkeys(names, -1.0)
-        for c, v in zip(classes, per_class, strict=True):
-            ap[names[c - 1]] = float(v)
-        metrics.update({f"ap/{n}": v for n, v in ap.items()})
-    return CocoResult(
+    result = CocoResult(
         metrics, precision, recall, list(metric.iou_thresholds), list(metric.rec_thresholds), names
     )
+    if metric.extended_summary:
+        per_class = dict(zip(names, result.class_ap().tolist(), strict=True))
+    if per_class is not None:
+        result.metrics.update({f"ap/{n}": v for n, v in per_class.items()})
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- VOC
@@ -298,7 +311,9 @@ def _voc_match(
         raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
     per_class: list[list[tuple]] = [[] for _ in range(num_classes)]
     npos = np.zeros(num_classes, dtype=np.int64)
-    for p, t in zip(preds, targets, strict=True):
+    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", num_classes)
+        _check_image_dict(t, ("boxes", "labels"), f"target {i}", num_classes)
         d_boxes = box_convert(_as_cpu(p["boxes"], torch.float64).reshape(-1, 4), box_format, "xyxy")
         d_scores = _as_cpu(p["scores"], torch.float64).reshape(-1).numpy()
         d_labels = _as_cpu(p["labels"], torch.int64).reshape(-1).numpy()
@@ -447,7 +462,8 @@ class DetectionEvaluator(Metric):
 
     Inputs are stored unmodified (concatenated per field, with per-image counts), so the states are plain
     tensors that move with ``.to(device)`` and are gathered across DDP processes (``dist_reduce_fx="cat"``,
-    which also tolerates processes that saw different numbers of images).
+    which also tolerates processes that saw different numbers of images; like every torchmetrics list state,
+    each process must have called ``update`` at least once). After a sync the images are ordered by rank.
     """
 
     is_differentiable = False
@@ -532,6 +548,7 @@ class DetectionEvaluator(Metric):
         return coco_evaluate(*self.images(), self.class_names, self.box_format, **overrides)
 
     def compute(self) -> dict[str, float]:
+        """:func:`evaluate_detections` on the (DDP-gathered) images: a flat dict of python floats."""
         return evaluate_detections(*self._images(), self.class_names, self.box_format)
 
 

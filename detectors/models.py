@@ -291,18 +291,18 @@ def freeze_backbone_layers(body: nn.Module, trainable_layers: int) -> None:
     body: stage starts are block 0, the strided blocks and the last block; 0..6 stages. Sets
     ``requires_grad`` both ways, so calling it again with another value re-freezes or unfreezes.
     """
-    if hasattr(body, "layer4"):
-        limit = 5
+    resnet = hasattr(body, "layer4")
+    starts = [] if resnet else _mobilenet_stages(body)
+    limit = 5 if resnet else len(starts)
+    if isinstance(trainable_layers, bool) or not 0 <= trainable_layers <= limit:
+        raise ValueError(f"trainable_backbone_layers must be in [0, {limit}], got {trainable_layers}")
+    if resnet:
         stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
         if trainable_layers == 5:
             stages.append("bn1")
     else:
-        starts = _mobilenet_stages(body)
-        limit = len(starts)
         first = len(list(body.children())) if trainable_layers == 0 else starts[limit - trainable_layers]
         stages = [name for i, (name, _) in enumerate(body.named_children()) if i >= first]
-    if not 0 <= trainable_layers <= limit:
-        raise ValueError(f"trainable_backbone_layers must be in [0, {limit}], got {trainable_layers}")
     for name, p in body.named_parameters():
         p.requires_grad_(any(name == s or name.startswith(s + ".") for s in stages))
 

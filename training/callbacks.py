@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from training.saving import check_resumable, use_atomic_checkpoint_io
+from training.saving import check_resumable, remove_stale_temp_files, use_atomic_checkpoint_io
 
 # Name tokens of metrics where larger is better (mode="auto"), besides tf-keras' own "acc" substring.
 _MAX_TOKEN = re.compile(r"m?ap\d*|mar\d*|f1|precision|recall|m?iou")
@@ -59,14 +59,11 @@ def _say(trainer: Trainer, message: str) -> None:
     """Print like tf-keras' print_msg, without breaking a tqdm progress bar."""
     if not trainer.is_global_zero:
         return
-    bar = trainer.progress_bar_callback
-    if isinstance(bar, TQDMProgressBar):
+    if isinstance(trainer.progress_bar_callback, TQDMProgressBar):
         from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
         Tqdm.write(message)
-    elif bar is not None and getattr(bar, "_console", None) is not None:
-        bar.print(message)
-    else:
+    else:  # no bar, or rich (whose live display redirects stdout above the bar)
         print(message, flush=True)
 
 
@@ -87,14 +84,18 @@ def _template_keys(template: str) -> list[str]:
         raise ValueError(f"ModelCheckpoint filepath {template!r} is not a valid template: {e}") from None
     keys = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]
     if "" in keys:
-        raise ValueError(f"ModelCheckpoint filepath {template!r}: use named fields like {{epoch:02d}}, not {{}}")
+        raise ValueError(
+            f"ModelCheckpoint filepath {template!r}: use named fields like {{epoch:02d}}, not {{}}"
+        )
     return keys
 
 
 def format_filepath(template: str, values: dict[str, Any]) -> str:
     """Keras ``filepath.format(epoch=..., **logs)``, but a missing key is an error naming it and the
     available keys (Lightning would silently write 0)."""
-    values = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in values.items()}
+    values = {
+        k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in values.items()
+    }
     for key in _template_keys(template):
         if key not in values:
             raise FilepathKeyError(
@@ -104,7 +105,9 @@ def format_filepath(template: str, values: dict[str, Any]) -> str:
     try:
         return template.format(**values)
     except (ValueError, TypeError, IndexError, AttributeError) as e:
-        raise ValueError(f"ModelCheckpoint filepath {template!r} cannot be formatted with {values}: {e}") from None
+        raise ValueError(
+            f"ModelCheckpoint filepath {template!r} cannot be formatted with {values}: {e}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------- RNG state
@@ -115,7 +118,13 @@ def capture_rng_states() -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "numpy": [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -173,9 +182,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if not name:
             raise ValueError(f"ModelCheckpoint filepath must name a file, got {filepath!r}")
         if "{" in directory or "}" in directory:
-            raise ValueError(f"ModelCheckpoint filepath {filepath!r}: only the file name may contain {{fields}}")
+            raise ValueError(
+                f"ModelCheckpoint filepath {filepath!r}: only the file name may contain {{fields}}"
+            )
         _template_keys(name)
-        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1):
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
             raise ValueError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
         resolved = resolve_mode(mode, monitor)
         super().__init__(
@@ -207,7 +220,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(filename=self.filename, monitor=self.keras_monitor, save_freq=self.save_freq)
+        return self._generate_state_key(
+            filename=self.filename, monitor=self.keras_monitor, save_freq=self.save_freq
+        )
 
     def _improved(self, current: float) -> bool:
         return current < self.best if self.mode == "min" else current > self.best
@@ -221,8 +236,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
         self._fs = get_filesystem(self.dirpath)
         use_atomic_checkpoint_io(trainer)
+        if stage == "fit" and trainer.is_global_zero:
+            remove_stale_temp_files(self.dirpath)  # left by a run killed while saving
         if stage == "fit" and self.save_best_only and self.mode_requested == "auto":
-            rank_zero_info(f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'")
+            rank_zero_info(
+                f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After the checkpoint is restored and before the train dataloader iterator draws its seeds,
@@ -254,9 +273,17 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # Always at epoch end, so last.ckpt holds this epoch's validation results and LR changes.
         self._save_last_checkpoint(trainer, {})
 
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if trainer.state.fn == "fit":
             check_resumable(checkpoint, trainer.ckpt_path)
+        # The RNG states from whichever of our checkpoint callbacks saved them, so that a changed
+        # filepath (another state_key) does not silently make the resumed run inexact.
+        states = (checkpoint.get("callbacks") or {}).values()
+        self._pending_rng = next(
+            (s["rng_states"] for s in states if isinstance(s, dict) and "rng_states" in s), None
+        )
 
     def state_dict(self) -> dict[str, Any]:
         # RNG states are captured now, at save time: the next draws are those of the next epoch.
@@ -283,17 +310,27 @@ class ModelCheckpoint(LightningModelCheckpoint):
         return found
 
     def format_checkpoint_name(
-        self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None, prefix: str | None = None
+        self,
+        metrics: dict[str, Any],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
     ) -> str:
         if filename is not None:  # Lightning's last checkpoint name
-            name = filename + (f"{self.CHECKPOINT_JOIN_CHAR}v{ver}" if ver is not None else "") + self.FILE_EXTENSION
+            name = (
+                filename
+                + (f"{self.CHECKPOINT_JOIN_CHAR}v{ver}" if ver is not None else "")
+                + self.FILE_EXTENSION
+            )
         else:
             name = format_filepath(self.filename, metrics)
         return os.path.join(self.dirpath, name)
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         # As Lightning's, except that last.ckpt is always a full checkpoint, for resuming.
-        trainer.save_checkpoint(filepath, weights_only=self.save_weights_only and filepath != self.last_model_path)
+        trainer.save_checkpoint(
+            filepath, weights_only=self.save_weights_only and filepath != self.last_model_path
+        )
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -398,7 +435,9 @@ class ReduceLROnPlateau(Callback):
         if stage == "fit":
             self._reset()  # Keras resets on train begin; a resumed run then loads its saved state
             if self.mode_requested == "auto":
-                rank_zero_info(f"ReduceLROnPlateau: mode='auto' chose '{self.mode}' for monitor '{self.monitor}'")
+                rank_zero_info(
+                    f"ReduceLROnPlateau: mode='auto' chose '{self.mode}' for monitor '{self.monitor}'"
+                )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":

@@ -82,6 +82,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(directory)
 
 
+# atomic_torch_save's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that saves killed mid-write (SIGKILL, power loss) left in ``directory``.
+
+    Only call it when no other process is saving into ``directory``. Returns the paths removed.
+    """
+    removed = []
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if _TEMP_NAME.fullmatch(name):
+                path = os.path.join(directory, name)
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
 @functools.cache
 def _umask() -> int:
     # os.umask can only be read by setting it; done once, at the first save.
@@ -112,14 +134,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     back to Lightning's implementation.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if _is_remote(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         atomic_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if _is_remote(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         # weights_only is always True: the project never unpickles arbitrary objects.
@@ -145,20 +171,32 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower() or "weights_only" in str(e).lower():
+        detail = _unpickler_detail(e)
+        if "GLOBAL" in detail:  # weights_only met a reference to a Python callable/class
             raise CheckpointFileError(
                 f"{path}: refused to load: the file contains pickled Python objects other than tensors and "
                 "plain data (numbers, strings, lists, dicts), and loading them could run code. Nothing from "
-                f"it was executed. Detail: {_first_line(e)}"
+                f"it was executed. Detail: {detail}"
             ) from None
-        raise CheckpointFileError(f"{path}: corrupt checkpoint file ({_first_line(e)})") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointFileError(f"{path}: truncated or corrupt checkpoint file ({detail})") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointFileError(
             f"{path}: truncated or corrupt checkpoint file, cannot be read ({type(e).__name__}: {_first_line(e)})"
         ) from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointFileError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+        raise CheckpointFileError(
+            f"{path}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)"
+        )
     return checkpoint
+
+
+def _unpickler_detail(e: BaseException) -> str:
+    """The informative line of torch's long weights_only error (which names the offending global)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line
+    return lines[-1] if lines else type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:
@@ -367,7 +405,13 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningM
         raise CheckpointFileError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")
 
     cls = _import_module_class(class_path, path)
-    module = _instantiate(cls, dict(hparams), checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_NAME), path)
+    hparams_name = checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_NAME)
+    try:
+        module = _instantiate(cls, dict(hparams), hparams_name, path)
+    except TypeError as e:  # e.g. a required constructor argument that was not saved
+        raise CheckpointFileError(
+            f"{path}: cannot rebuild {class_path} from its saved hyperparameters: {e}"
+        ) from e
     module.on_load_checkpoint(checkpoint)
     try:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
@@ -420,7 +464,9 @@ def _instantiate(
 ) -> LightningModule:
     instantiator = hparams.pop("_instantiator", None)
     hparams.pop("_class_path", None)
-    offline: Callable[[dict[str, Any]], dict[str, Any]] = getattr(cls, "offline_hparams", default_offline_hparams)
+    offline: Callable[[dict[str, Any]], dict[str, Any]] = getattr(
+        cls, "offline_hparams", default_offline_hparams
+    )
     hparams = offline(hparams)
     if instantiator is not None:
         if instantiator != _CLI_INSTANTIATOR:

@@ -146,7 +146,7 @@ class CocoDetection(DetectionDataset):
             xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
             boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             keep = repairs.repair(boxes, img["width"], img["height"], [f"annotation id {a['id']}" for a in anns])
-            kept = [a for a, k in zip(anns, keep) if k]
+            kept = [a for a, k in zip(anns, keep, strict=True) if k]
             records.append(
                 ImageRecord(
                     path=check_inside_root(self.image_root, img["file_name"], path),

@@ -180,4 +180,4 @@ def collate_detection(batch):
     batch = [b for b in batch if b is not None]
     if not batch:
         return (), ()
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))

@@ -79,7 +79,9 @@ def pycocotools_eval(gt: dict, dets: list) -> tuple[np.ndarray, dict[str, float]
 def assert_matches_pycocotools(metrics: dict, gt: dict, dets: list) -> tuple[np.ndarray, dict]:
     stats, per_class, _ = pycocotools_eval(gt, dets)
     ours = np.array([metrics[k] for k in COCO_KEYS])
-    np.testing.assert_allclose(ours, stats, rtol=0, atol=1e-6, err_msg=str(dict(zip(COCO_KEYS, stats))))
+    np.testing.assert_allclose(
+        ours, stats, rtol=0, atol=1e-6, err_msg=str(dict(zip(COCO_KEYS, stats, strict=True)))
+    )
     assert {k[3:] for k in metrics if k.startswith("ap/")} == set(per_class)
     for name, ap in per_class.items():
         assert metrics[f"ap/{name}"] == pytest.approx(ap, abs=1e-6), name
@@ -227,6 +229,20 @@ def test_synthetic_edge_cases_match_pycocotools(tmp_path, seed):
     # category 90 has detections but no ground truth: -1 per class, left out of the mean (pycocotools' rule)
     assert per_class["tb"] == -1 and metrics["ap/tb"] == -1
     assert metrics["map"] == pytest.approx(np.mean([v for v in per_class.values() if v > -1]), abs=1e-6)
+
+
+def test_per_class_ap_from_precision_array_equals_torchmetrics_class_metrics(tmp_path):
+    gt, dets = synthetic(8)
+    gt_data, preds = load_dicts(tmp_path, gt, dets)
+    ours = coco_evaluate(preds, gt_data.targets, gt_data.class_names).metrics
+    tm = coco_evaluate(
+        preds, gt_data.targets, gt_data.class_names, extended_summary=False, class_metrics=True
+    )
+    assert (tm.precision == -1).all()  # no arrays without the extended summary
+    for name in gt_data.class_names:
+        assert ours[f"ap/{name}"] == pytest.approx(tm.metrics[f"ap/{name}"], abs=1e-6)
+    fast = coco_evaluate(preds, gt_data.targets, gt_data.class_names, extended_summary=False).metrics
+    assert fast == {k: v for k, v in ours.items() if not k.startswith("ap/")}
 
 
 def test_more_than_100_detections_per_image_are_cut_per_class(tmp_path):
@@ -442,6 +458,8 @@ def test_voc_evaluate_difficult_objects_are_ignored():
 
 def test_voc_evaluate_plus_one_pixel_convention():
     target = _img([[0, 0, 10, 10]], [1])
+    exact_half = voc_evaluate([_img([[0, 0, 10, 5]], [1], [0.9])], [target], num_classes=1)
+    assert exact_half.ap[0] == 1.0  # IoU exactly 0.5 matches (devkit: ovmax >= minoverlap)
     pred = _img([[0, 0, 10, 4.6]], [1], [0.9])
     plain = voc_evaluate([pred], [target], num_classes=1)  # IoU 46/100: miss
     assert plain.ap[0] == 0 and plain.matched_iou[0].size == 0

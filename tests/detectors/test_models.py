@@ -21,6 +21,7 @@ from torchvision.models import MobileNet_V3_Large_Weights, ResNet18_Weights
 from torchvision.models.detection import (
     FasterRCNN,
     FasterRCNN_MobileNet_V3_Large_320_FPN_Weights,
+    FasterRCNN_ResNet50_FPN_Weights,
     RetinaNet,
     RetinaNet_ResNet50_FPN_V2_Weights,
 )
@@ -43,6 +44,21 @@ SMALL = ["fasterrcnn_resnet18_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "re
          "retinanet_mobilenet_v3_large_fpn"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny convolutions: on a few shared cores, intra-op threads cost far more than they bring.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name: str) -> dict:
+    """Small images; for Faster R-CNN also few proposals / sampled ROIs (its 12544x1024 box head dominates)."""
+    few_rois = dict(rpn_post_nms_top_n_train=100, rpn_post_nms_top_n_test=100, box_batch_size_per_image=64)
+    return TINY | few_rois if name.startswith("fasterrcnn") else TINY
+
+
 @pytest.fixture(scope="module")
 def built():
     """variant name -> a 3-class tiny model without weights, built once per module."""
@@ -51,7 +67,7 @@ def built():
     def get(name: str) -> nn.Module:
         if name not in cache:
             torch.manual_seed(0)
-            cache[name] = BUILDERS[name](num_classes=3, **TINY)
+            cache[name] = BUILDERS[name](num_classes=3, **tiny(name))
         return cache[name]
 
     return get
@@ -196,7 +212,7 @@ def test_faster_rcnn_options_reach_torchvision():
     assert set(model.train()(images, targets)) == FRCNN_LOSSES
 
 
-def test_retinanet_anchor_options():
+def test_retinanet_anchor_options(tmp_path):
     model = build_detector("retinanet", "resnet18_fpn", 3, **TINY, score_thresh=0.2, nms_thresh=0.6,
                            anchor_sizes=[16, 32, 64, 128, 256])
     # Octave scales 2^0, 2^(1/3), 2^(2/3), truncated to int as torchvision does: 16 -> 16, 20.16, 25.4.
@@ -213,6 +229,13 @@ def test_retinanet_anchor_options():
     assert head.regression_head.bbox_reg.out_channels == 6 * 4
     images, targets = _batch(with_boxes=True)
     assert all(torch.isfinite(v) for v in nested.train()(images, targets).values())
+    # A file of a model trained with such anchors reloads with the same anchor options, and only with them.
+    _save_as(nested, tmp_path / "nested.pth")
+    again = build_detector("retinanet", "resnet18_fpn", 3, **TINY, anchor_sizes=[[8, 16]] * 5,
+                           weights_path=str(tmp_path / "nested.pth"))
+    assert _assert_state_equal(again, nested.state_dict(), "<none>") > 100
+    with pytest.raises(ValueError, match="nested.pth does not fit.*cls_logits.weight: file"):
+        build_detector("retinanet", "resnet18_fpn", 3, **TINY, weights_path=str(tmp_path / "nested.pth"))
 
 
 def test_mobilenet_faster_rcnn_flat_anchor_sizes_go_on_every_level():
@@ -290,7 +313,6 @@ def test_coco_weights_from_offline_hub_cache_match_torchvision(offline_hub):
     assert model.rpn._pre_nms_top_n["testing"] == 150 and model.rpn.score_thresh == 0.05
 
 
-@pytest.mark.slow
 def test_retinanet_v2_coco_weights_from_cache_keep_group_norm(offline_hub):
     enum = RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1
     torch.manual_seed(0)
@@ -303,6 +325,26 @@ def test_retinanet_v2_coco_weights_from_cache_keep_group_norm(offline_hub):
     assert sum(isinstance(m, nn.GroupNorm) for m in model.head.modules()) == 8
     assert model.head.regression_head._loss_type == "giou"
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())  # v2 keeps BatchNorm
+
+
+def test_legacy_coco_file_gets_torchvision_eps0(offline_hub):
+    # torchvision loads the old fasterrcnn_resnet50_fpn COCO_V1 file with FrozenBatchNorm2d eps=0.
+    enum = FasterRCNN_ResNet50_FPN_Weights.COCO_V1
+    file = offline_hub / os.path.basename(enum.url)
+    torch.manual_seed(0)
+    _save_as(torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None), file)
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights="COCO_V1")
+    tv_eps = {n: m.eps for n, m in tv.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert tv_eps and set(tv_eps.values()) == {0.0}
+    for kwargs in ({"weights": "DEFAULT"}, {"weights_path": str(file)}):
+        model = build_detector("fasterrcnn", "resnet50_fpn", 91, **kwargs)
+        assert {n: m.eps for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)} == tv_eps
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == \
+            {n: p.requires_grad for n, p in tv.named_parameters()}
+    renamed = offline_hub.parent / "my_frcnn.pth"  # any other file: the default eps, as for any new weights
+    os.replace(file, renamed)
+    model = build_detector("fasterrcnn", "resnet50_fpn", 91, weights_path=str(renamed))
+    assert {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)} == {1e-5}
 
 
 def test_missing_cached_weights_say_where_to_put_the_file(offline_hub):
@@ -318,7 +360,7 @@ def test_missing_cached_weights_say_where_to_put_the_file(offline_hub):
         build_detector("retinanet", "resnet18_fpn", 4, weights_backbone="IMAGENET1K_V1", **TINY)
 
 
-@pytest.mark.parametrize("k", [pytest.param(0, marks=pytest.mark.slow), 2, pytest.param(5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("k", [0, 2, 5])
 def test_trainable_layers_resnet_like_torchvision(offline_hub, k):
     resnet = torchvision.models.resnet18()
     file = offline_hub / os.path.basename(ResNet18_Weights.IMAGENET1K_V1.url)
@@ -339,7 +381,7 @@ def test_trainable_layers_resnet_like_torchvision(offline_hub, k):
     assert all(p.requires_grad for p in model.backbone.fpn.parameters())
 
 
-@pytest.mark.parametrize("k", [pytest.param(0, marks=pytest.mark.slow), 3, pytest.param(6, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("k", [0, 3, 6])
 def test_trainable_layers_mobilenet_like_torchvision(offline_hub, k):
     file = offline_hub / os.path.basename(MobileNet_V3_Large_Weights.IMAGENET1K_V1.url)
     if not file.exists():
@@ -386,6 +428,11 @@ def test_freeze_backbone_layers_on_a_plain_resnet():
     assert {n.split(".")[0] for n, p in resnet.named_parameters() if p.requires_grad} == {"layer3", "layer4"}
     freeze_backbone_layers(resnet, 5)  # and back: bn1 joins conv1 at 5, fc is never a stage
     assert {n.split(".")[0] for n, p in resnet.named_parameters() if not p.requires_grad} == {"fc"}
+    for bad in (-1, 6):
+        with pytest.raises(ValueError, match=r"\[0, 5\]"):
+            freeze_backbone_layers(resnet, bad)
+    with pytest.raises(ValueError, match=r"\[0, 6\]"):
+        freeze_backbone_layers(torchvision.models.mobilenet_v3_large().features, 7)
 
 
 # ------------------------------------------------------------------------------------------------ errors

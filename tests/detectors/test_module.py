@@ -85,7 +85,7 @@ def test_val_loss_pass_changes_no_state(name, shapes_dir):
     # The detections are exactly what the eval-mode model returns.
     with torch.no_grad():
         reference = module.model(list(images))
-    for ours, ref in zip(detections, reference):
+    for ours, ref in zip(detections, reference, strict=False):
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
 
@@ -153,4 +153,4 @@ def test_hyperparameters_rebuild_the_architecture():
     torch.manual_seed(1)
     rebuilt = RetinaNetModule(**hp)
     assert rebuilt.state_dict().keys() == module.state_dict().keys()
-    assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), module.state_dict().values()))
+    assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), module.state_dict().values(), strict=False))

@@ -1,7 +1,7 @@
 """Tiny LightningModules for the training tests (CPU, milliseconds per epoch).
 
-Importable as ``tiny_lightning`` (pytest puts this directory on sys.path); ``load_model`` finds the
-classes by that module path, and subprocess tests put this directory on PYTHONPATH.
+``load_model`` finds these classes by their module path ``tests.training.tiny_lightning`` (the
+repository root is on sys.path under pytest; subprocess tests run from it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from training.saving import SavableModule
 
 
 class ScriptedModule(SavableModule, LightningModule):
-    """Logs ``values[current_epoch]`` as ``monitor`` in every validation run (nothing past the end).
+    """Logs ``script[current_epoch]`` as ``monitor`` in every validation run (nothing past the end).
 
     Training is a real but trivial SGD on a Linear layer, so optimizers and checkpoints are real.
     ``n_groups=2`` gives the optimizer two param groups with LRs ``lr`` and ``lr / 10``.
@@ -25,7 +25,7 @@ class ScriptedModule(SavableModule, LightningModule):
 
     def __init__(
         self,
-        values: list[float] | None = None,
+        script: list[float] | None = None,
         monitor: str = "val_loss",
         lr: float = 0.1,
         n_groups: int = 1,
@@ -45,9 +45,9 @@ class ScriptedModule(SavableModule, LightningModule):
         return loss
 
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        values = self.hparams.values
-        if values is not None and self.current_epoch < len(values):
-            self.log(self.hparams.monitor, float(values[self.current_epoch]))
+        script = self.hparams.script
+        if script is not None and self.current_epoch < len(script):
+            self.log(self.hparams.monitor, float(script[self.current_epoch]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         lr = self.hparams.lr
@@ -130,3 +130,19 @@ class TinyRegressor(SavableModule, LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._val, batch_size=8)
+
+
+def assert_same(a, b) -> None:
+    """Exact equality of nested tensors / dicts / lists (bit-identical tensors, same keys and order)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b

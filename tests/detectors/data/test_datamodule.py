@@ -42,7 +42,7 @@ def test_batches_with_workers(coco_root):
     assert ids == list(range(1, 11))  # every image exactly once, in shuffled order
     for images, targets in batches:
         assert isinstance(images, tuple) and isinstance(targets, tuple)
-        for img, t in zip(images, targets):
+        for img, t in zip(images, targets, strict=False):
             assert img.dtype == torch.float32 and img.shape[0] == 3
             assert t["boxes"].shape[1] == 4 and t["boxes"].shape[0] == t["labels"].shape[0]
     val = list(dm.val_dataloader())

@@ -1,0 +1,324 @@
+"""save_model / load_model round trips, safe loading, atomic writes, clear errors on bad files."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same
+from training.callbacks import ModelCheckpoint
+from training.saving import (
+    OFFLINE_HPARAM_KEYS,
+    AtomicCheckpointIO,
+    CheckpointFileError,
+    atomic_torch_save,
+    load_checkpoint_file,
+    load_model,
+    save_model,
+)
+
+# ----------------------------------------------------------------------------------------- model factories
+# Every model class of the project goes through the same round trip. A factory returns (module, example
+# input of its forward). Modules whose package is not importable are skipped, not silently dropped.
+
+
+def _scripted(tmp_path: Path):
+    return ScriptedModule(script=[1.0], lr=0.2), torch.randn(3, 2)
+
+
+def _regressor(tmp_path: Path):
+    return TinyRegressor(hidden=8, dropout=0.2), torch.randn(5, 4)
+
+
+def _pretrained_frozen_regressor(tmp_path: Path):
+    # "Pretrained" weights read from a local file by the constructor, then the file disappears:
+    # load_model must rebuild without it (the saved state dict replaces those weights).
+    pretrained = tmp_path / "pretrained.pt"
+    torch.save(TinyRegressor(hidden=8).net.state_dict(), pretrained)
+    module = TinyRegressor(hidden=8, weights_path=str(pretrained), freeze_first=True)
+    pretrained.unlink()
+    return module, torch.randn(5, 4)
+
+
+def _cli_built_regressor(tmp_path: Path):
+    # As train.py builds modules: LightningCLI stores its config (+ an "_instantiator") as hparams.
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(
+        TinyRegressor,
+        run=False,
+        args=["--model.hidden=8", "--model.dropout=0.1", f"--trainer.default_root_dir={tmp_path}"],
+        save_config_callback=None,
+        seed_everything_default=False,
+    )
+    assert cli.model.hparams["_instantiator"] == "lightning.pytorch.cli.instantiate_module"
+    return cli.model, torch.randn(5, 4)
+
+
+def _project_model(module_name: str, class_name: str, kwargs: dict, example):
+    def factory(tmp_path: Path):
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls(**kwargs), example()
+
+    spec_found = importlib.util.find_spec(module_name.split(".")[0]) is not None
+    try:
+        present = spec_found and importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:
+        present = False
+    marks = [] if present else [pytest.mark.skip(reason=f"{module_name} is not part of the project yet")]
+    return pytest.param(factory, id=class_name, marks=marks)
+
+
+def _images():
+    return [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0))]
+
+
+_DETECTOR = {"num_classes": 3, "backbone": "resnet18_fpn", "min_size": 64, "max_size": 96}
+FACTORIES = [
+    pytest.param(_scripted, id="ScriptedModule"),
+    pytest.param(_regressor, id="TinyRegressor"),
+    pytest.param(_pretrained_frozen_regressor, id="TinyRegressor-pretrained-frozen"),
+    pytest.param(_cli_built_regressor, id="TinyRegressor-LightningCLI"),
+    _project_model("detectors.module", "FasterRCNNModule", _DETECTOR, _images),
+    _project_model("detectors.module", "RetinaNetModule", _DETECTOR, _images),
+    _project_model(
+        "classifiers.module", "FrozenBackboneClassifier", {"num_classes": 3}, lambda: torch.rand(2, 3, 64, 64)
+    ),
+]
+
+
+def perturb(module: LightningModule) -> None:
+    """Move every float weight/buffer away from its initial value, so a rebuild cannot pass by chance."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.01 * torch.randn(tensor.shape, generator=g))
+
+
+def outputs(module: LightningModule, example):
+    module.eval()
+    with torch.no_grad():
+        return module(example)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_round_trip_every_model_class(factory, tmp_path):
+    module, example = factory(tmp_path)
+    perturb(module)
+    path = tmp_path / "model.ckpt"
+    save_model(module, path)
+
+    loaded = load_model(path)
+    assert type(loaded) is type(module)
+    skip = {*OFFLINE_HPARAM_KEYS, "_instantiator", "_class_path"}  # LightningCLI bookkeeping
+    assert_same(
+        {k: v for k, v in loaded.hparams.items() if k not in skip},
+        {k: v for k, v in module.hparams.items() if k not in skip},
+    )
+    assert_same(loaded.state_dict(), module.state_dict())
+    # freezing is re-applied by the constructor
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {
+        n: p.requires_grad for n, p in module.named_parameters()
+    }
+    assert_same(outputs(loaded, example), outputs(module, example))
+
+
+def test_module_save_method_and_weights_only(tmp_path):
+    module = TinyRegressor(hidden=8)
+    perturb(module)
+    module.save(tmp_path / "m.ckpt")
+    checkpoint = load_checkpoint_file(tmp_path / "m.ckpt")
+    assert checkpoint["litvision"] == {
+        "class_path": "tests.training.tiny_lightning.TinyRegressor",
+        "format": 1,
+    }
+    assert checkpoint["hyper_parameters"]["hidden"] == 8
+    assert_same(load_model(tmp_path / "m.ckpt").state_dict(), module.state_dict())
+
+
+def test_load_model_reads_the_callbacks_checkpoints(tmp_path):
+    module = ScriptedModule(script=[0.5, 0.4])
+    cb = ModelCheckpoint(str(tmp_path / "w{epoch}.ckpt"), save_weights_only=True)
+    trainer = Trainer(
+        max_epochs=2,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(module)
+    for name in ("w2.ckpt", "last.ckpt"):
+        loaded = load_model(tmp_path / name)
+        assert type(loaded) is ScriptedModule and loaded.hparams.script == [0.5, 0.4]
+        assert_same(loaded.state_dict(), module.state_dict())
+    assert "optimizer_states" not in load_checkpoint_file(tmp_path / "w2.ckpt")
+
+    # attached to a trainer, save_model writes a full (resumable) checkpoint unless weights_only
+    save_model(module, tmp_path / "full.ckpt")
+    save_model(module, tmp_path / "weights.ckpt", weights_only=True)
+    assert "optimizer_states" in load_checkpoint_file(tmp_path / "full.ckpt")
+    assert "optimizer_states" not in load_checkpoint_file(tmp_path / "weights.ckpt")
+    assert_same(load_model(tmp_path / "full.ckpt").state_dict(), module.state_dict())
+
+
+def test_non_plain_hyperparameters_are_refused_at_save(tmp_path):
+    module = ScriptedModule(script=[1.0], monitor=Path("val_loss"))  # a Path is not plain data
+    with pytest.raises(TypeError, match=r"hyper_parameters\['monitor'\] = PosixPath"):
+        save_model(module, tmp_path / "m.ckpt")
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+# ----------------------------------------------------------------------------------------- unsafe files
+
+
+class _Payload:
+    """Unpickling this runs os.mkdir(marker): stands for arbitrary code in a malicious file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.ckpt"
+    module = ScriptedModule(script=[1.0])
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "litvision": {"class_path": "tests.training.tiny_lightning.ScriptedModule", "format": 1},
+            "payload": _Payload(str(marker)),
+        },
+        path,
+    )
+    with pytest.raises(CheckpointFileError, match="refused to load") as info:
+        load_model(path)
+    assert str(path) in str(info.value) and "posix.mkdir" in str(info.value)
+    assert not marker.exists()
+
+    # the same file given to resume (through the checkpoint IO ModelCheckpoint installs)
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[ModelCheckpoint(str(tmp_path / "m.ckpt"))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with pytest.raises(CheckpointFileError, match="refused to load"):
+        trainer.fit(ScriptedModule(script=[1.0]), ckpt_path=str(path))
+    assert not marker.exists()
+
+    # the payload is live: an unrestricted unpickler would have run it
+    torch.load(path, weights_only=False)
+    assert marker.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("class_path", "message"),
+    [
+        ("collections.OrderedDict", "is not a LightningModule subclass; refused"),
+        ("os.system", "is not a LightningModule subclass; refused"),
+        ("no_such_package_xyz.Model", "cannot be imported"),
+        ("__main__.Model", "defined in a script"),
+        ("os.system('touch x')", "invalid model class path"),
+    ],
+)
+def test_class_path_must_name_an_importable_lightning_module(tmp_path, class_path, message):
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "litvision": {"class_path": class_path}}, path)
+    with pytest.raises(CheckpointFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_model(path)
+
+
+def test_file_without_class_path_is_explained(tmp_path):
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
+    with pytest.raises(CheckpointFileError, match="no model class recorded"):
+        load_model(path)
+
+
+# ----------------------------------------------------------------------------------------- bad files
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_truncated_or_corrupt_file_errors_clearly(tmp_path, damage):
+    path = tmp_path / "m.ckpt"
+    save_model(TinyRegressor(hidden=8), path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(4096)}[damage])
+    with pytest.raises(CheckpointFileError, match="truncated or corrupt") as info:
+        load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
+        load_model(tmp_path / "nothing.ckpt")
+
+
+# ----------------------------------------------------------------------------------------- atomic writes
+
+
+class _FailsMidSave:
+    """Pickling this raises, as a full disk or a crash would in the middle of torch.save."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device (simulated)")
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "model.ckpt"
+    module = TinyRegressor(hidden=8)
+    save_model(module, path)
+    before = path.read_bytes()
+    with pytest.raises(OSError, match="simulated"):
+        atomic_torch_save({"state_dict": module.state_dict(), "x": _FailsMidSave()}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.ckpt"]  # no temporary file left behind
+    load_model(path)
+
+
+def test_atomic_save_file_mode_and_checkpoint_io(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_torch_save({"a": torch.ones(2)}, tmp_path / "new.ckpt")
+    assert os.stat(tmp_path / "new.ckpt").st_mode & 0o777 == 0o666 & ~mask
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"a": torch.arange(3)}, str(tmp_path / "sub" / "c.ckpt"))
+    assert torch.equal(io.load_checkpoint(str(tmp_path / "sub" / "c.ckpt"))["a"], torch.arange(3))
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        io.load_checkpoint(str(tmp_path / "missing.ckpt"))
+
+
+def test_checkpoint_callback_removes_temp_files_of_killed_saves(tmp_path):
+    stale = tmp_path / ".last.ckpt.k3j_9x2a.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"partial")
+    unrelated = tmp_path / ".notes.tmp"
+    unrelated.write_text("not ours")
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[ModelCheckpoint(str(tmp_path / "m.ckpt"))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(ScriptedModule(script=[1.0]))
+    assert not stale.exists()
+    assert unrelated.exists()
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
