@@ -374,10 +374,10 @@ def _set_anchors(model: nn.Module, variant: _Variant, sizes: list | None, ratios
                                                                          variant.name)
     new_ratios = current.aspect_ratios if ratios is None else (tuple(float(r) for r in ratios),) * len(new_sizes)
     generator = AnchorGenerator(new_sizes, new_ratios)
-    rpn_or_model.anchor_generator = generator
     n = generator.num_anchors_per_location()
-    if len(set(n)) != 1:
+    if len(set(n)) != 1:  # one head serves every level
         raise ValueError(f"every level needs the same number of anchors (sizes x ratios), got {n}")
+    rpn_or_model.anchor_generator = generator
     if n[0] == current.num_anchors_per_location()[0]:
         return
     if pretrained:
@@ -429,6 +429,8 @@ def build_detector(
     nms_thresh: float | None = None,
     detections_per_img: int = 100,
     group_norm_head: bool = False,
+    pretrained_layout: bool = False,
+    frozen_bn_eps: float | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision ``FasterRCNN`` or ``RetinaNet``; see :func:`list_variants` for ``arch``/``backbone``.
@@ -462,6 +464,10 @@ def build_detector(
             so both are scored under COCO's maxDets=100.
         group_norm_head: RetinaNet on a composed backbone (resnet18/34, mobilenet): GroupNorm(32) in the head
             towers as ``retinanet_resnet50_fpn_v2`` has.
+        pretrained_layout: build the structure a pretrained model has (FrozenBatchNorm2d, frozen stages)
+            without loading any weights -- what ``load_model`` needs to rebuild a saved model offline.
+        frozen_bn_eps: eps of the FrozenBatchNorm2d layers (torchvision loads its legacy COCO_V1 files with
+            0); None keeps the default or what the weights imply. See :func:`frozen_bn_eps_of`.
         **kwargs: passed to torchvision's ``FasterRCNN``/``RetinaNet`` constructor.
     """
     variant = _variant(arch, backbone)
@@ -499,6 +505,7 @@ def build_detector(
         built_classes = len(detector_weights.meta["categories"])
 
     pretrained = state is not None or detector_weights is not None or backbone_weights is not None
+    pretrained = pretrained or pretrained_layout
     layers = _validate_trainable_layers(pretrained, trainable_backbone_layers, variant.max_trainable_layers, 3)
 
     model = variant.structure(built_classes, **options)
@@ -515,15 +522,29 @@ def build_detector(
         state = _fetch_state_dict(detector_weights)
     if state is not None:
         _load_checked(model, state, source)
-        eps0 = variant.eps0_weights
-        if eps0 is not None and (detector_weights == eps0 or
-                                 (weights_path is not None and Path(weights_path).name == Path(eps0.url).name)):
-            overwrite_eps(model, 0.0)  # as torchvision does for these legacy files
+    if frozen_bn_eps is None and state is not None:
+        frozen_bn_eps = frozen_bn_eps_of(arch, backbone, weights, weights_path)
+    if frozen_bn_eps is not None:
+        overwrite_eps(model, frozen_bn_eps)  # torchvision uses 0 for its legacy COCO_V1 files
     if weights_path is None:
         _set_anchors(model, variant, anchor_sizes, aspect_ratios, pretrained=detector_weights is not None)
     if built_classes != num_classes:
         replace_head(model, num_classes)
     return model
+
+
+def frozen_bn_eps_of(arch: str, backbone: str, weights: str | None, weights_path: str | None) -> float | None:
+    """0.0 when these weights are one of torchvision's legacy files it loads with FrozenBatchNorm eps=0."""
+    variant = _variant(arch, backbone)
+    eps0 = variant.eps0_weights
+    if eps0 is None:
+        return None
+    if weights is not None and not variant.custom:
+        if _resolve_weights(get_model_weights(variant.name), weights, "weights") == eps0:
+            return 0.0
+    if weights_path is not None and Path(weights_path).name == Path(eps0.url).name:
+        return 0.0
+    return None
 
 
 def _load_backbone(body: nn.Module, state: dict[str, torch.Tensor], weights: WeightsEnum) -> None:

@@ -20,10 +20,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.saving import SavableModule
+from training.saving import SavableModule, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
-from .models import build_detector, count_parameters
+from .models import build_detector, count_parameters, frozen_bn_eps_of
 from .val_loss import losses_and_detections
 
 Optimizer = Literal["sgd", "adamw"]
@@ -57,6 +57,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         lr_milestones, lr_gamma: optional epoch milestones multiplying the LR by ``lr_gamma`` (the
             torchvision reference recipe); leave empty when ReduceLROnPlateau manages the LR.
         compute_val_loss: compute ``val_loss`` (costs the detection heads a second time, not the backbone).
+        pretrained_layout, frozen_bn_eps: the structure of a pretrained model without its weights; set by
+            ``load_model`` when it rebuilds a saved model offline (see ``offline_hparams``).
     """
 
     arch: str = ""
@@ -86,6 +88,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
         compute_val_loss: bool = True,
+        pretrained_layout: bool = False,
+        frozen_bn_eps: float | None = None,
         **model_kwargs: Any,
     ):
         super().__init__()
@@ -116,10 +120,23 @@ class DetectionModule(SavableModule, L.LightningModule):
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,
             detections_per_img=detections_per_img,
+            pretrained_layout=pretrained_layout,
+            frozen_bn_eps=frozen_bn_eps,
             **model_kwargs,
         )
         self.val_metrics = DetectionEvaluator(self.class_names)
         self.test_metrics = DetectionEvaluator(self.class_names)
+
+    @classmethod
+    def offline_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Rebuild without fetching weights, but with the layout they imply (FrozenBatchNorm2d, frozen
+        stages, legacy eps), so the saved state dict fits exactly."""
+        hp = dict(hparams)
+        if any(hp.get(k) is not None for k in ("weights", "weights_backbone", "weights_path")):
+            hp["pretrained_layout"] = True
+            if hp.get("frozen_bn_eps") is None:
+                hp["frozen_bn_eps"] = frozen_bn_eps_of(cls.arch, hp["backbone"], hp.get("weights"), hp.get("weights_path"))
+        return default_offline_hparams(hp)
 
     def build_model(self, **kwargs: Any) -> torch.nn.Module:
         return build_detector(self.arch, **kwargs)
@@ -263,6 +280,8 @@ class FasterRCNNModule(DetectionModule):
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
         compute_val_loss: bool = True,
+        pretrained_layout: bool = False,
+        frozen_bn_eps: float | None = None,
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__(**args)
@@ -305,6 +324,8 @@ class RetinaNetModule(DetectionModule):
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
         compute_val_loss: bool = True,
+        pretrained_layout: bool = False,
+        frozen_bn_eps: float | None = None,
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__(**args)

@@ -103,7 +103,7 @@ def _batch(with_boxes: bool):
     return images, [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels, strict=True)]
 
 
-def _assert_state_equal(model: nn.Module, expected: dict, skip_prefix: str) -> int:
+def _assert_state_equal(model: nn.Module, expected: dict, skip_prefix: str | tuple[str, ...]) -> int:
     compared = 0
     for key, value in model.state_dict().items():
         if key.startswith(skip_prefix):
@@ -311,6 +311,13 @@ def test_coco_weights_from_offline_hub_cache_match_torchvision(offline_hub):
     assert _assert_state_equal(model, tv_state, "roi_heads.box_predictor.") > 100
     assert (model.transform.min_size, model.transform.max_size) == ((320,), 640)
     assert model.rpn._pre_nms_top_n["testing"] == 150 and model.rpn.score_thresh == 0.05
+
+    # Other anchor counts per location: the RPN's output convs are new, its conv tower stays pretrained.
+    with pytest.warns(UserWarning, match="2 anchors per location instead of 15"):
+        anchored = build_detector("fasterrcnn", "mobilenet_v3_large_320_fpn", 91, weights="DEFAULT",
+                                  anchor_sizes=[64], aspect_ratios=[0.5, 2.0])
+    assert anchored.rpn.head.cls_logits.out_channels == 2
+    assert _assert_state_equal(anchored, state, ("rpn.head.cls_logits.", "rpn.head.bbox_pred.")) > 100
 
 
 def test_retinanet_v2_coco_weights_from_cache_keep_group_norm(offline_hub):

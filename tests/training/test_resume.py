@@ -55,11 +55,7 @@ def train_regressor(
     return module, trainer, plateau
 
 
-@pytest.mark.parametrize(
-    "epoch_scheduler",
-    [False, pytest.param(True, marks=pytest.mark.slow)],
-    ids=["step-warmup", "epoch-StepLR"],
-)
+@pytest.mark.parametrize("epoch_scheduler", [False, True], ids=["step-warmup", "epoch-StepLR"])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, epoch_scheduler):
     # Dropout, BatchNorm, shuffled batches, momentum, a warm-up scheduler and plateau reductions: the
     # resumed run must draw the same random numbers and restore every state to end bit-identical.
@@ -207,7 +203,7 @@ def test_run_killed_with_sigkill_mid_epoch_resumes(tmp_path):
     for path in ckpt_dir.glob("*.ckpt"):  # every file the killed run left is whole
         load_checkpoint_file(path)
     killed_at = load_checkpoint_file(ckpt_dir / "last.ckpt")["global_step"]
-    assert 14 <= killed_at < 30  # epoch 3 started at step 12, its first save was step 14
+    assert 12 <= killed_at < 30  # killed in epoch 3 (steps 13-18), after the end-of-epoch-2 save
 
     # resume in this process and finish 5 epochs of 6 batches
     checkpoint = ModelCheckpoint(str(ckpt_dir / "e{epoch:02d}.ckpt"), save_freq=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -60,18 +61,30 @@ def _cli_built_regressor(tmp_path: Path):
     return cli.model, torch.randn(5, 4)
 
 
-def _project_model(module_name: str, class_name: str, kwargs: dict, example):
+def _project_model(
+    module_name: str, class_name: str, kwargs: dict, example, pretrained: bool = False, marks=()
+):
+    """A project model class; ``pretrained``: built from a local full-model weights file (``weights_path``,
+    deleted before loading), which is how a fine-tuned model starts -- its frozen layers and frozen
+    BatchNorm must come back although load_model rebuilds without that file."""
+
     def factory(tmp_path: Path):
         cls = getattr(importlib.import_module(module_name), class_name)
-        return cls(**kwargs), example()
+        if not pretrained:
+            return cls(**kwargs), example()
+        weights = tmp_path / "pretrained.pt"
+        torch.save(cls(**kwargs).model.state_dict(), weights)
+        module = cls(weights_path=str(weights), **kwargs)
+        weights.unlink()
+        return module, example()
 
-    spec_found = importlib.util.find_spec(module_name.split(".")[0]) is not None
     try:
-        present = spec_found and importlib.util.find_spec(module_name) is not None
+        present = importlib.util.find_spec(module_name) is not None
     except ModuleNotFoundError:
         present = False
-    marks = [] if present else [pytest.mark.skip(reason=f"{module_name} is not part of the project yet")]
-    return pytest.param(factory, id=class_name, marks=marks)
+    if not present:
+        marks = [pytest.mark.skip(reason=f"{module_name} is not part of the project yet")]
+    return pytest.param(factory, id=class_name + ("-pretrained" if pretrained else ""), marks=marks)
 
 
 def _images():
@@ -87,7 +100,25 @@ FACTORIES = [
     _project_model("detectors.module", "FasterRCNNModule", _DETECTOR, _images),
     _project_model("detectors.module", "RetinaNetModule", _DETECTOR, _images),
     _project_model(
-        "classifiers.module", "FrozenBackboneClassifier", {"num_classes": 3}, lambda: torch.rand(2, 3, 64, 64)
+        "detectors.module",
+        "FasterRCNNModule",
+        _DETECTOR,
+        _images,
+        pretrained=True,
+        marks=[
+            pytest.mark.xfail(
+                strict=True,
+                reason="weights_path makes the backbone FrozenBatchNorm2d with frozen stages; rebuilt with "
+                "weights_path=None it gets trainable BatchNorm2d: DetectionModule must override "
+                "offline_hparams so the architecture and freezing do not depend on the weights file",
+            )
+        ],
+    ),
+    _project_model(
+        "classifiers.module",
+        "FrozenBackboneClassifier",
+        {"backbone": "resnet18", "num_classes": 3, "weights": None, "freeze": "all"},
+        lambda: torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
     ),
 ]
 

@@ -1,0 +1,233 @@
+"""The lesson's transfer-learning recipe as a LightningModule.
+
+Keras::
+
+    base = ResNet50(weights="imagenet", include_top=False)
+    for idx, layer in enumerate(base.layers):
+        layer.trainable = idx >= 200
+    x = GlobalAveragePooling2D()(base.output)
+    outputs = Dense(num_classes, activation="softmax")(x)
+
+litvision::
+
+    FrozenBackboneClassifier(backbone="resnet50", num_classes=K, weights="DEFAULT", freeze=200)
+
+Frozen layers behave as Keras' ``trainable = False``: their parameters get no
+gradient and are left out of the optimiser, and frozen BatchNorm layers run in
+inference mode (running statistics used, never updated) even while the module
+trains. Inputs are float images ``[B, 3, H, W]`` in 0..1; the module normalises
+them itself with the weights' mean/std (ImageNet's when not pretrained), so a
+reloaded model needs no separate preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from training.saving import SavableModule, load_model
+
+from .backbones import build_backbone, leaf_layers, select_layers
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GAPHead(nn.Sequential):
+    """GlobalAveragePooling2D + Dense: ``[B, C, h, w] -> [B, num_classes]`` logits.
+
+    The Linear layer starts as Keras' ``Dense``: Glorot-uniform weight, zero bias.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0):
+        super().__init__(
+            OrderedDict(
+                pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), dropout=nn.Dropout(dropout),
+                fc=nn.Linear(in_features, num_classes),
+            )  # fmt: skip
+        )
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+
+class FrozenBackboneClassifier(SavableModule, L.LightningModule):
+    """A torchvision backbone (classifier removed) + GAP + Linear head, with Keras-style freezing.
+
+    Args:
+        backbone: resnet18/34/50, mobilenet_v3_small/large, efficientnet_b0, convnext_tiny.
+        num_classes: output classes; may be omitted when ``class_names`` is given.
+        class_names: names for per-class metrics (label i -> class_names[i]).
+        weights: torchvision ImageNet weights ("DEFAULT", "IMAGENET1K_V1"...), read from the hub cache
+            ($TORCH_HOME) or downloaded; None for random initialisation.
+        weights_path: local torchvision classification state dict (its classifier is ignored).
+        backbone_checkpoint: a litvision Faster R-CNN/RetinaNet checkpoint whose backbone body
+            (same architecture, e.g. ``resnet18_fpn`` for ``resnet18``) is copied into this backbone.
+        freeze: "all" (the whole backbone), "none", N (the first N layers of ``train.py layers``), or a
+            list of module-name prefixes (``["conv1", "layer1"]``).
+        if_checkpoint_missing: "warn" trains from the initial weights (with a warning) when
+            ``backbone_checkpoint`` does not exist yet, e.g. before the detector demo has run.
+        head_dropout: dropout before the Linear layer.
+        optimizer, lr, momentum, weight_decay: optimiser over the trainable parameters only.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        weights: str | None = "DEFAULT",
+        weights_path: str | None = None,
+        backbone_checkpoint: str | None = None,
+        if_checkpoint_missing: Literal["raise", "warn"] = "raise",
+        freeze: Literal["all", "none"] | int | list[str] = "all",
+        head_dropout: float = 0.0,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+    ):
+        super().__init__()
+        if class_names is not None:
+            if num_classes is not None and num_classes != len(class_names):
+                raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
+            num_classes = len(class_names)
+        if num_classes is None or num_classes < 2:
+            raise ValueError(f"need num_classes >= 2 (or class_names), got {num_classes}")
+        if sum(x is not None for x in (weights, weights_path, backbone_checkpoint)) > 1:
+            raise ValueError("give at most one of weights, weights_path, backbone_checkpoint")
+        self.save_hyperparameters()
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.backbone, features, enum = build_backbone(backbone, weights, weights_path)
+        if backbone_checkpoint is not None:
+            if os.path.isfile(backbone_checkpoint) or if_checkpoint_missing == "raise":
+                self._load_detector_backbone(backbone_checkpoint)
+            else:
+                warnings.warn(
+                    f"backbone_checkpoint {backbone_checkpoint} does not exist: training {backbone} from its "
+                    "initial weights instead (transfer learning needs a trained detector checkpoint there)",
+                    stacklevel=2,
+                )
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if enum is not None and hasattr(enum.transforms(), "mean"):
+            mean, std = tuple(enum.transforms().mean), tuple(enum.transforms().std)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.head = GAPHead(features, num_classes, head_dropout)
+        self.frozen: set[str] = set()
+        self.freeze_layers(select_layers(self.backbone, freeze))
+        self.criterion = nn.CrossEntropyLoss()
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_per_class = MulticlassAccuracy(num_classes, average="none")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # -- freezing ----------------------------------------------------------------------------------------
+    def freeze_layers(self, names: list[str]) -> None:
+        """Keras ``layer.trainable = False`` for the named backbone layers."""
+        modules = dict(leaf_layers(self.backbone))
+        for name in names:
+            for p in modules[name].parameters(recurse=False):
+                p.requires_grad_(False)
+            self.frozen.add(name)
+        self._apply_frozen_modes()
+
+    def unfreeze_layers(self, names: list[str]) -> list[nn.Parameter]:
+        """Make layers trainable again; returns their parameters (to add to the optimiser)."""
+        modules = dict(leaf_layers(self.backbone))
+        params = []
+        for name in names:
+            self.frozen.discard(name)
+            for p in modules[name].parameters(recurse=False):
+                p.requires_grad_(True)
+                params.append(p)
+            if isinstance(modules[name], nn.modules.batchnorm._BatchNorm):
+                modules[name].train(self.training)
+        return params
+
+    def _apply_frozen_modes(self) -> None:
+        modules = dict(leaf_layers(self.backbone))
+        for name in self.frozen:
+            if isinstance(modules[name], nn.modules.batchnorm._BatchNorm):
+                modules[name].eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._apply_frozen_modes()  # frozen BatchNorm stays in inference mode, as in Keras
+        return self
+
+    def _load_detector_backbone(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"backbone_checkpoint {path}: no such file")
+        detector = load_model(path)
+        body = getattr(getattr(getattr(detector, "model", None), "backbone", None), "body", None)
+        if body is None:
+            raise ValueError(f"backbone_checkpoint {path}: not a detector checkpoint (no model.backbone.body)")
+        state = body.state_dict()
+        result = self.backbone.load_state_dict(state, strict=False)
+        # A pretrained detector's FrozenBatchNorm2d has no num_batches_tracked; nothing else may differ.
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"backbone_checkpoint {path}: its backbone ({detector.hparams.get('backbone')}) does not fit "
+                f"{self.hparams.backbone}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in 0..1 -> logits ``[B, num_classes]``."""
+        return self.head(self.backbone((images - self.mean) / self.std))
+
+    def training_step(self, batch, batch_idx: int):
+        images, labels = batch
+        if len(labels) == 0:  # every sample of the batch was skipped as unreadable
+            return None
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        if len(labels) == 0:
+            return
+        logits = self(images)
+        self.log("val_loss", self.criterion(logits, labels), prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.val_acc.update(logits, labels)
+        self.val_acc_per_class.update(logits, labels)
+        self.val_confusion.update(logits, labels)
+        if self.val_top5 is not None:
+            self.val_top5.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_acc.update_count == 0:
+            return
+        self.log("val_acc", self.val_acc.compute(), prog_bar=True)
+        for name, acc in zip(self.class_names, self.val_acc_per_class.compute().tolist(), strict=True):
+            self.log(f"val_acc/{name}", acc)
+        if self.val_top5 is not None:
+            self.log("val_top5", self.val_top5.compute())
+            self.val_top5.reset()
+        self.confusion_matrix = self.val_confusion.compute().cpu()  # rows: true class, columns: predicted
+        for metric in (self.val_acc, self.val_acc_per_class, self.val_confusion):
+            metric.reset()
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
