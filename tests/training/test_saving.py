@@ -61,9 +61,7 @@ def _cli_built_regressor(tmp_path: Path):
     return cli.model, torch.randn(5, 4)
 
 
-def _project_model(
-    module_name: str, class_name: str, kwargs: dict, example, pretrained: bool = False, marks=()
-):
+def _project_model(module_name: str, class_name: str, kwargs: dict, example, pretrained: bool = False):
     """A project model class; ``pretrained``: built from a local full-model weights file (``weights_path``,
     deleted before loading), which is how a fine-tuned model starts -- its frozen layers and frozen
     BatchNorm must come back although load_model rebuilds without that file."""
@@ -82,8 +80,7 @@ def _project_model(
         present = importlib.util.find_spec(module_name) is not None
     except ModuleNotFoundError:
         present = False
-    if not present:
-        marks = [pytest.mark.skip(reason=f"{module_name} is not part of the project yet")]
+    marks = [] if present else [pytest.mark.skip(reason=f"{module_name} is not part of the project yet")]
     return pytest.param(factory, id=class_name + ("-pretrained" if pretrained else ""), marks=marks)
 
 
@@ -99,21 +96,7 @@ FACTORIES = [
     pytest.param(_cli_built_regressor, id="TinyRegressor-LightningCLI"),
     _project_model("detectors.module", "FasterRCNNModule", _DETECTOR, _images),
     _project_model("detectors.module", "RetinaNetModule", _DETECTOR, _images),
-    _project_model(
-        "detectors.module",
-        "FasterRCNNModule",
-        _DETECTOR,
-        _images,
-        pretrained=True,
-        marks=[
-            pytest.mark.xfail(
-                strict=True,
-                reason="weights_path makes the backbone FrozenBatchNorm2d with frozen stages; rebuilt with "
-                "weights_path=None it gets trainable BatchNorm2d: DetectionModule must override "
-                "offline_hparams so the architecture and freezing do not depend on the weights file",
-            )
-        ],
-    ),
+    _project_model("detectors.module", "FasterRCNNModule", _DETECTOR, _images, pretrained=True),
     _project_model(
         "classifiers.module",
         "FrozenBackboneClassifier",
@@ -147,11 +130,12 @@ def test_round_trip_every_model_class(factory, tmp_path):
 
     loaded = load_model(path)
     assert type(loaded) is type(module)
-    skip = {*OFFLINE_HPARAM_KEYS, "_instantiator", "_class_path"}  # LightningCLI bookkeeping
-    assert_same(
-        {k: v for k, v in loaded.hparams.items() if k not in skip},
-        {k: v for k, v in module.hparams.items() if k not in skip},
-    )
+    # rebuilt from the saved hyperparameters as offline_hparams adjusts them (weight sources nulled)
+    expected = {k: v for k, v in type(module).offline_hparams(dict(module.hparams)).items()}
+    for key in ("_instantiator", "_class_path"):  # LightningCLI bookkeeping, not constructor arguments
+        expected.pop(key, None)
+    assert all(expected.get(k) is None for k in OFFLINE_HPARAM_KEYS)
+    assert_same({k: loaded.hparams[k] for k in expected}, expected)
     assert_same(loaded.state_dict(), module.state_dict())
     # freezing is re-applied by the constructor
     assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {
