@@ -30,6 +30,7 @@ EXTRA_COMMANDS = {
     "evaluate": "score a COCO results file against COCO ground truth (pycocotools-exact)",
     "shapes": "generate the embedded shapes dataset (COCO, VOC and classification layouts)",
     "demo": "the main job on the embedded data: generate shapes, train a detector",
+    "layers": "list a classifier backbone's layers in the order freeze=N counts them",
 }
 
 
@@ -41,7 +42,7 @@ class LitvisionCLI(LightningCLI):
         parser.add_argument("--name", type=str, default="litvision", help="run name: logs go to RUNS_DIR/NAME")
         parser.add_argument("--runs_dir", type=str, default="runs", help="directory holding all runs")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ReduceLROnPlateau, "lr_plateau")
+        parser.add_lightning_class_args(ReduceLROnPlateau, "lr_plateau", required=False)  # null disables it
         parser.set_defaults(
             {
                 # A file name without a directory goes to RUNS_DIR/NAME/checkpoints/.
@@ -69,12 +70,17 @@ class LitvisionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         sub = self._sub()
+        self.plateau_disabled = sub.get("lr_plateau", False) is None
+        if self.plateau_disabled:  # `lr_plateau: null`: another LR schedule owns the LR
+            del sub["lr_plateau"]
         if not os.path.dirname(sub["checkpoint"]["filepath"]):
             sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
         if self.subcommand == "fit" and sub.get("ckpt_path"):
             sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], os.path.dirname(sub["checkpoint"]["filepath"]))
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        if self.plateau_disabled:
+            callbacks = [c for c in callbacks if not isinstance(c, ReduceLROnPlateau)]
         sub = self._sub()
         ckpt = sub.get("ckpt_path") if self.subcommand == "fit" else None
         version = checkpoint_logger_version(ckpt) if ckpt else None  # a resumed run continues its version
@@ -173,12 +179,38 @@ def demo(out: str = "demo", max_time: str = "00:00:04:00", seed: int = 0) -> Non
     print(f"\ndataset: {data_root}\ncheckpoints: {ckpt_dir}\nlogs: {os.path.join(runs_dir, 'faster_rcnn')}")
 
 
+def layers(backbone: str = "resnet50", freeze: str | int | list[str] | None = None) -> None:
+    """Print a classifier backbone's layers with the indices ``freeze=N`` counts (Keras' model.layers).
+
+    Args:
+        backbone: resnet18/34/50, mobilenet_v3_small/large, efficientnet_b0, convnext_tiny.
+        freeze: optionally mark what a freeze setting would freeze ("all", N, or name prefixes).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from classifiers.backbones import build_backbone, describe_layers, select_layers
+
+    body, _, _ = build_backbone(backbone)
+    frozen = set(select_layers(body, int(freeze) if isinstance(freeze, str) and freeze.isdigit() else freeze))
+    table = Table(title=f"{backbone}: layers in freeze=N order")
+    for column in ("index", "name", "type", "params", "frozen"):
+        table.add_column(column, justify="right" if column in ("index", "params") else "left")
+    rows = describe_layers(body, frozen)
+    for index, name, kind, params, is_frozen in rows:
+        table.add_row(str(index), name, kind, f"{params:,}", "yes" if is_frozen else "")
+    Console().print(table)
+    print(f"{len(rows)} layers; freeze=N freezes indices 0..N-1")
+
+
 def _run_extra(command: str, argv: list[str]):
-    functions = {"evaluate": evaluate, "shapes": shapes, "demo": demo}
+    functions = {"evaluate": evaluate, "shapes": shapes, "demo": demo, "layers": layers}
     parser = ArgumentParser(prog=f"train.py {command}", description=functions[command].__doc__.split("\n")[0])
-    parser.add_function_arguments(functions[command])
-    cfg = parser.parse_args(argv)
-    return functions[command](**cfg.as_dict())
+    # `layers` reads the classifier's own keys: `train.py layers --model.backbone resnet50`.
+    nested = "model" if command == "layers" else None
+    parser.add_function_arguments(functions[command], nested)
+    cfg = parser.parse_args(argv).as_dict()
+    return functions[command](**(cfg[nested] if nested else cfg))
 
 
 def main(argv: list[str] | None = None) -> None:

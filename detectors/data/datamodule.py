@@ -73,13 +73,16 @@ class DetectionDataModule(L.LightningDataModule):
             shapes layout (``images/{split}``, ``annotations/instances_{split}.json``). Real
             COCO 2017: ``images_dir="{split}"``.
         classes: VOC class names in label order (default: the 20 VOC classes). COCO
-            reads its categories from the file.
+            reads its categories from the file; given for COCO, they must match it (or stand in
+            for it when ``predict_images`` is used without annotations).
         pin_memory: page-locked host memory for faster GPU copies; None: when CUDA is available.
         aspect_ratio_grouping: batch wide and tall images separately.
         hflip_prob, photometric, scale_jitter: train augmentation (see ``detection_transforms``).
         strict: box anomalies (outside the image, zero size) are errors instead of repaired.
         on_bad_sample: "raise" stops at an unreadable image naming it; "skip" warns and drops it.
         generate: write the embedded shapes dataset to ``root`` if it is missing.
+        predict_images: a directory, glob pattern or file of images to predict on instead of a split
+            (``detectors.predict.ImageFileDataset``; image ids are positions in the sorted file list).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class DetectionDataModule(L.LightningDataModule):
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         generate: bool = False,
         seed: int = 0,
+        predict_images: str | None = None,
     ):
         super().__init__()
         if format not in _LAYOUT_DEFAULTS:
@@ -122,8 +126,10 @@ class DetectionDataModule(L.LightningDataModule):
         """Class names in label order (label i+1 -> class_names[i]), read without loading a split."""
         if self._class_names is None:
             hp = self.hparams
-            if hp.format == "voc":
-                self._class_names = list(hp.classes) if hp.classes is not None else list(VOC_CLASSES)
+            if hp.classes is not None:
+                self._class_names = list(hp.classes)
+            elif hp.format == "voc":
+                self._class_names = list(VOC_CLASSES)
             else:
                 self.prepare_data()
                 self._class_names = [c["name"] for c in read_coco_categories(self._annotation_path(hp.val_split))]
@@ -171,7 +177,23 @@ class DetectionDataModule(L.LightningDataModule):
         }
         for key, split, train in wanted.get(stage, []) if stage else sum(wanted.values(), []):
             if key not in self.datasets:
-                self.datasets[key] = self.make_dataset(split, train)
+                is_files = key == "predict" and hp.predict_images
+                self.datasets[key] = self.make_image_files() if is_files else self.make_dataset(split, train)
+
+    def make_image_files(self):
+        """The ``predict_images`` files; a COCO dataset's category ids are kept when its file exists."""
+        from ..predict import ImageFileDataset  # detectors.predict: the one place prediction lives
+
+        hp = self.hparams
+        label_to_cat_id = None
+        annotations = self._annotation_path(hp.val_split)
+        if hp.format == "coco" and os.path.isfile(annotations):
+            categories = read_coco_categories(annotations)
+            if [c["name"] for c in categories] != self.class_names:
+                raise ValueError(f"{annotations}: categories differ from classes={self.class_names}")
+            label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, start=1)}
+        return ImageFileDataset(hp.predict_images, self.class_names, label_to_cat_id, hp.on_bad_sample,
+                                hp.max_image_pixels)  # fmt: skip
 
     def _loader(self, key: str, train: bool) -> DataLoader:
         hp = self.hparams

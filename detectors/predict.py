@@ -1,0 +1,352 @@
+"""Writing detections to disk: a COCO results file and, optionally, images with the boxes drawn.
+
+``python train.py predict --config configs/faster_rcnn.yaml --ckpt_path best.ckpt --draw true`` adds a
+:class:`CocoPredictionWriter`, which writes into its ``out_dir``:
+
+    predictions.json   COCO results: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]
+                       (what pycocotools ``COCO.loadRes`` and ``train.py evaluate`` read)
+    categories.json    [{"id", "name"}, ...]: the category id written for each class
+    images.json        [{"id", "file_name", "width", "height"}, ...]: which file each image id is
+    images/<stem>.jpg  (draw=True) the input images with the detections >= ``draw_score_threshold``
+
+Category ids are the dataset's own: a COCO dataset's ``label_to_cat_id`` maps the model's contiguous labels
+back (shapes: 1, 3, 7); VOC data and plain image files have none, so the label itself is the id.
+
+Inputs are any predict dataset that yields ``(image, target)`` with ``target["image_id"]``: the COCO/VOC
+splits of ``DetectionDataModule``, or :class:`ImageFileDataset` over a glob of image files
+(``--data.init_args.predict_images 'photos/*.jpg'``), whose image ids are the positions in the sorted list.
+
+Multiple processes (DDP): each rank writes ``predictions.rank{N}.json`` into ``out_dir`` (which must be a
+filesystem all ranks share), and after a barrier rank 0 merges them into the same three files, keeping one
+copy per image id (``DistributedSampler`` repeats images to even out the ranks) and removes the rank files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import encode_jpeg
+from torchvision.ops import box_convert
+from torchvision.transforms.v2 import functional as F
+from torchvision.utils import draw_bounding_boxes
+
+from training.images import DEFAULT_MAX_PIXELS, BadImageError, find_images, open_image
+
+PREDICTIONS_FILE = "predictions.json"
+CATEGORIES_FILE = "categories.json"
+IMAGES_FILE = "images.json"
+IMAGES_DIR = "images"
+
+# Box colours by label (label 1 -> first colour); names torchvision's draw_bounding_boxes (PIL) knows.
+PALETTE = ("red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "deepskyblue", "violet", "white")
+
+
+# -- files ------------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file in ``path``'s folder, then ``os.replace`` it over ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    # A plain open() (not mkstemp) so the file gets the usual umask-derived mode.
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=None, separators=(",", ":")) + "\n").encode("utf-8"))
+
+
+# -- conversion -------------------------------------------------------------------------------------------
+
+
+def coco_results(
+    image_id: int,
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    label_to_cat_id: dict[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result entries.
+
+    Args:
+        boxes: ``[D, 4]`` XYXY absolute pixels; written as ``[x, y, w, h]``.
+        scores: ``[D]``; labels: ``[D]`` contiguous 1..K.
+        label_to_cat_id: label -> category id of the dataset; None writes the label itself.
+    """
+    # float64: the difference of two float32 values is exact there, so x + w gives back x2.
+    xywh = box_convert(boxes.detach().cpu().to(torch.float64).reshape(-1, 4), "xyxy", "xywh").tolist()
+    out = []
+    for box, score, label in zip(xywh, scores.tolist(), labels.tolist(), strict=True):
+        label = int(label)
+        if label_to_cat_id is not None and label not in label_to_cat_id:
+            raise ValueError(
+                f"detection label {label} has no category id in the dataset (labels {sorted(label_to_cat_id)}); "
+                "the model's classes do not match the data's"
+            )
+        category = label_to_cat_id[label] if label_to_cat_id is not None else label
+        out.append({"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)})
+    return out
+
+
+def draw_detections(
+    image: Tensor,
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    score_threshold: float = 0.5,
+    width: int = 2,
+) -> Tensor:
+    """``image`` (float ``[3, H, W]`` in 0..1 or uint8) with the detections scoring ``>= score_threshold``
+    drawn as XYXY ``boxes`` captioned "name score"; returns uint8 ``[3, H, W]``."""
+    if image.dtype != torch.uint8:
+        image = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    image = image.detach().cpu().as_subclass(Tensor)
+    keep = scores.detach().cpu() >= score_threshold
+    if not keep.any():
+        return image
+    boxes, scores, labels = boxes.detach().cpu()[keep].float(), scores.detach().cpu()[keep], labels.cpu()[keep]
+    names = [class_names[i - 1] if 0 < i <= len(class_names) else str(i) for i in labels.tolist()]
+    captions = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
+    colors = [PALETTE[(i - 1) % len(PALETTE)] for i in labels.tolist()]
+    return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
+
+
+# -- plain image files ------------------------------------------------------------------------------------
+
+
+class ImageFileDataset(Dataset):
+    """Image files without annotations, for prediction.
+
+    Args:
+        images: a directory (searched recursively), a glob pattern or a list of paths
+            (see ``training.images.find_images``); image ids are positions in the sorted list.
+        class_names: the classes the detections will be named by (optional, informational).
+        label_to_cat_id: category id of each label when the classes come from a COCO file; None: the
+            label is the id.
+        on_bad_sample: "raise" stops at an unreadable file naming it; "skip" warns and yields None
+            (``collate_detection`` drops it).
+
+    ``__getitem__(i)`` returns ``(image, target)``: image ``tv_tensors.Image`` float32 ``[3, H, W]`` in
+    0..1, target ``{"image_id": i, "path": path}``.
+    """
+
+    def __init__(
+        self,
+        images: str | os.PathLike | Sequence[str],
+        class_names: Sequence[str] | None = None,
+        label_to_cat_id: dict[int, int] | None = None,
+        on_bad_sample: str = "raise",
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        if isinstance(images, (str, os.PathLike)):
+            self.paths = find_images(images)
+        else:
+            self.paths = [os.fspath(p) for p in images]
+            if not self.paths:
+                raise ValueError("ImageFileDataset: the list of image paths is empty")
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
+        self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image_paths(self) -> dict[int, str]:
+        return dict(enumerate(self.paths))
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            img = open_image(path, self.max_image_pixels)
+        except BadImageError as e:
+            if self.on_bad_sample == "raise":
+                raise
+            warnings.warn(f"skipping bad image {index}: {e}", stacklevel=2)
+            return None
+        image = F.to_dtype(tv_tensors.Image(F.pil_to_tensor(img)), torch.float32, scale=True)
+        return image, {"image_id": index, "path": path}
+
+
+def image_paths_of(dataset: Any) -> dict[int, str]:
+    """image id -> file path for the datasets this project has (``records`` or ``image_paths()``)."""
+    if hasattr(dataset, "image_paths"):
+        return dataset.image_paths()
+    if hasattr(dataset, "records"):
+        return {int(r.image_id): r.path for r in dataset.records}
+    return {}
+
+
+def drawing_names(paths: dict[int, str]) -> dict[int, str]:
+    """image id -> ``<file stem>.jpg``; stems that occur more than once get ``_<image id>`` appended so
+    no drawing overwrites another (decided from the whole dataset, hence the same on every rank)."""
+    stems = {iid: Path(p).stem for iid, p in paths.items()}
+    counts = Counter(stems.values())
+    return {iid: f"{s}_{iid}.jpg" if counts[s] > 1 else f"{s}.jpg" for iid, s in stems.items()}
+
+
+# -- the writer -------------------------------------------------------------------------------------------
+
+
+class CocoPredictionWriter(BasePredictionWriter):
+    """Collects ``predict_step`` output batch by batch and writes the files listed in the module docstring
+    at the end of the predict epoch (atomically).
+
+    Args:
+        out_dir: output folder (created).
+        draw: also write ``images/<stem>.jpg`` with the boxes drawn.
+        draw_score_threshold: only detections scoring at least this are drawn (all are written to JSON).
+
+    ``predict_step`` must return one dict per image with ``boxes [D, 4]`` XYXY pixels, ``scores [D]``,
+    ``labels [D]`` (1..K) and ``image_id``, as ``DetectionModule.predict_step`` does for ``(images, targets)``
+    batches; drawings use the batch's images, the frame the boxes are in.
+    """
+
+    def __init__(self, out_dir: str, draw: bool = False, draw_score_threshold: float = 0.5):
+        super().__init__(write_interval="batch")
+        self.out_dir = os.fspath(out_dir)
+        self.draw = draw
+        self.draw_score_threshold = draw_score_threshold
+        self._reset()
+
+    def _reset(self) -> None:
+        self.results: list[dict[str, Any]] = []
+        self.images: dict[int, dict[str, Any]] = {}
+        self._sources: dict[int, dict[str, Any]] = {}  # per dataloader: category map, paths, drawing names
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+    def _source(self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader_idx: int) -> dict[str, Any]:
+        if dataloader_idx not in self._sources:
+            loaders = trainer.predict_dataloaders
+            if isinstance(loaders, dict):
+                loaders = list(loaders.values())
+            loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+            dataset = getattr(loader, "dataset", None)
+            names = list(getattr(pl_module, "class_names", None) or [])
+            data_names = getattr(dataset, "class_names", None)
+            if names and data_names is not None and list(data_names) != names:
+                raise ValueError(
+                    f"the model's classes {names} differ from the predict dataset's {list(data_names)}; "
+                    "its category ids would be wrong"
+                )
+            paths = image_paths_of(dataset)
+            self._sources[dataloader_idx] = {
+                "label_to_cat_id": getattr(dataset, "label_to_cat_id", None),
+                "class_names": names or list(data_names or []),
+                "paths": paths,
+                "drawings": drawing_names(paths),
+            }
+        return self._sources[dataloader_idx]
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if not prediction:
+            return
+        source = self._source(trainer, pl_module, dataloader_idx)
+        images, targets = batch
+        for det, image, target in zip(prediction, images, targets, strict=True):
+            if "image_id" not in det:
+                raise ValueError(
+                    "predict_step returned a detection without 'image_id'; the predict data must yield "
+                    "(image, target) with target['image_id']"
+                )
+            image_id = int(det["image_id"])
+            self.results += coco_results(image_id, det["boxes"], det["scores"], det["labels"],
+                                         source["label_to_cat_id"])  # fmt: skip
+            path = target.get("path") if isinstance(target, dict) else None
+            path = path or source["paths"].get(image_id, "")
+            height, width = image.shape[-2:]
+            self.images[image_id] = {"id": image_id, "file_name": path, "width": int(width), "height": int(height)}
+            if self.draw:
+                name = source["drawings"].get(image_id) or f"{Path(path).stem or image_id}.jpg"
+                drawn = draw_detections(image, det["boxes"], det["scores"], det["labels"],
+                                        source["class_names"], self.draw_score_threshold)  # fmt: skip
+                atomic_write_bytes(os.path.join(self.out_dir, IMAGES_DIR, name), encode_jpeg(drawn, 90).numpy().tobytes())
+
+    def _categories(self) -> list[dict[str, Any]]:
+        cats: dict[int, str] = {}
+        for source in self._sources.values():
+            mapping = source["label_to_cat_id"]
+            for label, name in enumerate(source["class_names"], start=1):
+                cats[mapping[label] if mapping else label] = name
+        return [{"id": cid, "name": cats[cid]} for cid in sorted(cats)]
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        results, images = self.results, self.images
+        if trainer.world_size > 1:
+            rank_file = os.path.join(self.out_dir, f"predictions.rank{trainer.global_rank}.json")
+            atomic_write_json(rank_file, {"results": results, "images": list(images.values())})
+            trainer.strategy.barrier("litvision_predictions")
+            if not trainer.is_global_zero:
+                return
+            results, images = merge_rank_files(
+                [os.path.join(self.out_dir, f"predictions.rank{r}.json") for r in range(trainer.world_size)]
+            )
+        write_prediction_files(self.out_dir, results, list(images.values()), self._categories())
+
+    @property
+    def predictions_path(self) -> str:
+        return os.path.join(self.out_dir, PREDICTIONS_FILE)
+
+
+def merge_rank_files(paths: list[str]) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """Merge per-rank files, taking each image id's detections from the first rank that saw it; removes them."""
+    results: list[dict[str, Any]] = []
+    images: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            part = json.load(f)
+        new = {img["id"] for img in part["images"]} - images.keys()
+        images.update({img["id"]: img for img in part["images"] if img["id"] in new})
+        results += [r for r in part["results"] if r["image_id"] in new]
+    for path in paths:
+        os.remove(path)
+    return results, images
+
+
+def write_prediction_files(
+    out_dir: str, results: list[dict], images: list[dict], categories: list[dict]
+) -> None:
+    """``predictions.json`` (sorted by image id, then descending score), ``images.json``, ``categories.json``."""
+    results = sorted(results, key=lambda r: (r["image_id"], -r["score"]))
+    atomic_write_json(os.path.join(out_dir, CATEGORIES_FILE), categories)
+    atomic_write_json(os.path.join(out_dir, IMAGES_FILE), sorted(images, key=lambda i: i["id"]))
+    atomic_write_json(os.path.join(out_dir, PREDICTIONS_FILE), results)  # last: its presence means done

@@ -1,0 +1,54 @@
+"""Every YAML in configs/ parses against the real constructor signatures and instantiates."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train import LitvisionCLI
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ALL = sorted(p for p in CONFIGS.glob("*.yaml"))
+CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+       "--trainer.precision", "32-true"]  # fmt: skip
+
+
+def test_there_are_configs():
+    assert {p.name for p in ALL} >= {"faster_rcnn.yaml", "retinanet.yaml", "classifier.yaml", "coco.yaml", "voc.yaml"}
+
+
+def _data_overrides(config: Path, shapes_dir: Path, tmp_path: Path) -> list[str]:
+    text = config.read_text()
+    if "ImageFolderDataModule" in text:
+        root = shapes_dir / "classification"
+        return ["--data.init_args.root", str(root / "train"), "--data.init_args.val_root", str(root / "val")]
+    if "format: voc" in text:
+        return ["--data.init_args.root", str(tmp_path)]  # VOC classes need no file until setup
+    if "train2017" in text:  # a COCO tree with just the annotation file the model's classes come from
+        (tmp_path / "annotations").mkdir()
+        cats = [{"id": i, "name": f"c{i}"} for i in (1, 2, 5)]
+        data = {"images": [], "annotations": [], "categories": cats}
+        (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+        return ["--data.init_args.root", str(tmp_path)]
+    return ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false"]
+
+
+@pytest.mark.parametrize("config", ALL, ids=lambda p: p.name)
+def test_config_instantiates(config, shapes_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ and data/ of the config land here
+    args = ["--config", str(config), *CPU, *_data_overrides(config, shapes_dir, tmp_path)]
+    if "weights: DEFAULT" in config.read_text():
+        args += ["--model.init_args.weights", "null"]  # no COCO download here; the weights path is tested elsewhere
+    cli = LitvisionCLI(args=args, run=False)
+    assert cli.model.class_names == cli.datamodule.class_names
+    assert cli.trainer.checkpoint_callback is not None
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar"} <= names
+    assert ("ReduceLROnPlateau" in names) == ("lr_plateau: null" not in config.read_text())
+
+
+def test_unknown_keys_are_rejected_with_a_suggestion(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        LitvisionCLI(args=["--config", str(CONFIGS / "faster_rcnn.yaml"), "--model.init_args.lrr", "0.1"], run=False)
+    assert "lrr" in capsys.readouterr().err
