@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -31,6 +33,7 @@ EXTRA_COMMANDS = {
     "shapes": "generate the embedded shapes dataset (COCO, VOC and classification layouts)",
     "demo": "the main job on the embedded data: generate shapes, train a detector",
     "layers": "list a classifier backbone's layers in the order freeze=N counts them",
+    "compare": "compare detector checkpoints on one split: metrics, bootstrap CIs, speed, plots",
 }
 
 
@@ -41,6 +44,13 @@ class LitvisionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str, default="litvision", help="run name: logs go to RUNS_DIR/NAME")
         parser.add_argument("--runs_dir", type=str, default="runs", help="directory holding all runs")
+        # predict (detectors): detectors.predict.CocoPredictionWriter's settings; other subcommands ignore them.
+        parser.add_argument("--predict_out", type=str | None, default=None,
+                            help="predict: folder for predictions.json; default RUNS_DIR/NAME/predictions")
+        parser.add_argument("--draw", type=bool, default=False,
+                            help="predict: also write PREDICT_OUT/images/*.jpg with the detections drawn")
+        parser.add_argument("--draw_score_threshold", type=float, default=0.5,
+                            help="predict: only detections scoring at least this are drawn")  # fmt: skip
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ReduceLROnPlateau, "lr_plateau", required=False)  # null disables it
         parser.set_defaults(
@@ -60,6 +70,20 @@ class LitvisionCLI(LightningCLI):
         )
         # The model learns its classes from the data (detectors and classifier alike).
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer; ``predict`` on a detector also gets the writer of ``predictions.json``."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand != "predict":
+            return trainer
+        from detectors.module import DetectionModule
+        from detectors.predict import CocoPredictionWriter
+
+        if isinstance(self.model, DetectionModule):
+            sub = self._sub()
+            out = sub["predict_out"] or os.path.join(self.run_dir(), "predictions")
+            trainer.callbacks.append(CocoPredictionWriter(out, sub["draw"], sub["draw_score_threshold"]))
+        return trainer
 
     def _sub(self):
         return self.config.get(self.subcommand) if self.subcommand else self.config
@@ -81,6 +105,8 @@ class LitvisionCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if self.plateau_disabled:
             callbacks = [c for c in callbacks if not isinstance(c, ReduceLROnPlateau)]
+        if config.get("enable_progress_bar") is False:  # the default RichProgressBar would conflict
+            config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)]
         sub = self._sub()
         ckpt = sub.get("ckpt_path") if self.subcommand == "fit" else None
         version = checkpoint_logger_version(ckpt) if ckpt else None  # a resumed run continues its version
@@ -203,8 +229,60 @@ def layers(backbone: str = "resnet50", freeze: str | int | list[str] | None = No
     print(f"{len(rows)} layers; freeze=N freezes indices 0..N-1")
 
 
+def compare(
+    checkpoints: list[str],
+    data: object,
+    out: str = "comparison",
+    split: Literal["val", "test"] = "val",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Literal["32", "bf16", "16"] = "32",
+    batch_size: int | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> dict:
+    """Compare detector checkpoints on one split: COCO/VOC metrics, paired-bootstrap CIs of mAP differences,
+    latency and throughput, plots; writes OUT/comparison.{md,csv,json} and PNGs.
+
+    Args:
+        checkpoints: model files (best.ckpt, last.ckpt, model.save() files) trained on the same classes.
+        data: data config in LightningCLI form (class_path + init_args), e.g. configs/data/shapes.yaml;
+            override fields with --data.init_args.NAME VALUE.
+        out: output folder.
+        split: evaluate on the data's val split or its test split.
+        device: auto (CUDA when available), cpu or cuda.
+        precision: 32, or bf16 / 16 through torch.autocast on CUDA.
+        batch_size: batch size of the throughput measurement (default: the data's batch_size).
+        resamples: bootstrap resamples of the images (0 skips the confidence intervals).
+        seed: seed of the bootstrap resampling.
+        warmup: untimed calls before timing.
+        repeats: timed calls; their median is reported.
+    """
+    from detectors.compare import compare as run_compare
+
+    try:
+        return run_compare(checkpoints, data, out, split, device, precision, batch_size, resamples, seed,
+                           warmup, repeats)  # fmt: skip
+    except ValueError as e:  # bad input: the message names the file and what is wrong, no traceback
+        sys.exit(f"train.py compare: error: {e}")
+
+
+def _parse_compare(argv: list[str]) -> dict:
+    """compare's own parser: `--checkpoints A B` (nargs) and `--data X.yaml`, a DataModule config."""
+    from lightning import LightningDataModule
+
+    parser = ArgumentParser(prog="train.py compare", description=compare.__doc__.split("\n")[0])
+    parser.add_function_arguments(compare, skip={"checkpoints", "data"})
+    parser.add_argument("--checkpoints", nargs="+", required=True, help="model files to compare")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    return parser.instantiate(parser.parse_args(argv)).as_dict()  # builds the DataModule
+
+
 def _run_extra(command: str, argv: list[str]):
     functions = {"evaluate": evaluate, "shapes": shapes, "demo": demo, "layers": layers}
+    if command == "compare":
+        return compare(**_parse_compare(argv))
     parser = ArgumentParser(prog=f"train.py {command}", description=functions[command].__doc__.split("\n")[0])
     # `layers` reads the classifier's own keys: `train.py layers --model.backbone resnet50`.
     nested = "model" if command == "layers" else None
@@ -214,11 +292,11 @@ def _run_extra(command: str, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        _run_extra(argv[0], argv[1:])
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        _run_extra(args[0], args[1:])
         return
-    _cli(argv)
+    _cli(argv)  # None: LightningCLI reads sys.argv itself (and does not warn about both)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ copy per image id (``DistributedSampler`` repeats images to even out the ranks) 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -35,10 +36,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import encode_jpeg
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
@@ -104,11 +105,14 @@ def coco_results(
         label = int(label)
         if label_to_cat_id is not None and label not in label_to_cat_id:
             raise ValueError(
-                f"detection label {label} has no category id in the dataset (labels {sorted(label_to_cat_id)}); "
+                f"detection label {label} has no category id in the dataset "
+                f"(labels {sorted(label_to_cat_id)}); "
                 "the model's classes do not match the data's"
             )
         category = label_to_cat_id[label] if label_to_cat_id is not None else label
-        out.append({"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)})
+        out.append(
+            {"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)}
+        )
     return out
 
 
@@ -129,11 +133,22 @@ def draw_detections(
     keep = scores.detach().cpu() >= score_threshold
     if not keep.any():
         return image
-    boxes, scores, labels = boxes.detach().cpu()[keep].float(), scores.detach().cpu()[keep], labels.cpu()[keep]
+    boxes, scores, labels = (
+        boxes.detach().cpu()[keep].float(),
+        scores.detach().cpu()[keep],
+        labels.cpu()[keep],
+    )
     names = [class_names[i - 1] if 0 < i <= len(class_names) else str(i) for i in labels.tolist()]
     captions = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
     colors = [PALETTE[(i - 1) % len(PALETTE)] for i in labels.tolist()]
     return draw_bounding_boxes(image, boxes, labels=captions, colors=colors, width=width)
+
+
+def jpeg_bytes(image: Tensor, quality: int = 90) -> bytes:
+    """uint8 ``[3, H, W]`` as JPEG file bytes (PIL; torchvision.io's encoders are deprecated)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 # -- plain image files ------------------------------------------------------------------------------------
@@ -243,14 +258,15 @@ class CocoPredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
+        # Read every dataset's category map now: a class mismatch fails before any image is predicted.
+        for dataloader_idx in range(len(_loaders(trainer))):
+            self._source(trainer, pl_module, dataloader_idx)
 
-    def _source(self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader_idx: int) -> dict[str, Any]:
+    def _source(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, dataloader_idx: int
+    ) -> dict[str, Any]:
         if dataloader_idx not in self._sources:
-            loaders = trainer.predict_dataloaders
-            if isinstance(loaders, dict):
-                loaders = list(loaders.values())
-            loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-            dataset = getattr(loader, "dataset", None)
+            dataset = getattr(_loaders(trainer)[dataloader_idx], "dataset", None)
             names = list(getattr(pl_module, "class_names", None) or [])
             data_names = getattr(dataset, "class_names", None)
             if names and data_names is not None and list(data_names) != names:
@@ -288,17 +304,29 @@ class CocoPredictionWriter(BasePredictionWriter):
                     "(image, target) with target['image_id']"
                 )
             image_id = int(det["image_id"])
-            self.results += coco_results(image_id, det["boxes"], det["scores"], det["labels"],
-                                         source["label_to_cat_id"])  # fmt: skip
+            self.results += coco_results(
+                image_id, det["boxes"], det["scores"], det["labels"], source["label_to_cat_id"]
+            )
             path = target.get("path") if isinstance(target, dict) else None
             path = path or source["paths"].get(image_id, "")
             height, width = image.shape[-2:]
-            self.images[image_id] = {"id": image_id, "file_name": path, "width": int(width), "height": int(height)}
+            self.images[image_id] = {
+                "id": image_id,
+                "file_name": path,
+                "width": int(width),
+                "height": int(height),
+            }
             if self.draw:
                 name = source["drawings"].get(image_id) or f"{Path(path).stem or image_id}.jpg"
-                drawn = draw_detections(image, det["boxes"], det["scores"], det["labels"],
-                                        source["class_names"], self.draw_score_threshold)  # fmt: skip
-                atomic_write_bytes(os.path.join(self.out_dir, IMAGES_DIR, name), encode_jpeg(drawn, 90).numpy().tobytes())
+                drawn = draw_detections(
+                    image,
+                    det["boxes"],
+                    det["scores"],
+                    det["labels"],
+                    source["class_names"],
+                    self.draw_score_threshold,
+                )
+                atomic_write_bytes(os.path.join(self.out_dir, IMAGES_DIR, name), jpeg_bytes(drawn))
 
     def _categories(self) -> list[dict[str, Any]]:
         cats: dict[int, str] = {}
@@ -327,8 +355,18 @@ class CocoPredictionWriter(BasePredictionWriter):
         return os.path.join(self.out_dir, PREDICTIONS_FILE)
 
 
+def _loaders(trainer: L.Trainer) -> list:
+    loaders = trainer.predict_dataloaders
+    if loaders is None:
+        return []
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
 def merge_rank_files(paths: list[str]) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """Merge per-rank files, taking each image id's detections from the first rank that saw it; removes them."""
+    """Merge per-rank files (then removes them), taking each image id's detections from the first rank
+    that saw it."""
     results: list[dict[str, Any]] = []
     images: dict[int, dict[str, Any]] = {}
     for path in paths:
@@ -345,7 +383,8 @@ def merge_rank_files(paths: list[str]) -> tuple[list[dict[str, Any]], dict[int, 
 def write_prediction_files(
     out_dir: str, results: list[dict], images: list[dict], categories: list[dict]
 ) -> None:
-    """``predictions.json`` (sorted by image id, then descending score), ``images.json``, ``categories.json``."""
+    """Write ``categories.json``, ``images.json`` and, last, ``predictions.json`` (sorted by image id,
+    then descending score)."""
     results = sorted(results, key=lambda r: (r["image_id"], -r["score"]))
     atomic_write_json(os.path.join(out_dir, CATEGORIES_FILE), categories)
     atomic_write_json(os.path.join(out_dir, IMAGES_FILE), sorted(images, key=lambda i: i["id"]))

@@ -317,6 +317,10 @@ class SavableModule:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         _require_plain_hparams(checkpoint.get("hyper_parameters") or {}, type(self).__name__)
         checkpoint[LITVISION_KEY] = _litvision_info(self)  # type: ignore[arg-type]
+        if isinstance(checkpoint.get("hyper_parameters"), dict):
+            # LightningCLI's `--ckpt_path` re-reads the model config from the checkpoint and needs the class
+            # (modules it built already carry it); load_from_checkpoint ignores the key.
+            checkpoint["hyper_parameters"].setdefault("_class_path", class_path_of(type(self)))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
