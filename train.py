@@ -31,7 +31,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 EXTRA_COMMANDS = {
     "evaluate": "score a COCO results file against COCO ground truth (pycocotools-exact)",
     "shapes": "generate the embedded shapes dataset (COCO, VOC and classification layouts)",
-    "demo": "the main job on the embedded data: generate shapes, train a detector",
+    "demo": "the main job on the embedded data: shapes, both detectors, their comparison, the classifier",
     "layers": "list a classifier backbone's layers in the order freeze=N counts them",
     "compare": "compare detector checkpoints on one split: metrics, bootstrap CIs, speed, plots",
 }
@@ -185,24 +185,57 @@ def shapes(
         print(f"{key:24s} {path}")
 
 
-def demo(out: str = "demo", max_time: str = "00:00:04:00", seed: int = 0) -> None:
-    """The main job on the embedded data: generate the shapes dataset, then train a detector.
+def demo(
+    out: str = "demo",
+    detector_minutes: float = 3.5,
+    classifier_minutes: float = 1.5,
+    seed: int = 0,
+) -> None:
+    """The main job on the embedded data: shapes -> Faster R-CNN and RetinaNet on the same backbone and
+    schedule -> their comparison -> a frozen-backbone classifier transferred from the detector's backbone.
 
     Args:
-        out: directory for the dataset and the runs (created; re-running reuses what is there).
-        max_time: training time budget per model, DD:HH:MM:SS.
+        out: directory for the dataset, runs and report. Re-running reuses finished steps and resumes an
+            interrupted one from its last.ckpt.
+        detector_minutes: training time budget of each detector.
+        classifier_minutes: training time budget of the classifier.
         seed: seed of the dataset and of training.
     """
     data_root = os.path.join(out, "shapes")
-    shapes(data_root, seed=seed)
     runs_dir = os.path.join(out, "runs")
-    ckpt_dir = os.path.join(runs_dir, "faster_rcnn", "checkpoints")
-    args = ["fit", "--config", str(CONFIGS / "faster_rcnn.yaml"), "--data.root", data_root,
-            "--runs_dir", runs_dir, "--seed_everything", str(seed), "--trainer.max_time", max_time]  # fmt: skip
-    if os.path.isfile(os.path.join(ckpt_dir, "last.ckpt")):
-        args += ["--ckpt_path", "last"]  # re-running continues where the last run stopped
-    _cli(args)
-    print(f"\ndataset: {data_root}\ncheckpoints: {ckpt_dir}\nlogs: {os.path.join(runs_dir, 'faster_rcnn')}")
+    shapes(data_root, seed=seed)
+    data = ["--data.init_args.root", data_root, "--data.init_args.generate", "false"]
+    ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed, data) for name in ("faster_rcnn", "retinanet")}
+    report = os.path.join(out, "comparison")
+    _run_extra("compare", ["--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
+                           "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report])  # fmt: skip
+    crops = os.path.join(data_root, "classification")
+    classifier = _demo_fit("classifier", runs_dir, classifier_minutes, seed, [
+        "--data.init_args.root", os.path.join(crops, "train"), "--data.init_args.val_root", os.path.join(crops, "val"),
+        "--model.init_args.backbone_checkpoint", ckpt["faster_rcnn"],
+    ])  # fmt: skip
+    print("\nlitvision demo outputs")
+    for what, where in [("dataset (COCO, VOC, crops)", data_root), ("Faster R-CNN", ckpt["faster_rcnn"]),
+                        ("RetinaNet", ckpt["retinanet"]), ("comparison report", os.path.join(report, "comparison.md")),
+                        ("classifier", classifier), ("logs (tensorboard --logdir)", runs_dir)]:  # fmt: skip
+        print(f"  {what:30s} {where}")
+
+
+def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: list[str]) -> str:
+    """Train configs/<name>.yaml for a time budget unless done; returns the checkpoint to use next."""
+    ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
+    best, last = os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, "last.ckpt")
+    done = os.path.join(runs_dir, name, "demo-finished")
+    if not os.path.isfile(done):
+        budget = int(minutes * 60)
+        args = ["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--runs_dir", runs_dir,
+                "--seed_everything", str(seed), "--trainer.max_epochs", "1000",
+                "--trainer.max_time", f"00:00:{budget // 60:02d}:{budget % 60:02d}", *overrides]  # fmt: skip
+        if os.path.isfile(last):
+            args += ["--ckpt_path", "last"]  # an interrupted demo continues where it stopped
+        _cli(args)
+        Path(done).touch()
+    return best if os.path.isfile(best) else last
 
 
 def layers(backbone: str = "resnet50", freeze: str | int | list[str] | None = None) -> None:

@@ -59,6 +59,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         compute_val_loss: compute ``val_loss`` (costs the detection heads a second time, not the backbone).
         pretrained_layout, frozen_bn_eps: the structure of a pretrained model without its weights; set by
             ``load_model`` when it rebuilds a saved model offline (see ``offline_hparams``).
+        **detector_options: the subclass' architecture-specific arguments, passed to ``build_detector``.
     """
 
     arch: str = ""
@@ -90,9 +91,12 @@ class DetectionModule(SavableModule, L.LightningModule):
         compute_val_loss: bool = True,
         pretrained_layout: bool = False,
         frozen_bn_eps: float | None = None,
-        **model_kwargs: Any,
+        **detector_options: Any,
     ):
         super().__init__()
+        # Records the subclass' own arguments too (they arrive in detector_options): everything
+        # load_model needs to rebuild the architecture.
+        self.save_hyperparameters()
         if class_names is not None:
             if num_classes is not None and num_classes != len(class_names) + 1:
                 raise ValueError(
@@ -122,7 +126,7 @@ class DetectionModule(SavableModule, L.LightningModule):
             detections_per_img=detections_per_img,
             pretrained_layout=pretrained_layout,
             frozen_bn_eps=frozen_bn_eps,
-            **model_kwargs,
+            **detector_options,
         )
         self.val_metrics = DetectionEvaluator(self.class_names)
         self.test_metrics = DetectionEvaluator(self.class_names)
@@ -243,90 +247,44 @@ class DetectionModule(SavableModule, L.LightningModule):
 class FasterRCNNModule(DetectionModule):
     """Two-stage detector: torchvision Faster R-CNN (RPN proposals, then ROI classification).
 
-    Besides :class:`DetectionModule`'s arguments: ``rpn_pre_nms_top_n_*``/``rpn_post_nms_top_n_*``
-    (proposals kept before/after NMS in training and testing) and ``box_batch_size_per_image`` (ROIs
-    sampled per image for the box head); None keeps torchvision's defaults.
+    Takes :class:`DetectionModule`'s arguments, plus:
+        rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train, rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test:
+            RPN proposals kept before/after NMS in training and testing.
+        box_batch_size_per_image: ROIs sampled per image for the box head.
+    None keeps torchvision's defaults.
     """
 
     arch = "fasterrcnn"
 
     def __init__(
         self,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
-        backbone: str = "resnet50_fpn",
-        weights: str | None = None,
-        weights_backbone: str | None = None,
-        weights_path: str | None = None,
-        trainable_backbone_layers: int | None = None,
-        min_size: int | None = None,
-        max_size: int | None = None,
-        anchor_sizes: list[list[int]] | list[int] | None = None,
-        aspect_ratios: list[float] | None = None,
         rpn_pre_nms_top_n_train: int | None = None,
         rpn_post_nms_top_n_train: int | None = None,
         rpn_pre_nms_top_n_test: int | None = None,
         rpn_post_nms_top_n_test: int | None = None,
         box_batch_size_per_image: int | None = None,
-        score_thresh: float | None = None,
-        nms_thresh: float | None = None,
-        detections_per_img: int = 100,
-        optimizer: Optimizer = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        warmup_iters: int = 100,
-        warmup_factor: float = 0.001,
-        lr_milestones: list[int] | None = None,
-        lr_gamma: float = 0.1,
-        compute_val_loss: bool = True,
-        pretrained_layout: bool = False,
-        frozen_bn_eps: float | None = None,
+        **kwargs: Any,
     ):
-        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        super().__init__(**args)
-        self.save_hyperparameters()
+        super().__init__(
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+            box_batch_size_per_image=box_batch_size_per_image,
+            **kwargs,
+        )
 
 
 class RetinaNetModule(DetectionModule):
     """One-stage detector: torchvision RetinaNet (dense anchors, focal loss).
 
-    ``group_norm_head`` puts GroupNorm in the head towers (as torchvision's ``_v2`` does) for the
-    composed backbones; it trains markedly better from scratch. ``detections_per_img`` defaults to 100
-    (torchvision: 300) so both detector types are scored under COCO's maxDets=100.
+    Takes :class:`DetectionModule`'s arguments, plus ``group_norm_head``: GroupNorm in the head towers
+    (as torchvision's ``_v2`` has) for the composed backbones; it trains markedly better from scratch.
+    ``detections_per_img`` defaults to 100 (torchvision: 300) so both detector types are scored under
+    COCO's maxDets=100.
     """
 
     arch = "retinanet"
 
-    def __init__(
-        self,
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
-        backbone: str = "resnet50_fpn",
-        weights: str | None = None,
-        weights_backbone: str | None = None,
-        weights_path: str | None = None,
-        trainable_backbone_layers: int | None = None,
-        min_size: int | None = None,
-        max_size: int | None = None,
-        anchor_sizes: list[list[int]] | list[int] | None = None,
-        aspect_ratios: list[float] | None = None,
-        group_norm_head: bool = False,
-        score_thresh: float | None = None,
-        nms_thresh: float | None = None,
-        detections_per_img: int = 100,
-        optimizer: Optimizer = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        warmup_iters: int = 100,
-        warmup_factor: float = 0.001,
-        lr_milestones: list[int] | None = None,
-        lr_gamma: float = 0.1,
-        compute_val_loss: bool = True,
-        pretrained_layout: bool = False,
-        frozen_bn_eps: float | None = None,
-    ):
-        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        super().__init__(**args)
-        self.save_hyperparameters()
+    def __init__(self, group_norm_head: bool = False, **kwargs: Any):
+        super().__init__(group_norm_head=group_norm_head, **kwargs)

@@ -98,7 +98,7 @@ class DetectionDataModule(L.LightningDataModule):
         batch_size: int = 4,
         num_workers: int = 2,
         pin_memory: bool | None = None,
-        persistent_workers: bool = True,
+        persistent_workers: bool = False,
         aspect_ratio_grouping: bool = False,
         hflip_prob: float = 0.5,
         photometric: bool = True,

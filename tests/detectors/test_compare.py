@@ -140,18 +140,35 @@ def test_resampled_differences_match_pycocotools():
     assert r.observed == pytest.approx(_pycocotools_map(a, targets) - _pycocotools_map(b, targets), abs=1e-6)
 
 
-def test_interval_contains_the_population_difference():
-    # A large population where the true mAP difference is known (pycocotools on all of it); a sample of 40
-    # images from it; the bootstrap interval computed from the sample alone must contain the truth.
+def _population():
+    """400 images and two models' detections on them; the true mAP difference is measured on all 400."""
     population = _targets(400, seed=11)
     a, b = _noisy(population, seed=12, detect=0.9), _noisy(population, seed=13, detect=0.7, jitter=16)
-    truth = _pycocotools_map(a, population) - _pycocotools_map(b, population)
-    idx = np.random.default_rng(14).choice(len(population), 40, replace=False)
+    return population, a, b, _pycocotools_map(a, population) - _pycocotools_map(b, population)
+
+
+def _sample_interval(population, a, b, seed: int, n: int = 40, resamples: int = 100):
+    idx = np.random.default_rng(seed).choice(len(population), n, replace=False)
     sample = [population[i] for i in idx]
-    r = paired_bootstrap([a[i] for i in idx], [b[i] for i in idx], sample, CLASSES, resamples=200, seed=0)
+    return paired_bootstrap([a[i] for i in idx], [b[i] for i in idx], sample, CLASSES, resamples, seed=0)
+
+
+def test_interval_contains_the_population_difference():
+    # The interval computed from a sample of 40 images alone must contain the population's difference.
+    population, a, b, truth = _population()
+    r = _sample_interval(population, a, b, seed=14)
     assert r.low <= truth <= r.high
     assert 0 < r.high - r.low < 0.5  # an informative interval, not [-1, 1]
     assert r.low < r.observed < r.high
+
+
+@pytest.mark.slow
+def test_interval_coverage_over_samples():
+    # 95% intervals from 20 independent samples: about 19 should contain the truth; fewer than 16 would
+    # happen with probability < 2% for a correct 95% interval (binomial), so it flags a broken bootstrap.
+    population, a, b, truth = _population()
+    hits = sum(r.low <= truth <= r.high for r in (_sample_interval(population, a, b, 100 + s) for s in range(20)))
+    assert hits >= 16
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
