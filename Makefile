@@ -16,7 +16,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install -e '.[dev]'
 	@touch $(STAMP)
 

@@ -208,7 +208,8 @@ def demo(
     ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed, data) for name in ("faster_rcnn", "retinanet")}
     report = os.path.join(out, "comparison")
     _run_extra("compare", ["--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
-                           "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report])  # fmt: skip
+                           "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report,
+                           "--resamples", "200"])  # fmt: skip
     crops = os.path.join(data_root, "classification")
     classifier = _demo_fit("classifier", runs_dir, classifier_minutes, seed, [
         "--data.init_args.root", os.path.join(crops, "train"), "--data.init_args.val_root", os.path.join(crops, "val"),
@@ -275,8 +276,9 @@ def compare(
     warmup: int = 3,
     repeats: int = 20,
 ) -> dict:
-    """Compare detector checkpoints on one split: COCO/VOC metrics, paired-bootstrap CIs of mAP differences,
-    latency and throughput, plots; writes OUT/comparison.{md,csv,json} and PNGs.
+    """Compare detector checkpoints on one split: metrics, bootstrap CIs of mAP differences, speed, plots.
+
+    Writes OUT/comparison.md, .csv, .json and PNG plots (detectors.compare describes the method).
 
     Args:
         checkpoints: model files (best.ckpt, last.ckpt, model.save() files) trained on the same classes.
@@ -308,7 +310,8 @@ def _parse_compare(argv: list[str]) -> dict:
     parser = ArgumentParser(prog="train.py compare", description=compare.__doc__.split("\n")[0])
     parser.add_function_arguments(compare, skip={"checkpoints", "data"})
     parser.add_argument("--checkpoints", nargs="+", required=True, help="model files to compare")
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True, help="data config file "
+                                  "(class_path + init_args, e.g. configs/data/shapes.yaml) or class path")
     return parser.instantiate(parser.parse_args(argv)).as_dict()  # builds the DataModule
 
 

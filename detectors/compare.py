@@ -3,21 +3,21 @@
 :func:`compare` loads every checkpoint (``training.saving.load_model``), runs each model once over the split
 (eval mode, no grad, optional CUDA autocast) and scores the per-image detections with the project's
 evaluator (``detectors.evaluation``: pycocotools-exact COCO metrics, VOC07/VOC2010 AP@0.5). It writes
-``comparison.md``, ``comparison.csv`` (one row per model), ``comparison.json`` (everything, including the
-settings and the pairwise differences) and four PNG plots to the output folder, and prints the tables.
+``comparison.md``, ``comparison.csv`` (one row per model), ``comparison.json`` (everything, with the settings
+and the pairwise differences) and four PNG plots to the output folder, and prints the tables.
 
 Paired bootstrap (:func:`paired_bootstrap`, :func:`bootstrap_maps`): ``B`` resamples of the split's image
 indices with replacement, drawn as ``numpy.random.default_rng(seed).integers(0, n, size=(B, n))``; the same
-indices are used for every model, and a repeated image counts as a separate image. mAP of each resample
-comes from :func:`~detectors.evaluation.coco_evaluate`. The 95% interval of ``mAP_A - mAP_B`` is the
-2.5th..97.5th percentile of the ``B`` resampled differences (percentile bootstrap); the reported
-difference is the one measured on the whole split. An interval that excludes 0 says the ranking of the two
-models is unlikely to be an accident of which images happen to be in the split. Cost: ``B`` COCO
-evaluations per model (about 0.05-0.2 s each for 60 images on a CPU core).
+indices serve every model, and a repeated image counts as a separate image. Each resample's mAP comes from
+:func:`~detectors.evaluation.coco_evaluate`. The 95% interval of ``mAP_A - mAP_B`` is the 2.5..97.5th
+percentile of the ``B`` resampled differences (percentile bootstrap); the reported difference is the one
+measured on the whole split. An interval that excludes 0 says the ranking is unlikely to be an accident of
+which images happen to be in the split. Cost: ``B`` COCO evaluations per model (0.05-0.2 s each for 60
+images on one CPU core), so ``resamples`` is worth lowering on large splits.
 
-Speed (:func:`measure_speed`): images already on the device (no decoding or host-to-device copy),
+Speed (:func:`measure_speed`): images already on the device (no decoding, no host-to-device copy),
 ``warmup`` untimed calls, then the median of ``repeats`` timed calls (CUDA synchronised); latency at batch 1
-in ms/image, throughput in images/s at the given batch size. The image size is the model's own resize
+in ms/image, throughput in images/s at the given batch size. Image size is the model's own resize
 (``min_size``/``max_size`` of its transform), stated per model in the report.
 """
 
@@ -38,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from rich import box
 from rich.console import Console
 from rich.progress import Progress, track
 from rich.table import Table
@@ -46,13 +47,17 @@ from training.saving import load_model
 
 from .evaluation import CocoResult, coco_evaluate, evaluate_detections
 
+__all__ = ["BootstrapResult", "ModelEntry", "bootstrap_maps", "compare", "difference_interval",
+           "load_detectors", "measure_speed", "paired_bootstrap", "resample_indices",
+           "run_inference"]  # fmt: skip
+
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["32", "bf16", "16"]
 DETECTOR_TYPES = {"fasterrcnn": "two-stage", "retinanet": "one-stage"}
-# evaluator key -> column header
-METRIC_KEYS = {"map": "mAP", "map_50": "AP@.5", "map_75": "AP@.75", "map_small": "AP S",
-               "map_medium": "AP M", "map_large": "AP L", "mar_100": "AR@100", "voc07_ap50": "VOC07 AP@.5",
-               "voc10_ap50": "VOC10 AP@.5"}  # fmt: skip
+# evaluator key -> column header (COCO's abbreviations: AP50 = AP at IoU 0.5, APs = small objects, ...)
+METRIC_KEYS = {"map": "mAP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm",
+               "map_large": "APl", "mar_100": "AR100", "voc07_ap50": "VOC07 AP50",
+               "voc10_ap50": "VOC2010 AP50"}  # fmt: skip
 PLOTS = ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.png")
 
 
@@ -61,8 +66,8 @@ PLOTS = ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.p
 
 @dataclass
 class BootstrapResult:
-    """``observed``: mAP_A - mAP_B on the whole split; ``low``/``high``: percentile interval of the resampled
-    differences ``deltas`` [B] (NaN where a resample had no ground truth at all)."""
+    """``observed``: mAP_A - mAP_B on the whole split; ``low``/``high``: percentile interval of the
+    resampled differences ``deltas`` [B] (NaN for a resample without any ground truth)."""
 
     observed: float
     low: float
@@ -78,15 +83,14 @@ class BootstrapResult:
 
 
 def resample_indices(num_images: int, resamples: int, seed: int) -> np.ndarray:
-    """Image indices drawn with replacement, int [resamples, num_images]; row b is resample b of every model."""
+    """Indices drawn with replacement, int [resamples, num_images]; row b is resample b of every model."""
     return np.random.default_rng(seed).integers(0, num_images, size=(resamples, num_images))
 
 
 def _fast_map(preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str]) -> float:
     # no precision array, no per-class AP: the cheapest evaluation that yields pycocotools' mAP
-    result = coco_evaluate(preds, targets, class_names, extended_summary=False, class_metrics=False)
-    value = result.metrics["map"]
-    return value if value >= 0 else math.nan  # -1: no ground truth in this resample
+    value = coco_evaluate(preds, targets, class_names, extended_summary=False, class_metrics=False).metrics
+    return value["map"] if value["map"] >= 0 else math.nan  # -1: no ground truth at all
 
 
 def bootstrap_maps(
@@ -95,7 +99,7 @@ def bootstrap_maps(
     class_names: Sequence[str],
     resamples: int = 1000,
     seed: int = 0,
-    step: Callable[[], None] | None = None,
+    step: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """mAP of every model on every resample (:func:`resample_indices`), float64 [models, resamples].
 
@@ -120,10 +124,9 @@ def difference_interval(
     """Percentile interval of ``maps_a - maps_b`` (paired: the same resamples) around ``observed``."""
     deltas = np.asarray(maps_a, dtype=np.float64) - np.asarray(maps_b, dtype=np.float64)
     tail = 100 * (1 - confidence) / 2
+    low = high = math.nan
     if np.isfinite(deltas).any():
         low, high = (float(v) for v in np.nanpercentile(deltas, [tail, 100 - tail]))
-    else:
-        low = high = math.nan
     return BootstrapResult(observed, low, high, len(deltas), seed, confidence, deltas)
 
 
@@ -170,34 +173,38 @@ def _describe(name: str, path: str, m: torch.nn.Module) -> dict:
 
 
 def _model_names(paths: Sequence[str]) -> list[str]:
-    """File stems, or the paths below their common folder when stems repeat (runs/*/checkpoints/best.ckpt)."""
+    """File stems; when stems repeat, the path parts that tell the files apart (runs/NAME/checkpoints/best.ckpt
+    -> NAME)."""
     names = [Path(p).stem for p in paths]
     if len(set(names)) < len(names):
         full = [Path(p).resolve().with_suffix("") for p in paths]
-        common = os.path.commonpath(full)
-        names = [os.path.relpath(f, common) for f in full]
-    if len(set(names)) < len(names):
+        parts = [f.relative_to(os.path.commonpath(full)).parts for f in full]
+        while all(len(q) > 1 for q in parts) and len({q[-1] for q in parts}) == 1:
+            parts = [q[:-1] for q in parts]  # drop trailing parts all paths share ("checkpoints/best")
+        names = ["/".join(q) or n for q, n in zip(parts, names, strict=True)]
+    if len(set(names)) < len(names):  # the same file twice
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
     return names
 
 
-def load_detectors(checkpoints: Sequence[str], class_names: Sequence[str], data_name: str) -> list[ModelEntry]:  # noqa: E501
-    """Load every checkpoint; refuse models whose class lists differ from each other or from the data's."""
+def load_detectors(
+    checkpoints: Sequence[str], class_names: Sequence[str], data_name: str
+) -> list[ModelEntry]:
+    """Load every checkpoint (eval mode, CPU); refuse class lists that differ between models or from data."""
     if not checkpoints:
         raise ValueError("compare needs at least one checkpoint")
-    entries = []
-    for name, path in zip(_model_names(checkpoints), checkpoints, strict=True):
+    entries: list[ModelEntry] = []
+    for name, path in zip(_model_names(checkpoints), map(str, checkpoints), strict=True):
         module = load_model(path, map_location="cpu")
         if not hasattr(module, "class_names") or not hasattr(module, "parameter_counts"):
             raise ValueError(f"{path}: {type(module).__name__} is not a detector (detectors.module)")
-        first = entries[0] if entries else None
-        if first is not None and list(module.class_names) != list(first.module.class_names):
+        if entries and list(module.class_names) != list(entries[0].module.class_names):
             raise ValueError(
-                f"{path}: its class list {list(module.class_names)} differs from {first.checkpoint}'s class "
-                f"list {list(first.module.class_names)}; only models trained on the same classes, in the same "
-                "order, can be compared"
+                f"{path}: its class list {list(module.class_names)} differs from {entries[0].checkpoint}'s "
+                f"class list {list(entries[0].module.class_names)}; only models trained on the same classes, "
+                "in the same order, can be compared"
             )
-        entries.append(ModelEntry(name, str(path), module.eval(), _describe(name, str(path), module)))
+        entries.append(ModelEntry(name, path, module.eval(), _describe(name, path, module)))
     if list(entries[0].module.class_names) != list(class_names):
         raise ValueError(
             f"{entries[0].checkpoint}: the models' class list {list(entries[0].module.class_names)} differs "
@@ -224,17 +231,13 @@ def autocast(device: torch.device, precision: Precision):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _plain_target(t: dict) -> dict:
-    keys = ("boxes", "labels", "iscrowd", "area", "difficult")
-    return {k: t[k].as_subclass(torch.Tensor).detach().cpu() for k in keys if k in t}
-
-
 @torch.no_grad()
-def run_inference(entries: Sequence[ModelEntry], loader, device: torch.device, precision: Precision,
-                  keep: int) -> tuple[list[dict], list[torch.Tensor]]:  # fmt: skip
+def run_inference(
+    entries: Sequence[ModelEntry], loader, device: torch.device, precision: Precision, keep: int
+) -> tuple[list[dict], list[torch.Tensor]]:
     """One pass over ``loader``'s ``(images, targets)`` batches, every model on every batch; fills
-    ``entry.preds`` (CPU, float32 boxes XYXY pixels / scores, int64 labels). Returns the targets and the
-    first ``keep`` images (CPU) for timing."""
+    ``entry.preds`` (CPU: float32 boxes XYXY pixels and scores, int64 labels). Returns the targets (plain
+    CPU tensors) and the first ``keep`` images (CPU) for timing."""
     targets, kept = [], []
     for entry in entries:
         entry.module.to(device)
@@ -247,15 +250,18 @@ def run_inference(entries: Sequence[ModelEntry], loader, device: torch.device, p
                 dets = entry.module(on_device)
             entry.preds += [{"boxes": d["boxes"].float().cpu(), "scores": d["scores"].float().cpu(),
                              "labels": d["labels"].long().cpu()} for d in dets]  # fmt: skip
-        targets += [_plain_target(t) for t in batch_targets]
+        keys = ("boxes", "labels", "iscrowd", "area", "difficult")
+        targets += [{k: t[k].as_subclass(torch.Tensor).cpu() for k in keys if k in t} for t in batch_targets]
         kept += [im.cpu() for im in images[: max(0, keep - len(kept))]]
     return targets, kept
 
 
 @torch.no_grad()
-def measure_speed(module: torch.nn.Module, images: Sequence[torch.Tensor], device: torch.device,
-                  precision: Precision, batch_size: int, warmup: int, repeats: int) -> tuple[float, float]:  # fmt: skip
-    """(median ms per image at batch 1, images/s at ``batch_size``) on ``images`` cycled (module docstring)."""
+def measure_speed(
+    module: torch.nn.Module, images: Sequence[torch.Tensor], device: torch.device, precision: Precision,
+    batch_size: int, warmup: int, repeats: int,
+) -> tuple[float, float]:  # fmt: skip
+    """(median ms per image at batch 1, images/s at ``batch_size``), ``images`` cycled (module docstring)."""
     imgs = [im.to(device) for im in images]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -278,14 +284,14 @@ def measure_speed(module: torch.nn.Module, images: Sequence[torch.Tensor], devic
 
 
 def _class_mean(values: np.ndarray) -> np.ndarray:
-    """Mean over the last axis (classes) of entries > -1 (classes with ground truth); NaN where none."""
+    """Mean over the last axis (classes) of the entries > -1 (classes with ground truth); NaN where none."""
     valid = values > -1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(valid, values, 0).sum(-1) / np.where(valid.any(-1), valid.sum(-1), np.nan)
 
 
 def _figure(path: Path, draw: Callable, size: tuple[float, float]) -> None:
-    """``draw(fig)`` on a new Figure rendered by the Agg canvas (no pyplot state, no display), saved as PNG."""
+    """``draw(fig)`` on a new Figure rendered by the Agg canvas (no pyplot state, no display); PNG file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -304,7 +310,7 @@ def plot_pr_curves(entries: Sequence[ModelEntry], path: Path) -> None:
             for e in entries:
                 t = int(np.argmin(np.abs(np.asarray(e.coco.iou_thresholds) - iou)))
                 curve = _class_mean(e.coco.precision[t, :, :, 0, -1])  # [R, K] -> [R]
-                ax.plot(e.coco.rec_thresholds, curve, label=f"{e.name} (AP {np.nanmean(curve):.3f})")
+                ax.plot(e.coco.rec_thresholds, curve, label=f"{e.name} (AP {_fmt(float(np.mean(curve)))})")
             ax.set(title=f"IoU {iou}", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
             ax.legend(fontsize=8)
 
@@ -318,7 +324,7 @@ def plot_ap_vs_iou(entries: Sequence[ModelEntry], path: Path) -> None:
         ax = fig.add_subplot()
         for e in entries:
             ax.plot(e.coco.iou_thresholds, _class_mean(e.coco.ap_per_iou()), marker="o",
-                    label=f"{e.name} (mAP {e.metrics['map']:.3f})")  # fmt: skip
+                    label=f"{e.name} (mAP {_fmt(e.metrics['map'])})")  # fmt: skip
         ax.set(xlabel="IoU threshold", ylabel="AP", title="AP vs IoU threshold", ylim=(0, 1.02))
         ax.legend(fontsize=8)
 
@@ -332,9 +338,8 @@ def plot_per_class_ap(entries: Sequence[ModelEntry], class_names: Sequence[str],
         ax = fig.add_subplot()
         x, width = np.arange(len(class_names)), 0.8 / len(entries)
         for i, e in enumerate(entries):
-            ap = [e.metrics[f"ap/{n}"] for n in class_names]
-            ax.bar(x + (i - (len(entries) - 1) / 2) * width, [v if v >= 0 else np.nan for v in ap], width,
-                   label=e.name)  # fmt: skip
+            ap = [v if v >= 0 else math.nan for v in (e.metrics[f"ap/{n}"] for n in class_names)]
+            ax.bar(x + (i - (len(entries) - 1) / 2) * width, ap, width, label=e.name)
         many = len(class_names) > 8  # long class lists: slanted labels
         ax.set_xticks(x, class_names, rotation=45 if many else 0, ha="right" if many else "center")
         ax.set(ylabel="AP (IoU 0.50:0.95)", title="Per-class AP", ylim=(0, 1.02))
@@ -349,10 +354,10 @@ def plot_speed_accuracy(entries: Sequence[ModelEntry], path: Path, setting: str)
     def draw(fig):
         ax = fig.add_subplot()
         for e in entries:
-            kind = e.info["detector"]
-            ax.scatter(e.latency_ms, e.metrics["map"], marker={"two-stage": "o", "one-stage": "^"}.get(kind, "s"),
-                       s=60, label=f"{e.name} ({kind})")  # fmt: skip
-            ax.annotate(e.name, (e.latency_ms, e.metrics["map"]), textcoords="offset points", xytext=(5, 5))
+            kind, y = e.info["detector"], e.metrics["map"] if e.metrics["map"] >= 0 else math.nan
+            marker = {"two-stage": "o", "one-stage": "^"}.get(kind, "s")
+            ax.scatter(e.latency_ms, y, marker=marker, s=60, label=f"{e.name} ({kind})")
+            ax.annotate(e.name, (e.latency_ms, y), textcoords="offset points", xytext=(5, 5))
         ax.set(xlabel="latency, ms/image (batch 1)", ylabel="mAP", title=f"Speed vs accuracy\n{setting}")
         ax.legend(fontsize=8)
 
@@ -366,7 +371,8 @@ def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
     """``write(file)`` into a temp file beside ``path``, then ``os.replace`` (never a half-written report)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
+        text = {} if binary else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, "wb" if binary else "w", **text) as f:
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for everyone to read
         os.replace(tmp, path)
@@ -380,8 +386,12 @@ def _fmt(v: float, digits: int = 3) -> str:
     return "n/a" if v is None or not math.isfinite(v) or v < 0 else f"{v:.{digits}f}"
 
 
+def _signed(v: float) -> str:
+    return f"{v:+.4f}" if math.isfinite(v) else "n/a"
+
+
 def _table(title: str, headers: Sequence[str], rows: list[list[str]], left: int = 1) -> Table:
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE, pad_edge=False, collapse_padding=True)  # fits 80 columns
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < left else "right")
     for row in rows:
@@ -390,25 +400,29 @@ def _table(title: str, headers: Sequence[str], rows: list[list[str]], left: int 
 
 
 def _tables(rows: list[dict], pairs: list[dict], class_names: Sequence[str], resamples: int) -> list[Table]:
-    models = _table("Models", ("model", "detector", "backbone", "params (M)", "min/max size", "ms/image", "images/s"),
-                    [[r["model"], r["detector"], r["backbone"], f"{r['params'] / 1e6:.2f}",
-                      f"{r['min_size']}/{r['max_size']}", _fmt(r["latency_ms"], 1), _fmt(r["throughput_ips"], 1)]
-                     for r in rows], left=3)  # fmt: skip
-    accuracy = _table("Accuracy (COCO AP over IoU 0.50:0.95 unless stated; n/a: no ground truth)",
-                      ("model", *METRIC_KEYS.values()), [[r["model"], *(_fmt(r[k]) for k in METRIC_KEYS)] for r in rows])
+    models = _table(
+        "Models", ("model", "detector", "backbone", "params (M)", "min/max size", "ms/image", "images/s"),
+        [[r["model"], r["detector"], r["backbone"], f"{r['params'] / 1e6:.2f}",
+          f"{r['min_size']}/{r['max_size']}", _fmt(r["latency_ms"], 1), _fmt(r["throughput_ips"], 1)]
+         for r in rows], left=3,
+    )  # fmt: skip
+    accuracy = _table("Accuracy (AP over IoU 0.50:0.95 unless stated; n/a: no ground truth)",
+                      ("model", *METRIC_KEYS.values()),
+                      [[r["model"], *(_fmt(r[k]) for k in METRIC_KEYS)] for r in rows])  # fmt: skip
     per_class = _table("Per-class AP", ("class", *(r["model"] for r in rows)),
-                       [[n, *(_fmt(r[f"ap/{n}"]) for r in rows)] for n in class_names])
-    diff = _table(f"mAP differences A - B: paired bootstrap over images, {resamples} resamples",
-                  ("A", "B", "mAP A", "mAP B", "A - B", "95% CI", "CI excludes 0"),
-                  [[p["a"], p["b"], _fmt(p["map_a"]), _fmt(p["map_b"]), f"{p['difference']:+.4f}",
-                    f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]" if math.isfinite(p["ci_low"]) else "n/a",
-                    "yes" if p["excludes_zero"] else "no"] for p in pairs], left=2)  # fmt: skip
-    return [models, accuracy, per_class, diff]
+                       [[n, *(_fmt(r[f"ap/{n}"]) for r in rows)] for n in class_names])  # fmt: skip
+    diff = _table(
+        f"mAP differences A - B: paired bootstrap over images, {resamples} resamples",
+        ("A", "B", "mAP A", "mAP B", "A - B", "95% CI", "excludes 0"),
+        [[p["a"], p["b"], _fmt(p["map_a"]), _fmt(p["map_b"]), _signed(p["difference"]),
+          f"[{_signed(p['ci_low'])}, {_signed(p['ci_high'])}]" if math.isfinite(p["ci_low"]) else "n/a",
+          "yes" if p["excludes_zero"] else "no"] for p in pairs], left=2,
+    )  # fmt: skip
+    return [models, accuracy, per_class, *([diff] if pairs else [])]  # one model: no pairs to compare
 
 
 def _markdown(tables: list[Table], settings: dict) -> str:
-    lines = ["# Detector comparison", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in settings.items()]
+    lines = ["# Detector comparison", "", *(f"- {k.replace('_', ' ')}: {v}" for k, v in settings.items())]
     for table in tables:
         cells = [list(c.cells) for c in table.columns]
         lines += ["", f"## {table.title}", "", "| " + " | ".join(str(c.header) for c in table.columns) + " |",
@@ -426,12 +440,16 @@ def _json_safe(value):
     return [_json_safe(v) for v in value] if isinstance(value, list) else value
 
 
-def write_report(folder: Path, entries: Sequence[ModelEntry], pairs: list[dict], settings: dict,
-                 class_names: Sequence[str], console: Console) -> dict:  # fmt: skip
+def write_report(
+    folder: Path, entries: Sequence[ModelEntry], pairs: list[dict], settings: dict,
+    class_names: Sequence[str], console: Console,
+) -> dict:  # fmt: skip
     """comparison.{md,csv,json}, the plots, and the tables on ``console``; returns the JSON content."""
     common = {k: settings[k] for k in ("device", "precision", "batch_size")}
-    rows = [{**e.info, **{k: e.metrics[k] for k in METRIC_KEYS}, **{f"ap/{n}": e.metrics[f"ap/{n}"] for n in class_names},
-             "latency_ms": e.latency_ms, "throughput_ips": e.throughput, **common} for e in entries]  # fmt: skip
+    rows = [{**e.info, **{k: e.metrics[k] for k in METRIC_KEYS},
+             **{f"ap/{n}": e.metrics[f"ap/{n}"] for n in class_names},
+             "latency_ms": e.latency_ms, "throughput_ips": e.throughput, **common}
+            for e in entries]  # fmt: skip
     tables = _tables(rows, pairs, class_names, settings["bootstrap_resamples"])
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "comparison.md", lambda f: f.write(_markdown(tables, settings)))
@@ -442,7 +460,7 @@ def write_report(folder: Path, entries: Sequence[ModelEntry], pairs: list[dict],
         writer.writerows(rows)
 
     _atomic_write(folder / "comparison.csv", write_csv)
-    for row, e in zip(rows, entries, strict=True):  # JSON only: mAP at each IoU threshold (the ap_vs_iou plot)
+    for row, e in zip(rows, entries, strict=True):  # JSON only: mAP at each IoU threshold (ap_vs_iou.png)
         row["ap_per_iou"] = dict(zip((f"{t:.2f}" for t in e.coco.iou_thresholds),
                                      _class_mean(e.coco.ap_per_iou()).tolist(), strict=True))  # fmt: skip
     report = {"settings": settings, "models": rows, "pairs": pairs, "plots": list(PLOTS)}
@@ -450,7 +468,8 @@ def write_report(folder: Path, entries: Sequence[ModelEntry], pairs: list[dict],
     plot_pr_curves(entries, folder / PLOTS[0])
     plot_ap_vs_iou(entries, folder / PLOTS[1])
     plot_per_class_ap(entries, class_names, folder / PLOTS[2])
-    plot_speed_accuracy(entries, folder / PLOTS[3], f"{settings['device']}, precision {settings['precision']}")
+    setting = f"{settings['device']}, precision {settings['precision']}"
+    plot_speed_accuracy(entries, folder / PLOTS[3], setting)
     for key, value in settings.items():
         console.print(f"{key.replace('_', ' ')}: {value}", highlight=False)
     for table in tables:
@@ -473,13 +492,14 @@ def compare(
     repeats: int = 20,
     console: Console | None = None,
 ) -> dict:
-    """Evaluate ``checkpoints`` on one split of ``data`` (a ``DetectionDataModule``, or any LightningDataModule
-    with ``class_names`` and ``(images, targets)`` batches) and write the report to ``out`` (module docstring).
-    ``batch_size`` (throughput) defaults to the data's; ``resamples=0`` skips the bootstrap. Returns the
-    content of ``comparison.json``."""
+    """Evaluate ``checkpoints`` on one split of ``data`` (a ``DetectionDataModule``, or a LightningDataModule
+    with ``class_names`` and ``(images, targets)`` batches) and write the report to ``out`` (module
+    docstring). ``batch_size`` (throughput) defaults to the data's; ``resamples=0`` skips the bootstrap.
+    Returns the content of ``comparison.json``."""
     console = console or Console()
     if resamples < 0 or warmup < 0 or repeats < 1:
-        raise ValueError(f"need resamples >= 0, warmup >= 0, repeats >= 1; got {resamples}, {warmup}, {repeats}")
+        raise ValueError(f"need resamples >= 0, warmup >= 0, repeats >= 1; got {resamples}, {warmup}, "
+                         f"{repeats}")
     hp = getattr(data, "hparams", {})
     split_name = hp.get("val_split", "val") if split == "val" else hp.get("test_split") or hp.get("val_split")
     data_name = f"{type(data).__name__}(root={hp.get('root', '?')!r}), split {split_name!r}"
@@ -497,7 +517,8 @@ def compare(
     for e in entries:
         e.metrics = evaluate_detections(e.preds, targets, class_names)
         e.coco = coco_evaluate(e.preds, targets, class_names)
-        e.latency_ms, e.throughput = measure_speed(e.module, images, dev, precision, batch_size, warmup, repeats)
+        speed = measure_speed(e.module, images, dev, precision, batch_size, warmup, repeats)
+        e.latency_ms, e.throughput = speed
     maps = np.full((len(entries), 0), math.nan)
     if resamples:
         with Progress(console=console, transient=True) as progress:
@@ -507,26 +528,23 @@ def compare(
     pairs = []
     for i, a in enumerate(entries):
         for j, b in enumerate(entries[i + 1 :], i + 1):
-            ci = difference_interval(a.metrics["map"] - b.metrics["map"], maps[i], maps[j], seed)
-            pairs.append({"a": a.name, "b": b.name, "map_a": a.metrics["map"], "map_b": b.metrics["map"],
-                          "difference": ci.observed, "ci_low": ci.low, "ci_high": ci.high,
+            ma, mb = a.metrics["map"], b.metrics["map"]
+            ci = difference_interval(ma - mb if min(ma, mb) >= 0 else math.nan, maps[i], maps[j], seed)
+            pairs.append({"a": a.name, "b": b.name, "map_a": ma, "map_b": mb, "difference": ci.observed,
+                          "ci_low": ci.low, "ci_high": ci.high,
                           "excludes_zero": ci.excludes_zero})  # fmt: skip
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
     settings = {
         "data": data_name, "images": len(targets), "classes": ", ".join(class_names),
-        "device": f"{dev.type} ({device_name})", "precision": precision, "batch_size": batch_size,
+        "device": f"{dev.type} ({where})", "precision": precision, "batch_size": batch_size,
         "image_size": "; ".join(f"{e.name} {e.info['min_size']}/{e.info['max_size']}" for e in entries)
-                      + " (the model's resize, min_size/max_size)",
+                      + " (each model's resize, min_size/max_size)",
         "timing": f"median of {repeats} calls after {warmup} warm-up calls, images already on the device; "
                   f"latency at batch 1, throughput at batch {batch_size}",
         "bootstrap_resamples": resamples, "bootstrap_seed": seed,
-        "bootstrap": f"paired over images: {resamples} resamples of the {len(targets)} images with replacement "
-                     f"(numpy default_rng({seed})), the same resamples for every model; 95% CI = 2.5-97.5 "
-                     "percentiles of the resampled mAP differences. A CI excluding 0: the difference is "
-                     "unlikely to come from which images happen to be in the split.",
+        "bootstrap": f"paired over images: {resamples} resamples of the {len(targets)} images with "
+                     f"replacement (numpy default_rng({seed})), the same resamples for every model; 95% CI = "
+                     "2.5-97.5 percentiles of the resampled mAP differences. A CI excluding 0: the "
+                     "difference is unlikely to come from which images happen to be in the split.",
     }  # fmt: skip
     return write_report(Path(out), entries, pairs, settings, class_names, console)
-
-
-__all__ = ["BootstrapResult", "ModelEntry", "bootstrap_maps", "compare", "difference_interval", "load_detectors",
-           "measure_speed", "paired_bootstrap", "resample_indices", "run_inference", "write_report"]  # fmt: skip

@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detectors.compare import autocast, load_detectors, paired_bootstrap
+from detectors.compare import _model_names, autocast, load_detectors, paired_bootstrap
 from detectors.module import FasterRCNNModule, RetinaNetModule
 from training.saving import save_model
 
@@ -41,13 +41,13 @@ def _targets(n: int, seed: int) -> list[dict]:
 
 
 def _perfect(targets: list[dict]) -> list[dict]:
-    return [{"boxes": t["boxes"].clone(), "scores": torch.ones(len(t["labels"])), "labels": t["labels"].clone()}
-            for t in targets]  # fmt: skip
+    return [{"boxes": t["boxes"].clone(), "scores": torch.ones(len(t["labels"])),
+             "labels": t["labels"].clone()} for t in targets]  # fmt: skip
 
 
 def _empty(targets: list[dict]) -> list[dict]:
-    return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
-            for _ in targets]  # fmt: skip
+    return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+             "labels": torch.zeros(0, dtype=torch.int64)} for _ in targets]  # fmt: skip
 
 
 def _noisy(targets: list[dict], seed: int, detect: float = 0.8, jitter: int = 12) -> list[dict]:
@@ -79,7 +79,8 @@ def _pycocotools_map(preds: list[dict], targets: list[dict]) -> float:
                          "score": s})  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": k, "name": str(k)} for k in (1, 2, 3)]}
+    categories = [{"id": k, "name": str(k)} for k in (1, 2, 3)]
+    gt.dataset = {"images": images, "annotations": anns, "categories": categories}
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the summary
@@ -136,7 +137,7 @@ def test_resampled_differences_match_pycocotools():
         expected.append(_pycocotools_map([a[i] for i in idx], t) - _pycocotools_map([b[i] for i in idx], t))
     np.testing.assert_allclose(r.deltas, expected, atol=1e-6)  # the evaluator's mAP is float32 (torchmetrics)
     assert np.ptp(expected) > 0.01  # the resamples really differ: not a constant case
-    np.testing.assert_allclose([r.low, r.high], np.percentile(expected, [2.5, 97.5]), atol=1e-6)  # the evaluator's mAP is float32 (torchmetrics)
+    np.testing.assert_allclose([r.low, r.high], np.percentile(expected, [2.5, 97.5]), atol=1e-6)
     assert r.observed == pytest.approx(_pycocotools_map(a, targets) - _pycocotools_map(b, targets), abs=1e-6)
 
 
@@ -167,8 +168,8 @@ def test_interval_coverage_over_samples():
     # 95% intervals from 20 independent samples: about 19 should contain the truth; fewer than 16 would
     # happen with probability < 2% for a correct 95% interval (binomial), so it flags a broken bootstrap.
     population, a, b, truth = _population()
-    hits = sum(r.low <= truth <= r.high for r in (_sample_interval(population, a, b, 100 + s) for s in range(20)))
-    assert hits >= 16
+    intervals = [_sample_interval(population, a, b, seed=100 + s) for s in range(20)]
+    assert sum(r.low <= truth <= r.high for r in intervals) >= 16
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -176,7 +177,7 @@ def test_interval_coverage_over_samples():
 
 @pytest.fixture(scope="module")
 def tiny_setup(shapes_dir, tmp_path_factory):
-    """Two tiny detectors with the shapes classes, one with other classes, and a data config for shapes_dir."""
+    """Two tiny detectors of the shapes classes, one of other classes, a data config for shapes_dir."""
     root = tmp_path_factory.mktemp("compare")
     small = dict(backbone="resnet18_fpn", min_size=64, max_size=64)
     torch.manual_seed(0)
@@ -235,7 +236,8 @@ def test_compare_command_writes_the_report(tiny_setup):
         assert np.mean(curve) == pytest.approx(model["map"], abs=1e-6)  # mAP is the mean of the AP-IoU curve
 
     md = (out / "comparison.md").read_text()
-    for text in ("| model |", "mAP", "VOC07 AP@.5", "95% CI", "8 resamples", "default_rng(3)", "frcnn 64/64"):
+    for text in ("| model |", "| mAP |", "VOC07 AP50", "VOC2010 AP50", "95% CI", "8 resamples", "default_rng(3)",
+                 "frcnn 64/64"):  # fmt: skip
         assert text in md, text
     assert "95% CI" in run.stdout and "frcnn" in run.stdout
     for name in ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.png"):
@@ -260,6 +262,13 @@ def test_compare_refuses_models_with_different_classes(tiny_setup, capsys):
 def test_models_must_match_the_data_classes(tiny_setup):
     with pytest.raises(ValueError, match=r"\['cat', 'dog'\].*\['a', 'b', 'c'\]"):
         load_detectors([tiny_setup["paths"]["other"]], ["a", "b", "c"], "my data")
+
+
+def test_model_names_tell_checkpoints_apart():
+    assert _model_names(["runs/faster_rcnn/checkpoints/best.ckpt", "runs/retinanet/checkpoints/best.ckpt"]) == [
+        "faster_rcnn", "retinanet"]  # fmt: skip
+    assert _model_names(["a/best.ckpt", "b/last.ckpt"]) == ["best", "last"]
+    assert _model_names(["x/best.ckpt", "x/best.ckpt"]) == ["best#1", "best#2"]
 
 
 def test_half_precision_needs_cuda():
