@@ -20,10 +20,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.saving import SavableModule, default_offline_hparams
+from training.saving import SavableModule, default_offline_hparams, load_model
 
 from .evaluation import DetectionEvaluator
-from .models import build_detector, count_parameters, frozen_bn_eps_of
+from .models import backbone_body, build_detector, count_parameters, frozen_bn_eps_of
 from .val_loss import losses_and_detections
 
 Optimizer = Literal["sgd", "adamw"]
@@ -38,6 +38,24 @@ def _loss_targets(targets) -> list[dict[str, Tensor]]:
     return out
 
 
+def load_backbone_checkpoint(body: torch.nn.Module, path: str) -> None:
+    """Copy the backbone of a saved classifier (``.backbone``) or detector (``.model.backbone.body``) into ``body``."""
+    source = load_model(path)
+    if isinstance(getattr(source, "model", None), torch.nn.Module):  # a detector
+        donor = source.model.backbone.body
+    elif isinstance(getattr(source, "backbone", None), torch.nn.Module):  # a classifier
+        donor = source.backbone
+    else:
+        raise ValueError(f"backbone_checkpoint {path}: {type(source).__name__} has no backbone to copy")
+    result = body.load_state_dict(donor.state_dict(), strict=False)
+    # FrozenBatchNorm2d (pretrained detectors) has no num_batches_tracked; nothing else may differ.
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"backbone_checkpoint {path}: its backbone ({source.hparams.get('backbone')}) does not "
+                         f"fit this detector's: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 class DetectionModule(SavableModule, L.LightningModule):
     """Shared training/evaluation logic; subclasses implement :meth:`build_model`.
 
@@ -48,6 +66,9 @@ class DetectionModule(SavableModule, L.LightningModule):
         backbone: detector variant, see ``detectors.models.list_variants``.
         weights, weights_backbone, weights_path, trainable_backbone_layers: as torchvision defines them
             (see ``detectors.models.build_detector``).
+        backbone_checkpoint: a litvision checkpoint whose backbone initialises this detector's backbone
+            body: a ``FrozenBackboneClassifier`` trained on the same data (the lesson's transfer learning,
+            offline) or another detector. Architectures must match (``resnet18`` <-> ``resnet18_fpn``).
         min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
         anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
         score_thresh, nms_thresh, detections_per_img: post-processing of detections.
@@ -72,6 +93,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         weights: str | None = None,
         weights_backbone: str | None = None,
         weights_path: str | None = None,
+        backbone_checkpoint: str | None = None,
         trainable_backbone_layers: int | None = None,
         min_size: int | None = None,
         max_size: int | None = None,
@@ -128,6 +150,8 @@ class DetectionModule(SavableModule, L.LightningModule):
             frozen_bn_eps=frozen_bn_eps,
             **detector_options,
         )
+        if backbone_checkpoint is not None:
+            load_backbone_checkpoint(backbone_body(self.model), backbone_checkpoint)
         self.val_metrics = DetectionEvaluator(self.class_names)
         self.test_metrics = DetectionEvaluator(self.class_names)
 

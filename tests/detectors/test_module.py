@@ -154,3 +154,22 @@ def test_hyperparameters_rebuild_the_architecture():
     rebuilt = RetinaNetModule(**hp)
     assert rebuilt.state_dict().keys() == module.state_dict().keys()
     assert all(a.shape == b.shape for a, b in zip(rebuilt.state_dict().values(), module.state_dict().values(), strict=False))
+
+
+def test_backbone_checkpoint_initialises_the_body_from_a_classifier(tmp_path):
+    from classifiers.module import FrozenBackboneClassifier
+    from training.saving import save_model
+
+    torch.manual_seed(5)
+    clf = FrozenBackboneClassifier("resnet18", class_names=CLASSES, weights=None, freeze="none")
+    with torch.no_grad():
+        for p in clf.backbone.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "clf.ckpt"
+    save_model(clf, path)
+    det = tiny(FasterRCNNModule, backbone_checkpoint=str(path))
+    body = det.model.backbone.body.state_dict()
+    donor = clf.backbone.state_dict()
+    assert body.keys() == donor.keys() and all(torch.equal(body[k], donor[k]) for k in body)
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny(RetinaNetModule, backbone="mobilenet_v3_large_fpn", backbone_checkpoint=str(path))

@@ -1,0 +1,101 @@
+"""train.py end to end, in subprocesses, on tiny data: help, fit, resume, validate, evaluate, layers, shapes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COCO100 = Path(os.environ.get("LITVISION_COCO100", REPO.parent / "shared" / "data" / "coco-val2014-100"))
+
+
+def run(*args, cwd, check=True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_help_lists_subcommands_and_extra_commands(tmp_path):
+    out = run("--help", cwd=tmp_path).stdout
+    for word in ("fit", "validate", "test", "predict", "evaluate", "compare", "layers", "shapes", "demo"):
+        assert word in out
+
+
+def tiny_fit_args(shapes_dir, runs):
+    return [
+        "fit", "--config", REPO / "configs" / "faster_rcnn.yaml", "--runs_dir", runs,
+        "--data.init_args.root", shapes_dir, "--data.init_args.generate", "false",
+        "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
+        "--model.init_args.min_size", "64", "--model.init_args.max_size", "64",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--checkpoint.verbose", "1",
+    ]  # fmt: skip
+
+
+def test_fit_resume_validate(shapes_dir, tmp_path):
+    runs = tmp_path / "runs"
+    # --ckpt_path last with nothing to resume is an error, not a silent fresh start.
+    proc = run(*tiny_fit_args(shapes_dir, runs), "--ckpt_path", "last", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "no last checkpoint to resume from" in proc.stderr
+
+    proc = run(*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert "Epoch 1: val_loss improved from inf to" in proc.stdout  # Keras' message, 1-based epoch
+    ckpts = runs / "faster_rcnn" / "checkpoints"
+    assert (ckpts / "best.ckpt").is_file() and (ckpts / "last.ckpt").is_file()
+    version = runs / "faster_rcnn" / "version_0"
+    rows = list(csv.DictReader((version / "metrics.csv").open()))
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"train_loss_step", "val_loss", "val_map", "val_map_50", "val_ap/triangle", "lr-SGD"} <= logged
+    assert any(p.name.startswith("events.out.tfevents") for p in version.iterdir())
+
+    proc = run(*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "2", "--ckpt_path", "last", cwd=tmp_path)
+    assert "Epoch 2:" in proc.stdout
+    assert not (runs / "faster_rcnn" / "version_1").exists()  # the resumed run keeps its logger version
+    epochs = {r["epoch"] for r in csv.DictReader((version / "metrics.csv").open())}
+    assert epochs == {"0", "1"}
+
+    proc = run("validate", "--config", REPO / "configs" / "faster_rcnn.yaml", "--runs_dir", runs,
+               "--data.init_args.root", shapes_dir, "--data.init_args.num_workers", "0",
+               "--trainer.limit_val_batches", "1", "--ckpt_path", ckpts / "best.ckpt", cwd=tmp_path)  # fmt: skip
+    assert "val_map" in proc.stdout
+
+
+@pytest.mark.skipif(not COCO100.is_dir(), reason="shared COCO subset not available")
+def test_evaluate_matches_pycocotools(tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, dt = COCO100 / "instances_val2014_100.json", COCO100 / "instances_val2014_fakebbox100_results.json"
+    out = tmp_path / "metrics.json"
+    proc = run("evaluate", "--gt", gt, "--predictions", dt, "--out", out, cwd=tmp_path)
+    assert "map" in proc.stdout
+    metrics = json.loads(out.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt))
+        ev = COCOeval(coco_gt, coco_gt.loadRes(str(dt)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    keys = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+            "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]  # fmt: skip
+    for key, expected in zip(keys, ev.stats, strict=True):
+        assert metrics[key] == pytest.approx(expected, abs=1e-6), key
+
+
+def test_layers_and_shapes_commands(tmp_path):
+    out = run("layers", "--model.backbone", "mobilenet_v3_small", "--model.freeze", "3", cwd=tmp_path).stdout
+    assert "features.0.0" not in out and "0.0" in out and "freeze=N freezes indices 0..N-1" in out
+    run("shapes", "--out", tmp_path / "s", "--num_train", "4", "--num_val", "4", "--height", "160", "--width", "160",
+        "--voc", "false", "--classification", "false", cwd=tmp_path)  # fmt: skip
+    assert (tmp_path / "s" / "annotations" / "instances_val.json").is_file()
+    assert not (tmp_path / "s" / "voc").exists()
