@@ -22,9 +22,10 @@ from typing import Literal
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
+from training.loggers import ResumableCSVLogger
 from training.saving import checkpoint_logger_version, resolve_ckpt_path
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -115,7 +116,7 @@ class LitvisionCLI(LightningCLI):
                 version = TensorBoardLogger(sub["runs_dir"], sub["name"]).version
             config["logger"] = [
                 TensorBoardLogger(sub["runs_dir"], sub["name"], version=version),
-                CSVLogger(sub["runs_dir"], sub["name"], version=version),
+                ResumableCSVLogger(sub["runs_dir"], sub["name"], version=version),
             ]
         return super()._instantiate_trainer(config, callbacks)
 

@@ -257,10 +257,10 @@ class DetectionModule(SavableModule, L.LightningModule):
         schedulers = []
         if hp.warmup_iters > 0 and hp.warmup_factor < 1:
             warmup = torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters)
-            schedulers.append({"scheduler": warmup, "interval": "step", "name": "warmup"})
+            schedulers.append({"scheduler": warmup, "interval": "step"})
         if hp.lr_milestones:
             steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
-            schedulers.append({"scheduler": steps, "interval": "epoch", "name": "milestones"})
+            schedulers.append({"scheduler": steps, "interval": "epoch"})
         return [opt], schedulers
 
     def parameter_counts(self) -> tuple[int, int]:
