@@ -38,6 +38,16 @@ def _loss_targets(targets) -> list[dict[str, Tensor]]:
     return out
 
 
+def without_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Drop label-0 detections. torchvision counts background in RetinaNet's ``num_classes`` but never trains
+    it as a positive class, so early in training its logit can still pass the score threshold."""
+    out = []
+    for det in detections:
+        keep = det["labels"] > 0
+        out.append({k: v[keep] for k, v in det.items()})
+    return out
+
+
 def load_backbone_checkpoint(body: torch.nn.Module, path: str) -> None:
     """Copy the backbone of a saved classifier (``.backbone``) or detector (``.model.backbone.body``) into ``body``."""
     source = load_model(path)
@@ -171,7 +181,7 @@ class DetectionModule(SavableModule, L.LightningModule):
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Eval-mode detections: per image ``boxes [D, 4]`` XYXY pixels, ``scores [D]``, ``labels [D]`` in 1..K."""
-        return self.model(list(images))
+        return without_background(self.model(list(images)))
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
@@ -200,7 +210,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         losses, detections = losses_and_detections(
             self.model, list(images), _loss_targets(targets) if with_loss else None
         )
-        metrics.update(detections, list(targets))
+        metrics.update(without_background(detections), list(targets))
         if losses:
             n = len(images)
             self.log(f"{prefix}_loss", sum(losses.values()), prog_bar=True, on_epoch=True, batch_size=n,
@@ -235,7 +245,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         images, targets = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
         if len(images) == 0:
             return []
-        detections = self.model(list(images))
+        detections = self(images)
         out = []
         for i, det in enumerate(detections):
             item = {k: v.detach().cpu() for k, v in det.items()}

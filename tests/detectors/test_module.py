@@ -173,3 +173,12 @@ def test_backbone_checkpoint_initialises_the_body_from_a_classifier(tmp_path):
     assert body.keys() == donor.keys() and all(torch.equal(body[k], donor[k]) for k in body)
     with pytest.raises(ValueError, match="does not fit"):
         tiny(RetinaNetModule, backbone="mobilenet_v3_large_fpn", backbone_checkpoint=str(path))
+
+
+def test_background_detections_are_dropped():
+    from detectors.module import without_background
+
+    det = {"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 5, 5]]), "scores": torch.tensor([0.9, 0.5]),
+           "labels": torch.tensor([0, 2])}  # fmt: skip
+    (out,) = without_background([det])
+    assert out["labels"].tolist() == [2] and out["scores"].tolist() == [0.5] and out["boxes"].shape == (1, 4)
