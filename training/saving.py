@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 LITVISION_KEY = "litvision"
 FORMAT_VERSION = 1
@@ -464,6 +465,19 @@ def _import_module_class(class_path: str, path: str) -> type[LightningModule]:
 
 
 def _instantiate(
+    cls: type[LightningModule], hparams: dict[str, Any], hparams_name: str | None, path: str
+) -> LightningModule:
+    # Inside a LightningCLI instantiation (e.g. a classifier whose constructor loads a detector
+    # checkpoint) Lightning's context would hand the *outer* module's config to this module's
+    # save_hyperparameters(); build it outside that context.
+    token = _given_hyperparameters.set(None)
+    try:
+        return _construct(cls, hparams, hparams_name, path)
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+def _construct(
     cls: type[LightningModule], hparams: dict[str, Any], hparams_name: str | None, path: str
 ) -> LightningModule:
     instantiator = hparams.pop("_instantiator", None)

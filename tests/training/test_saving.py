@@ -337,3 +337,19 @@ def test_checkpoint_callback_removes_temp_files_of_killed_saves(tmp_path):
     assert not stale.exists()
     assert unrelated.exists()
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_load_model_inside_a_cli_instantiation_keeps_its_own_hparams(tmp_path):
+    """A module built by LightningCLI that loads another checkpoint in its constructor (the classifier's
+    backbone_checkpoint) must not hand its own config to the loaded module."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    from detectors.module import FasterRCNNModule
+
+    detector = FasterRCNNModule(class_names=["a", "b"], backbone="resnet18_fpn", min_size=64, max_size=64)
+    path = tmp_path / "det.ckpt"
+    save_model(detector, path)
+    outer = {"backbone": "resnet50", "num_classes": 7}
+    with _given_hyperparameters_context(hparams=outer, instantiator="lightning.pytorch.cli.instantiate_module"):
+        loaded = load_model(path)
+    assert loaded.hparams["backbone"] == "resnet18_fpn" and "_instantiator" not in loaded.hparams
