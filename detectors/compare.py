@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.progress import Progress, track
 from rich.table import Table
 
-from training.saving import load_model
+from training.saving import atomic_write, load_model
 
 from .evaluation import CocoResult, coco_evaluate, evaluate_detections
 
@@ -368,18 +368,18 @@ def plot_speed_accuracy(entries: Sequence[ModelEntry], path: Path, setting: str)
 
 
 def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
-    """``write(file)`` into a temp file beside ``path``, then ``os.replace`` (never a half-written report)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        text = {} if binary else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, "wb" if binary else "w", **text) as f:
+    """``write(file)`` through ``training.saving.atomic_write`` (never a half-written report); text is UTF-8."""
+
+    def write_to(f) -> None:
+        if binary:
             write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            return
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        text.detach()  # leave the binary file open for atomic_write's fsync
+
+    atomic_write(path, write_to)
 
 
 def _fmt(v: float, digits: int = 3) -> str:

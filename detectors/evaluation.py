@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -61,6 +60,10 @@ from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.ops import box_convert, box_iou
+
+from training.saving import atomic_write_bytes
+
+from .data.coco import read_json
 
 __all__ = [
     "COCO_KEYS",
@@ -555,18 +558,6 @@ class DetectionEvaluator(Metric):
 # ------------------------------------------------------------------------------------- COCO files
 
 
-def _read_json(path: str) -> object:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: file not found") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
-
-
 def _number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -615,7 +606,7 @@ def load_coco_ground_truth(gt_json: str | os.PathLike, box_format: BoxFormat = "
     1..K (ascending id), ``area`` and ``iscrowd`` from the annotations (``area`` defaults to w*h when absent).
     Every image is kept, with or without annotations."""
     path = os.fspath(gt_json)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a COCO ground-truth object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
@@ -665,7 +656,7 @@ def load_coco_predictions(predictions_json: str | os.PathLike, gt: CocoGroundTru
     images without detections get empty tensors). An image or category missing from the ground truth is an error: pycocotools rejects the
     former and silently drops the latter, which hides label-mapping bugs."""
     path = os.fspath(predictions_json)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of detections (COCO results format)")
     index = {img: i for i, img in enumerate(gt.image_ids)}
@@ -697,20 +688,8 @@ def load_coco_predictions(predictions_json: str | os.PathLike, gt: CocoGroundTru
 
 
 def write_metrics_json(metrics: dict[str, float], path: str | os.PathLike) -> None:
-    """Write ``metrics`` as a flat JSON object, atomically (temporary file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``metrics`` as a flat JSON object, atomically (``training.saving.atomic_write``)."""
+    atomic_write_bytes(path, (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
 
 
 def evaluate(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import secrets
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
 from training.images import DEFAULT_MAX_PIXELS, BadImageError, find_images, open_image
+from training.saving import atomic_write_bytes
 
 PREDICTIONS_FILE = "predictions.json"
 CATEGORIES_FILE = "categories.json"
@@ -56,25 +56,6 @@ PALETTE = ("red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "deepsk
 
 
 # -- files ------------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``path``'s folder, then ``os.replace`` it over ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    # A plain open() (not mkstemp) so the file gets the usual umask-derived mode.
-    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

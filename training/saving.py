@@ -31,7 +31,7 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -60,15 +60,16 @@ class WeightsOnlyCheckpointError(CheckpointFileError):
 # ----------------------------------------------------------------------------------------- writing
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temp file in the same directory + fsync + ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` into a temp file in ``path``'s directory, fsync, then ``os.replace`` it over ``path``:
+    readers see the old file or the whole new one, never a partial write (crash, full disk, SIGKILL)."""
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would have, or the one it replaces.
@@ -83,7 +84,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(directory)
 
 
-# atomic_torch_save's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# atomic_write's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
 _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 

@@ -24,12 +24,13 @@ from .samples import BadSamplePolicy, BoxRepairLog, DetectionDataset, ImageRecor
 
 
 def read_json(path: str | os.PathLike) -> object:
+    """A JSON file, or an error naming it (and the line and column of a syntax error)."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: annotation file not found") from e
+        raise FileNotFoundError(f"{path}: file not found") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except UnicodeDecodeError as e:
