@@ -72,20 +72,6 @@ class LitvisionCLI(LightningCLI):
         # The model learns its classes from the data (detectors and classifier alike).
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
-    def instantiate_trainer(self, **kwargs):
-        """The Trainer; ``predict`` on a detector also gets the writer of ``predictions.json``."""
-        trainer = super().instantiate_trainer(**kwargs)
-        if self.subcommand != "predict":
-            return trainer
-        from detectors.module import DetectionModule
-        from detectors.predict import CocoPredictionWriter
-
-        if isinstance(self.model, DetectionModule):
-            sub = self._sub()
-            out = sub["predict_out"] or os.path.join(self.run_dir(), "predictions")
-            trainer.callbacks.append(CocoPredictionWriter(out, sub["draw"], sub["draw_score_threshold"]))
-        return trainer
-
     def _sub(self):
         return self.config.get(self.subcommand) if self.subcommand else self.config
 
@@ -106,6 +92,8 @@ class LitvisionCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if self.plateau_disabled:
             callbacks = [c for c in callbacks if not isinstance(c, ReduceLROnPlateau)]
+        if self.subcommand == "predict":
+            callbacks = callbacks + self._prediction_writer()
         if config.get("enable_progress_bar") is False:  # the default RichProgressBar would conflict
             config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)]
         sub = self._sub()
@@ -119,6 +107,18 @@ class LitvisionCLI(LightningCLI):
                 ResumableCSVLogger(sub["runs_dir"], sub["name"], version=version),
             ]
         return super()._instantiate_trainer(config, callbacks)
+
+
+    def _prediction_writer(self) -> list:
+        """``predict`` on a detector writes ``predictions.json`` (COCO results) and optionally drawn images."""
+        from detectors.module import DetectionModule
+        from detectors.predict import CocoPredictionWriter
+
+        if not isinstance(self.model, DetectionModule):
+            return []
+        sub = self._sub()
+        out = sub["predict_out"] or os.path.join(self.run_dir(), "predictions")
+        return [CocoPredictionWriter(out, sub["draw"], sub["draw_score_threshold"])]
 
 
 def _cli(argv: list[str] | None = None) -> LitvisionCLI:
