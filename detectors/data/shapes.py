@@ -527,7 +527,18 @@ def _generate(out, num_train, num_val, image_size, seed, voc, classification, ov
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_dataset(tmp, params)
-        _publish(tmp, out)
+        # Several processes (DDP ranks, each building its DataModule) may generate at once: whoever
+        # publishes first wins, and the others keep that identical dataset instead of replacing it.
+        if _existing(out, params) == "same":
+            shutil.rmtree(tmp)
+            return _paths(out, params), False
+        try:
+            _publish(tmp, out)
+        except OSError:
+            if _existing(out, params) != "same":
+                raise
+            shutil.rmtree(tmp)
+            return _paths(out, params), False
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -294,3 +294,26 @@ def test_python_dash_m_entry_point_with_minimum_split_size(tmp_path):
     for split in ("train", "val"):  # the guarantees hold even for the smallest allowed split
         _split_checks(out, split, 4)
     assert (out / "voc" / "ImageSets" / "Main" / "val.txt").is_file()
+
+
+def test_a_concurrent_generation_keeps_the_dataset_published_first(tmp_path, monkeypatch):
+    """Two DDP ranks generating at once: the second finds the first's dataset and leaves it alone."""
+    from detectors.data import shapes as module
+
+    out = tmp_path / "race"
+    kwargs = dict(num_train=4, num_val=4, image_size=(160, 160), voc=False, classification=False)
+    real_write = module._write_dataset
+    raced = []
+
+    def write_while_another_rank_finishes(tmp, params):
+        real_write(tmp, params)
+        if not raced:
+            raced.append(None)
+            module.generate_shapes(out, **kwargs)  # the other rank publishes first
+            raced[0] = (out / "shapes.json").stat().st_ino
+
+    monkeypatch.setattr(module, "_write_dataset", write_while_another_rank_finishes)
+    paths = module.generate_shapes(out, **kwargs)
+    assert raced and (out / "shapes.json").stat().st_ino == raced[0]  # the first dataset was not replaced
+    assert paths["val_annotations"].is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".race")]  # no temp dirs left behind
