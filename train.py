@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Literal
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.loggers import ResumableCSVLogger
-from training.saving import checkpoint_logger_version, resolve_ckpt_path
+from training.saving import checkpoint_logger_version, offline_model_config, resolve_ckpt_path
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 EXTRA_COMMANDS = {
@@ -72,6 +72,20 @@ class LitvisionCLI(LightningCLI):
         # The model learns its classes from the data (detectors and classifier alike).
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI (the model is rebuilt as the checkpoint describes it), but offline: the saved
+        weights replace pretrained ones, so ``weights: DEFAULT`` or a ``backbone_checkpoint`` recorded at
+        training time is not fetched again, and unsafe or truncated files get litvision's clear errors."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return
+        model = offline_model_config(ckpt_path)
+        if model is not None:
+            class_path, hparams = model
+            update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
+            self.config = self.parser.parse_object(update, self.config)
+
     def _sub(self):
         return self.config.get(self.subcommand) if self.subcommand else self.config
 
@@ -89,6 +103,11 @@ class LitvisionCLI(LightningCLI):
         if self.subcommand == "fit" and sub.get("ckpt_path"):
             sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], os.path.dirname(sub["checkpoint"]["filepath"]))
 
+    def after_instantiate_classes(self) -> None:
+        if self.plateau_disabled:  # keep `lr_plateau: null` in the config.yaml saved with the run
+            self._sub()["lr_plateau"] = None
+        super().after_instantiate_classes()
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if self.plateau_disabled:
             callbacks = [c for c in callbacks if not isinstance(c, ReduceLROnPlateau)]
@@ -96,6 +115,8 @@ class LitvisionCLI(LightningCLI):
             callbacks = callbacks + self._prediction_writer()
         if config.get("enable_progress_bar") is False:  # the default RichProgressBar would conflict
             config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)]
+        if config.get("logger") is False:  # nothing to log the LR to: Lightning would refuse the monitor
+            config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, LearningRateMonitor)]
         sub = self._sub()
         ckpt = sub.get("ckpt_path") if self.subcommand == "fit" else None
         version = checkpoint_logger_version(ckpt) if ckpt else None  # a resumed run continues its version

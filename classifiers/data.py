@@ -31,7 +31,7 @@ class ImageFolderDataset(Dataset):
 
     Args:
         root_or_pattern: a directory whose sub-folders are classes, or a glob pattern
-            (``"data/*/train/*.jpg"``) whose files' parent folders are the classes.
+            (``"data/train/*/*.jpg"``) whose files' parent folders are the classes.
         classes: fix the class list (and order); default: the sorted folder names.
         image_size: ``(height, width)`` passed to ``load_image`` (None keeps file size).
         color_mode, interpolation: as Keras ``load_img``.
@@ -59,6 +59,8 @@ class ImageFolderDataset(Dataset):
             root = os.path.normpath(root)
             self.paths = [p for p in self.paths if os.path.dirname(os.path.relpath(p, root))]  # skip loose files
             for entry in sorted(os.scandir(root), key=lambda e: e.name):
+                if entry.name.startswith("."):  # .ipynb_checkpoints and the like are not classes
+                    continue
                 if entry.is_dir() and not any(is_image_file(p) for _, _, fs in os.walk(entry.path) for p in fs):
                     raise FileNotFoundError(f"{entry.path}: class folder contains no images")
         found = sorted({_class_of(p, root) for p in self.paths})

@@ -39,13 +39,25 @@ class UnfreezeBackbone(BaseFinetuning):
         self.lr = lr
         self.lr_factor = lr_factor
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # DDP registers only parameters that require gradients when it wraps the model: layers unfrozen
+        # later would never be gradient-synchronised and the replicas would drift apart silently.
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                "UnfreezeBackbone cannot unfreeze layers under multi-process training (DDP syncs only the "
+                "parameters trainable at start); train the stages as separate runs instead"
+            )
+        super().setup(trainer, pl_module, stage)
+
     def freeze_before_training(self, pl_module) -> None:
         """Nothing to do: the module's ``freeze`` argument froze the backbone when it was built."""
 
     def _targets(self, pl_module) -> list[str]:
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            names = [n for n in select_layers(pl_module.backbone, "all")]
-            return [n for n in names[len(names) - self.layers :]] if self.layers else []
+            names = select_layers(pl_module.backbone, "all")
+            if not 0 <= self.layers <= len(names):
+                raise ValueError(f"layers={self.layers}: the backbone has {len(names)} layers (0..{len(names)})")
+            return names[len(names) - self.layers :] if self.layers else []
         return select_layers(pl_module.backbone, self.layers)
 
     def finetune_function(self, pl_module, epoch: int, optimizer) -> None:

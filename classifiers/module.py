@@ -192,7 +192,9 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         self.train_acc(logits, labels)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        # The epoch value is synced across processes: callbacks monitoring train_loss must agree on every rank.
+        self.log("train_loss_step", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 

@@ -180,8 +180,11 @@ class DetectionModule(SavableModule, L.LightningModule):
         return build_detector(self.arch, **kwargs)
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Eval-mode detections: per image ``boxes [D, 4]`` XYXY pixels, ``scores [D]``, ``labels [D]`` in 1..K."""
-        return without_background(self.model(list(images)))
+        """Eval-mode detections: per image ``boxes [D, 4]`` XYXY pixels, ``scores [D]``, ``labels [D]`` in 1..K
+        (float32 heads even under mixed precision, see ``detectors.val_loss``)."""
+        if self.model.training:
+            raise RuntimeError("forward() returns detections: call .eval() first (training_step computes losses)")
+        return without_background(losses_and_detections(self.model, list(images))[1])
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int):
@@ -197,7 +200,9 @@ class DetectionModule(SavableModule, L.LightningModule):
                 f"components: { {k: v.item() for k, v in losses.items()} }. Lower the LR or lengthen warm-up."
             )
         n = len(images)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        # The epoch value is synced across processes: callbacks monitoring train_loss must agree on every rank.
+        self.log("train_loss_step", loss, prog_bar=True, batch_size=n)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         self.log_dict({f"train_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
@@ -242,7 +247,9 @@ class DetectionModule(SavableModule, L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Detections per image with its ``image_id`` (when the batch has targets) on the CPU."""
-        images, targets = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+        paired = (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], (tuple, list))
+                  and all(isinstance(t, dict) for t in batch[1]))  # fmt: skip
+        images, targets = batch if paired else (batch, None)
         if len(images) == 0:
             return []
         detections = self(images)

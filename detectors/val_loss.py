@@ -11,7 +11,8 @@ then the heads run:
   Dropout still in eval mode -- the loss Keras reports as ``val_loss`` is computed
   with layers in inference mode -- inside ``torch.random.fork_rng`` so the
   sampling does not advance the RNG that training uses;
-* for the detections, in eval mode, exactly as ``model(images)`` would.
+* for the detections, in eval mode, exactly as ``model(images)`` would -- except that under bf16/fp16
+  autocast the heads run in float32, so boxes and scores are not rounded to half precision.
 
 Every module's ``training`` flag is restored afterwards.
 """
@@ -57,38 +58,47 @@ def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None
     features = model.backbone(image_list.tensors)
     if isinstance(features, Tensor):
         features = OrderedDict([("0", features)])
+    # The heads run in float32 even under bf16/fp16 autocast: boxes and scores in half precision would
+    # be rounded to 2-8 px steps and create score ties, and mAP would score the rounding.
+    features = OrderedDict((k, v.float()) for k, v in features.items())
     return image_list, targets, features, original_sizes
+
+
+def _full_precision(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
     image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
     losses: dict[str, Tensor] = {}
-    if with_loss:
-        with loss_mode(model):
-            proposals, rpn_losses = model.rpn(image_list, features, targets)
-            _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
-        losses = {**det_losses, **rpn_losses}
-    proposals, _ = model.rpn(image_list, features)
-    detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+    with _full_precision(image_list.tensors.device):
+        if with_loss:
+            with loss_mode(model):
+                proposals, rpn_losses = model.rpn(image_list, features, targets)
+                _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
+            losses = {**det_losses, **rpn_losses}
+        proposals, _ = model.rpn(image_list, features)
+        detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
 
 def _retinanet(model: RetinaNet, images, targets, with_loss: bool):
     image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
     features = list(features.values())
-    head_outputs = model.head(features)  # the head has no train/eval difference that matters (GroupNorm or none)
-    anchors = model.anchor_generator(image_list, features)
-    losses: dict[str, Tensor] = {}
-    if with_loss:
-        with loss_mode(model):
-            losses = model.compute_loss(targets, head_outputs, anchors)
-    # The remainder mirrors RetinaNet.forward in eval mode: split outputs per pyramid level.
-    per_level = [x.size(2) * x.size(3) for x in features]
-    anchors_per_location = head_outputs["cls_logits"].size(1) // sum(per_level)
-    per_level = [hw * anchors_per_location for hw in per_level]
-    split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
-    split_anchors = [list(a.split(per_level)) for a in anchors]
-    detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
+    with _full_precision(image_list.tensors.device):
+        head_outputs = model.head(features)  # no train/eval difference that matters (GroupNorm or none)
+        anchors = model.anchor_generator(image_list, features)
+        losses: dict[str, Tensor] = {}
+        if with_loss:
+            with loss_mode(model):
+                losses = model.compute_loss(targets, head_outputs, anchors)
+        # The remainder mirrors RetinaNet.forward in eval mode: split outputs per pyramid level.
+        per_level = [x.size(2) * x.size(3) for x in features]
+        anchors_per_location = head_outputs["cls_logits"].size(1) // sum(per_level)
+        per_level = [hw * anchors_per_location for hw in per_level]
+        split_outputs = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
 

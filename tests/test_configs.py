@@ -52,3 +52,13 @@ def test_unknown_keys_are_rejected_with_a_suggestion(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         LitvisionCLI(args=["--config", str(CONFIGS / "faster_rcnn.yaml"), "--model.init_args.lrr", "0.1"], run=False)
     assert "lrr" in capsys.readouterr().err
+
+
+def test_disabled_plateau_stays_disabled_in_the_saved_config(shapes_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIGS / "coco.yaml"), *CPU, *_data_overrides(CONFIGS / "coco.yaml", shapes_dir, tmp_path),
+            "--model.init_args.weights", "null", "--trainer.logger", "false"]  # fmt: skip
+    cli = LitvisionCLI(args=args, run=False)
+    assert cli.config["lr_plateau"] is None
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert "ReduceLROnPlateau" not in names and "LearningRateMonitor" not in names  # no logger: no LR monitor

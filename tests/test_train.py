@@ -99,3 +99,31 @@ def test_layers_and_shapes_commands(tmp_path):
         "--voc", "false", "--classification", "false", cwd=tmp_path)  # fmt: skip
     assert (tmp_path / "s" / "annotations" / "instances_val.json").is_file()
     assert not (tmp_path / "s" / "voc").exists()
+
+
+def test_validate_rebuilds_a_pretrained_checkpoint_offline(shapes_dir, tmp_path, monkeypatch):
+    """--ckpt_path re-reads the model config from the checkpoint; the pretrained-weights file it was built
+    from is gone (or offline), and the saved weights must be enough."""
+    import torch
+
+    from detectors.models import build_detector
+    from detectors.module import FasterRCNNModule
+    from train import LitvisionCLI
+    from training.saving import save_model
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "coco_like.pth"
+    torch.save(build_detector("fasterrcnn", "resnet18_fpn", num_classes=91, min_size=64, max_size=64).state_dict(),
+               weights)  # fmt: skip
+    module = FasterRCNNModule(class_names=["rectangle", "ellipse", "triangle"], backbone="resnet18_fpn",
+                              weights_path=str(weights), min_size=64, max_size=64)  # fmt: skip
+    ckpt = tmp_path / "model.ckpt"
+    save_model(module, ckpt)
+    weights.unlink()
+    cli = LitvisionCLI(args=["validate", "--config", str(REPO / "configs" / "faster_rcnn.yaml"),
+                             "--data.init_args.root", str(shapes_dir), "--data.init_args.num_workers", "0",
+                             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                             "--ckpt_path", str(ckpt)])  # fmt: skip
+    assert cli.model.hparams["weights_path"] is None and cli.model.hparams["pretrained_layout"]
+    assert cli.model.hparams["backbone"] == "resnet18_fpn"  # the checkpoint's architecture, not the config's
+    assert "val_map" in cli.trainer.callback_metrics

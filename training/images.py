@@ -9,10 +9,10 @@ any PIL mode -- grayscale, palette, RGBA, CMYK, 16-bit -- into 8-bit RGB.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,6 +152,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+@contextlib.contextmanager
+def _pil_limit_off():
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, fully decode and convert an image to RGB, or raise ``BadImageError`` naming the path.
 
@@ -160,9 +170,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     """
     path = os.fspath(path)
     try:
-        with warnings.catch_warnings():
-            # Our own limit decides; PIL's warning (and its 2x error) would second-guess it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _pil_limit_off():  # our own limit decides; PIL's warning (and its 2x error) would second-guess it
             img = Image.open(path)
     except FileNotFoundError as e:
         raise BadImageError(f"{path}: image file not found") from e
@@ -178,8 +186,7 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
                 "(possible decompression bomb; raise max_image_pixels if the image is genuine)"
             )
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _pil_limit_off():
                 img.load()
             return to_rgb(img).copy()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

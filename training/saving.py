@@ -443,6 +443,19 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningM
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
+def offline_model_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+    """``(class_path, constructor arguments)`` that rebuild the checkpoint's model without fetching any
+    pretrained weights (its state dict replaces them), or None when the file records no model class."""
+    path = os.fspath(path)
+    hparams = dict(load_checkpoint_file(path).get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path", None)
+    if not isinstance(class_path, str):
+        return None
+    cls = _import_module_class(class_path, path)
+    return class_path, getattr(cls, "offline_hparams", default_offline_hparams)(hparams)
+
+
 def _import_module_class(class_path: str, path: str) -> type[LightningModule]:
     """Import ``pkg.mod.Class`` by name; only LightningModule subclasses are accepted."""
     if not _DOTTED.fullmatch(class_path):

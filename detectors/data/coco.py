@@ -46,10 +46,11 @@ def _require(entry: dict, keys: dict[str, type | tuple], where: str) -> None:
             raise ValueError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
-def read_coco_categories(annotation_file: str | os.PathLike) -> list[dict]:
-    """The ``categories`` list of a COCO file, sorted by id (what defines labels 1..K)."""
+def read_coco_categories(annotation_file: str | os.PathLike, data: object = None) -> list[dict]:
+    """The ``categories`` list of a COCO file (or of its already parsed ``data``), sorted by id (what
+    defines labels 1..K)."""
     path = os.fspath(annotation_file)
-    data = read_json(path)
+    data = read_json(path) if data is None else data
     if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
         raise ValueError(f"{path}: expected a JSON object with a 'categories' list")
     cats = []
@@ -69,7 +70,7 @@ class CocoDetection(DetectionDataset):
     """A COCO detection split: ``image_root`` holds the images, ``annotation_file`` the instances JSON.
 
     Attributes:
-        coco: the pycocotools ``COCO`` index of the (validated) file.
+        coco: the pycocotools ``COCO`` index of the (validated) file, built on first use.
         cat_ids: COCO category ids in label order (``cat_ids[label - 1]``).
         cat_id_to_label / label_to_cat_id: the id mapping both ways.
         class_names: category names in label order.
@@ -92,16 +93,22 @@ class CocoDetection(DetectionDataset):
         self.image_root = os.fspath(image_root)
         self.annotation_file = os.fspath(annotation_file)
         data = read_json(self.annotation_file)
-        categories = read_coco_categories(self.annotation_file)
+        categories = read_coco_categories(self.annotation_file, data)
         self.cat_ids = [c["id"] for c in categories]
         self.cat_id_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
         records = self._parse(data, strict)
         super().__init__(records, [c["name"] for c in categories], transforms, on_bad_sample, max_image_pixels)
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco = COCO()
-            self.coco.dataset = data
-            self.coco.createIndex()
+        self._coco: COCO | None = None
+
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools index of the file, built on first use: training never needs it, and a copy of
+        instances_train2017.json (segmentations included) in every DataLoader worker would cost GBs."""
+        if self._coco is None:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+                self._coco = COCO(self.annotation_file)
+        return self._coco
 
     def _parse(self, data: dict, strict: bool) -> list[ImageRecord]:
         path = self.annotation_file

@@ -41,24 +41,25 @@ class GroupedBatchSampler(BatchSampler):
 
     def __iter__(self):
         buckets: dict[int, list[int]] = defaultdict(list)
-        for idx in self.sampler:
+        order: dict[int, int] = {}
+        for position, idx in enumerate(self.sampler):
+            order.setdefault(idx, position)
             bucket = buckets[self.group_ids[idx]]
             bucket.append(idx)
             if len(bucket) == self.batch_size:
                 yield list(bucket)
                 bucket.clear()
-        if not self.drop_last:  # leftovers of each group, in sampler order
-            for bucket in buckets.values():
-                if bucket:
-                    yield list(bucket)
+        # Leftovers of all groups, merged in sampler order, so the number of batches depends only on the
+        # number of samples -- under DDP every rank must run the same number of steps.
+        leftovers = sorted((i for bucket in buckets.values() for i in bucket), key=order.__getitem__)
+        for start in range(0, len(leftovers), self.batch_size):
+            batch = leftovers[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
 
     def __len__(self) -> int:
-        counts: dict[int, int] = defaultdict(int)
-        for idx in self.sampler:
-            counts[self.group_ids[idx]] += 1
-        if self.drop_last:
-            return sum(c // self.batch_size for c in counts.values())
-        return sum((c + self.batch_size - 1) // self.batch_size for c in counts.values())
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else (n + self.batch_size - 1) // self.batch_size
 
 
 class DetectionDataModule(L.LightningDataModule):

@@ -93,7 +93,7 @@ def check_inside_root(root: str, file_name: str, source: str) -> str:
         raise ValueError(f"{source}: refusing absolute image path {file_name!r}; file names must be relative")
     root_n = os.path.normpath(root)
     full = os.path.normpath(os.path.join(root_n, file_name))
-    if os.path.commonpath([root_n, full]) != root_n:
+    if os.path.commonpath([os.path.abspath(root_n), os.path.abspath(full)]) != os.path.abspath(root_n):
         raise ValueError(f"{source}: refusing image file_name {file_name!r}: it resolves outside {root_n}")
     return full
 

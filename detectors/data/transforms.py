@@ -30,7 +30,7 @@ def detection_transforms(
     photometric: bool = True,
     scale_jitter: tuple[float, float] | None = None,
 ) -> v2.Compose:
-    """Train: horizontal flip, photometric jitter, optional scale jitter. Val/test: none.
+    """Train: horizontal flip, photometric jitter, optional scale jitter, then box sanitising. Val/test: none.
 
     ``scale_jitter=(lo, hi)`` zooms the image content by a random factor in
     ``[lo, hi]`` keeping the canvas size (``RandomAffine(scale=...)``), so the
@@ -47,5 +47,8 @@ def detection_transforms(
             steps.append(v2.RandomAffine(degrees=0.0, scale=(lo, hi)))
         if hflip_prob > 0:
             steps.append(v2.RandomHorizontalFlip(p=hflip_prob))
-    steps += [sanitize(), v2.ToDtype(torch.float32, scale=True)]
+        steps.append(sanitize())
+    # Evaluation keeps every ground-truth box the reader kept: a sub-pixel box is still an object (a miss)
+    # or a crowd region to pycocotools, and dropping it would change the mAP.
+    steps.append(v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(steps)

@@ -57,3 +57,9 @@ def test_errors_name_the_path(tmp_path):
     with pytest.warns(UserWarning, match="2.png"):
         assert ImageFolderDataset(tmp_path, on_bad_sample="skip")[1] is None
     np.testing.assert_equal(ds[0][1], 0)
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    _tree(tmp_path, {"a/1.png": (1, 2, 3), "b/2.png": (3, 2, 1), ".ipynb_checkpoints/c/3.png": (0, 0, 0)})
+    (tmp_path / ".cache").mkdir()
+    assert ImageFolderDataset(tmp_path).class_names == ["a", "b"]

@@ -182,3 +182,15 @@ def test_background_detections_are_dropped():
            "labels": torch.tensor([0, 2])}  # fmt: skip
     (out,) = without_background([det])
     assert out["labels"].tolist() == [2] and out["scores"].tolist() == [0.5] and out["boxes"].shape == (1, 4)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_detections_stay_float32_under_bf16_autocast(name):
+    module = MODULES[name]().eval()
+    images = [torch.rand(3, 64, 64)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (det,) = module(images)
+        losses, _ = losses_and_detections(module.model, images, [{"boxes": torch.tensor([[4.0, 4, 30, 30]]),
+                                                                  "labels": torch.tensor([1])}])  # fmt: skip
+    assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
+    assert all(torch.isfinite(v) for v in losses.values())

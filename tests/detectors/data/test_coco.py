@@ -156,3 +156,12 @@ def test_any_image_mode_loads_as_rgb(tmp_path, mode):
     assert image.shape == (3, 6, 8) and image.dtype == torch.float32
     if mode == "I;16":
         assert torch.allclose(image, torch.full_like(image, (40000 >> 8) / 255))
+
+
+def test_root_given_as_dot_is_a_valid_root(tmp_path, monkeypatch):
+    from detectors.data.samples import check_inside_root
+
+    monkeypatch.chdir(tmp_path)
+    assert check_inside_root(".", "sub/x.png", "test") == "sub/x.png"
+    with pytest.raises(ValueError, match="outside"):
+        check_inside_root(".", "../x.png", "test")

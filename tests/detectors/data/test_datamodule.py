@@ -57,8 +57,9 @@ def test_aspect_ratio_grouping(coco_root):
     loader = dm.train_dataloader()
     assert isinstance(loader.batch_sampler, GroupedBatchSampler)
     shapes = [{tuple(img.shape[1:]) for img in images} for images, _ in loader]
-    assert all(len(s) == 1 for s in shapes)  # never a wide and a tall image together
-    assert sum(len(images) for images, _ in loader) == 10 and len(loader) == 6  # 5 wide -> 3 batches, 5 tall -> 3
+    # Full batches never mix a wide and a tall image; only the final batch of leftovers may.
+    assert all(len(s) == 1 for s in shapes[:-1])
+    assert sum(len(images) for images, _ in loader) == 10 and len(loader) == len(shapes) == 5
 
 
 def test_grouped_sampler_counts():
@@ -66,7 +67,22 @@ def test_grouped_sampler_counts():
     sampler = GroupedBatchSampler(RandomSampler(range(7)), groups, batch_size=2)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(7))
-    assert all(len({groups[i] for i in b}) == 1 for b in batches) and len(batches) == len(sampler) == 4
+    assert all(len({groups[i] for i in b}) == 1 for b in batches[:-1]) and len(batches) == len(sampler) == 4
+
+
+def test_grouped_sampler_gives_every_ddp_rank_the_same_number_of_batches():
+    """A rank's batch count may not depend on its mix of wide and tall images, or DDP ranks deadlock."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    groups = [int(i % 3 == 0) for i in range(1000)]
+    counts = []
+    for rank in range(8):
+        dist = DistributedSampler(range(1000), num_replicas=8, rank=rank, shuffle=True, seed=0)
+        sampler = GroupedBatchSampler(dist, groups, batch_size=2)
+        counts.append((len(list(sampler)), len(sampler)))
+    assert set(counts) == {(63, 63)}  # 125 samples per rank -> ceil(125 / 2) batches everywhere
+    dropping = GroupedBatchSampler(DistributedSampler(range(1000), num_replicas=8, rank=3), groups, 2, drop_last=True)
+    assert len(list(dropping)) == len(dropping) == 62
 
 
 def test_skip_policy_drops_bad_images_from_batches(coco_root):

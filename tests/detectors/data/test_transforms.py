@@ -20,15 +20,22 @@ def _sample():
     return image, target
 
 
-def test_val_pipeline_only_sanitises_and_scales():
+def test_val_pipeline_only_scales():
     image, target = _sample()
     out_image, out = detection_transforms(train=False)(image, target)
     assert out_image.dtype == torch.float32 and torch.allclose(out_image * 255, image.float())
+    # Evaluation keeps every box the reader kept (pycocotools scores even a degenerate one).
+    assert out["boxes"].tolist() == target["boxes"].tolist() and out["labels"].tolist() == [1, 2, 3]
+    assert out["image_id"] == 7
+
+
+def test_train_pipeline_sanitises_every_per_box_field():
+    image, target = _sample()
+    _, out = detection_transforms(train=True, hflip_prob=0.0, photometric=False)(image, target)
     # The zero-width box goes, and every per-box field goes with it.
     assert out["boxes"].tolist() == [[2, 3, 10, 8], [0, 0, 30, 20]]
     assert out["labels"].tolist() == [1, 3] and out["area"].tolist() == [40, 600]
     assert out["iscrowd"].tolist() == [0, 1] and out["difficult"].tolist() == [False, False]
-    assert out["image_id"] == 7
 
 
 def test_flip_mirrors_boxes_and_pixels():
