@@ -229,9 +229,11 @@ def demo(
     data = ["--data.init_args.root", data_root, "--data.init_args.generate", "false"]
     ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed, data) for name in ("faster_rcnn", "retinanet")}
     report = os.path.join(out, "comparison")
-    _run_extra("compare", ["--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
-                           "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report,
-                           "--resamples", "200"])  # fmt: skip
+    done = os.path.join(report, "comparison.json")
+    if not os.path.isfile(done) or os.path.getmtime(done) < max(map(os.path.getmtime, ckpt.values())):
+        _run_extra("compare", ["--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
+                               "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report,
+                               "--resamples", "200"])  # fmt: skip
     crops = os.path.join(data_root, "classification")
     classifier = _demo_fit("classifier", runs_dir, classifier_minutes, seed, [
         "--data.init_args.root", os.path.join(crops, "train"), "--data.init_args.val_root", os.path.join(crops, "val"),
