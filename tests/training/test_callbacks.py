@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.training.tiny_lightning import ScriptedModule
+from tests.training.tiny_lightning import ScriptedModule, quiet_trainer
 from training.callbacks import FilepathKeyError, ModelCheckpoint, ReduceLROnPlateau, resolve_mode
 from training.saving import AtomicCheckpointIO
 
@@ -32,17 +32,7 @@ class LRRecorder(Callback):
 
 
 def fit(module, callbacks, max_epochs, tmp_path, **trainer_kwargs) -> Trainer:
-    trainer = Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=trainer_kwargs.pop("logger", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs, callbacks, **trainer_kwargs)
     trainer.fit(module)
     return trainer
 

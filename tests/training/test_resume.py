@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same
+from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same, quiet_trainer
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.saving import (
     CheckpointFileError,
@@ -27,18 +27,6 @@ from training.saving import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def trainer_for(dirpath: Path, max_epochs: int, callbacks: list, **kwargs) -> Trainer:
-    return Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=kwargs.pop("logger", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=dirpath,
-        **kwargs,
-    )
 
 
 def train_regressor(
@@ -50,7 +38,7 @@ def train_regressor(
     # end of epochs 2, 4 and 6, so the plateau counters are mid-cooldown at the interruption (epoch 3).
     plateau = ReduceLROnPlateau(factor=0.5, patience=1, cooldown=2, min_delta=10.0)
     ckpt = ModelCheckpoint(str(dirpath / "e{epoch:02d}.ckpt"))
-    trainer = trainer_for(dirpath, max_epochs, [ckpt, plateau], deterministic=True)
+    trainer = quiet_trainer(dirpath, max_epochs, [ckpt, plateau], deterministic=True)
     trainer.fit(module, ckpt_path=ckpt_path)
     return module, trainer, plateau
 
@@ -90,7 +78,7 @@ def test_plateau_and_checkpoint_state_survive_resume(tmp_path, capsys):
     def run(max_epochs, ckpt_path=None):
         plateau = ReduceLROnPlateau(factor=0.5, patience=3, verbose=1)
         ckpt = ModelCheckpoint(str(tmp_path / "best.ckpt"), save_best_only=True, verbose=1)
-        trainer = trainer_for(tmp_path, max_epochs, [ckpt, plateau])
+        trainer = quiet_trainer(tmp_path, max_epochs, [ckpt, plateau])
         trainer.fit(ScriptedModule(script=[1.0] * 10, lr=0.1), ckpt_path=ckpt_path)
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("Epoch ")]
         return trainer, lines
@@ -111,10 +99,10 @@ def test_plateau_and_checkpoint_state_survive_resume(tmp_path, capsys):
 
 def test_resume_from_weights_only_file_is_refused(tmp_path):
     cb = ModelCheckpoint(str(tmp_path / "w{epoch}.ckpt"), save_weights_only=True)
-    trainer_for(tmp_path, 1, [cb]).fit(ScriptedModule(script=[1.0]))
+    quiet_trainer(tmp_path, 1, [cb]).fit(ScriptedModule(script=[1.0]))
     weights_file = str(tmp_path / "w1.ckpt")
     with pytest.raises(WeightsOnlyCheckpointError, match="holds weights only") as info:
-        trainer_for(tmp_path, 2, [ModelCheckpoint(str(tmp_path / "w{epoch}.ckpt"))]).fit(
+        quiet_trainer(tmp_path, 2, [ModelCheckpoint(str(tmp_path / "w{epoch}.ckpt"))]).fit(
             ScriptedModule(script=[1.0]), ckpt_path=weights_file
         )
     assert weights_file in str(info.value)
@@ -124,7 +112,7 @@ def test_resume_from_weights_only_file_is_refused(tmp_path):
 def test_ckpt_path_last_without_checkpoint_is_an_error(tmp_path):
     cb = ModelCheckpoint(str(tmp_path / "ckpt" / "m.ckpt"))
     with pytest.raises(FileNotFoundError, match="no last checkpoint to resume from"):
-        trainer_for(tmp_path, 1, [cb]).fit(ScriptedModule(script=[1.0]), ckpt_path="last")
+        quiet_trainer(tmp_path, 1, [cb]).fit(ScriptedModule(script=[1.0]), ckpt_path="last")
 
     ckpt_dir = tmp_path / "ckpt"
     assert resolve_ckpt_path(None, ckpt_dir) is None
@@ -132,17 +120,17 @@ def test_ckpt_path_last_without_checkpoint_is_an_error(tmp_path):
         resolve_ckpt_path("last", ckpt_dir)
     with pytest.raises(FileNotFoundError, match="other.ckpt"):
         resolve_ckpt_path(str(tmp_path / "other.ckpt"), ckpt_dir)
-    trainer_for(tmp_path, 1, [ModelCheckpoint(str(ckpt_dir / "m.ckpt"))]).fit(ScriptedModule(script=[1.0]))
+    quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(ckpt_dir / "m.ckpt"))]).fit(ScriptedModule(script=[1.0]))
     assert resolve_ckpt_path("last", ckpt_dir) == str(ckpt_dir / "last.ckpt")
     assert resolve_ckpt_path(str(ckpt_dir / "m.ckpt"), None) == str(ckpt_dir / "m.ckpt")
 
 
 def test_resume_from_truncated_last_ckpt_names_the_file(tmp_path):
-    trainer_for(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))]).fit(ScriptedModule(script=[1.0]))
+    quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))]).fit(ScriptedModule(script=[1.0]))
     last = tmp_path / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(CheckpointFileError, match="truncated or corrupt") as info:
-        trainer_for(tmp_path, 2, [ModelCheckpoint(str(tmp_path / "m.ckpt"))]).fit(
+        quiet_trainer(tmp_path, 2, [ModelCheckpoint(str(tmp_path / "m.ckpt"))]).fit(
             ScriptedModule(script=[1.0]), ckpt_path="last"
         )
     assert os.path.realpath(last) in str(info.value)
@@ -150,7 +138,7 @@ def test_resume_from_truncated_last_ckpt_names_the_file(tmp_path):
 
 def test_checkpoint_records_logger_version(tmp_path):
     logger = CSVLogger(tmp_path, name="logs", version=7)
-    trainer_for(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))], logger=logger).fit(
+    quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))], logger=logger).fit(
         ScriptedModule(script=[1.0])
     )
     assert checkpoint_logger_version(tmp_path / "last.ckpt") == 7
@@ -207,7 +195,7 @@ def test_run_killed_with_sigkill_mid_epoch_resumes(tmp_path):
 
     # resume in this process and finish 5 epochs of 6 batches
     checkpoint = ModelCheckpoint(str(ckpt_dir / "e{epoch:02d}.ckpt"), save_freq=2)
-    trainer = trainer_for(tmp_path, 5, [checkpoint])
+    trainer = quiet_trainer(tmp_path, 5, [checkpoint])
     trainer.fit(TinyRegressor(), ckpt_path="last")
     assert trainer.current_epoch == 5
     assert trainer.global_step == 30

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 
-from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same
+from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same, quiet_trainer
 from training.callbacks import ModelCheckpoint
 from training.saving import (
     OFFLINE_HPARAM_KEYS,
@@ -160,15 +160,7 @@ def test_module_save_method_and_weights_only(tmp_path):
 def test_load_model_reads_the_callbacks_checkpoints(tmp_path):
     module = ScriptedModule(script=[0.5, 0.4])
     cb = ModelCheckpoint(str(tmp_path / "w{epoch}.ckpt"), save_weights_only=True)
-    trainer = Trainer(
-        max_epochs=2,
-        callbacks=[cb],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(tmp_path, 2, [cb])
     trainer.fit(module)
     for name in ("w2.ckpt", "last.ckpt"):
         loaded = load_model(tmp_path / name)
@@ -223,15 +215,7 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
 
     # the same file given to resume (through the checkpoint IO ModelCheckpoint installs)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[ModelCheckpoint(str(tmp_path / "m.ckpt"))],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))])
     with pytest.raises(CheckpointFileError, match="refused to load"):
         trainer.fit(ScriptedModule(script=[1.0]), ckpt_path=str(path))
     assert not marker.exists()
@@ -324,15 +308,7 @@ def test_checkpoint_callback_removes_temp_files_of_killed_saves(tmp_path):
     stale.write_bytes(b"partial")
     unrelated = tmp_path / ".notes.tmp"
     unrelated.write_text("not ours")
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[ModelCheckpoint(str(tmp_path / "m.ckpt"))],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))])
     trainer.fit(ScriptedModule(script=[1.0]))
     assert not stale.exists()
     assert unrelated.exists()

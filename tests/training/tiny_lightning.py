@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -146,3 +146,18 @@ def assert_same(a, b) -> None:
             assert_same(x, y)
     else:
         assert a == b
+
+
+def quiet_trainer(dirpath, max_epochs: int, callbacks: list, **kwargs) -> Trainer:
+    """A CPU Trainer without progress bar, summary or (by default) logger, for callback tests."""
+    return Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=kwargs.pop("logger", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=dirpath,
+        **kwargs,
+    )
