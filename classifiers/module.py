@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from training.saving import SavableModule, load_model
+from training.saving import SavableModule, copy_backbone
 
 from .backbones import build_backbone, leaf_layers, select_layers
 
@@ -107,7 +107,7 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         self.backbone, features, enum = build_backbone(backbone, weights, weights_path)
         if backbone_checkpoint is not None:
             if os.path.isfile(backbone_checkpoint) or if_checkpoint_missing == "raise":
-                self._load_detector_backbone(backbone_checkpoint)
+                copy_backbone(backbone_checkpoint, self.backbone, backbone)
             else:
                 warnings.warn(
                     f"backbone_checkpoint {backbone_checkpoint} does not exist: training {backbone} from its "
@@ -162,23 +162,6 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         super().train(mode)
         self._apply_frozen_modes()  # frozen BatchNorm stays in inference mode, as in Keras
         return self
-
-    def _load_detector_backbone(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"backbone_checkpoint {path}: no such file")
-        detector = load_model(path)
-        body = getattr(getattr(getattr(detector, "model", None), "backbone", None), "body", None)
-        if body is None:
-            raise ValueError(f"backbone_checkpoint {path}: not a detector checkpoint (no model.backbone.body)")
-        state = body.state_dict()
-        result = self.backbone.load_state_dict(state, strict=False)
-        # A pretrained detector's FrozenBatchNorm2d has no num_batches_tracked; nothing else may differ.
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"backbone_checkpoint {path}: its backbone ({detector.hparams.get('backbone')}) does not fit "
-                f"{self.hparams.backbone}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
 
     # -- steps -----------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.saving import SavableModule, default_offline_hparams, load_model
+from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
 from .models import backbone_body, build_detector, count_parameters, frozen_bn_eps_of
@@ -46,24 +46,6 @@ def without_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Te
         keep = det["labels"] > 0
         out.append({k: v[keep] for k, v in det.items()})
     return out
-
-
-def load_backbone_checkpoint(body: torch.nn.Module, path: str) -> None:
-    """Copy the backbone of a saved classifier (``.backbone``) or detector (``.model.backbone.body``) into ``body``."""
-    source = load_model(path)
-    if isinstance(getattr(source, "model", None), torch.nn.Module):  # a detector
-        donor = source.model.backbone.body
-    elif isinstance(getattr(source, "backbone", None), torch.nn.Module):  # a classifier
-        donor = source.backbone
-    else:
-        raise ValueError(f"backbone_checkpoint {path}: {type(source).__name__} has no backbone to copy")
-    result = body.load_state_dict(donor.state_dict(), strict=False)
-    # FrozenBatchNorm2d (pretrained detectors) has no num_batches_tracked; nothing else may differ.
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"backbone_checkpoint {path}: its backbone ({source.hparams.get('backbone')}) does not "
-                         f"fit this detector's: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 class DetectionModule(SavableModule, L.LightningModule):
@@ -161,7 +143,7 @@ class DetectionModule(SavableModule, L.LightningModule):
             **detector_options,
         )
         if backbone_checkpoint is not None:
-            load_backbone_checkpoint(backbone_body(self.model), backbone_checkpoint)
+            copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone)
         self.val_metrics = DetectionEvaluator(self.class_names)
         self.test_metrics = DetectionEvaluator(self.class_names)
 

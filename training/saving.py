@@ -522,3 +522,26 @@ def _construct(
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         hparams = {k: v for k, v in hparams.items() if k in params}
     return cls(**hparams)
+
+
+def copy_backbone(path: str | os.PathLike, body: torch.nn.Module, target: str) -> None:
+    """Copy the backbone of the model saved at ``path`` into ``body``: a detector's ``model.backbone.body``
+    or a classifier's ``backbone`` (both carry torchvision's key names). ``target`` names ``body``'s
+    architecture in errors. A pretrained detector's FrozenBatchNorm2d has no ``num_batches_tracked``;
+    nothing else may differ."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone_checkpoint {path}: no such file")
+    source = load_model(path)
+    if isinstance(getattr(source, "model", None), torch.nn.Module):  # a detector
+        donor = getattr(getattr(source.model, "backbone", None), "body", None)
+    else:  # a classifier
+        donor = getattr(source, "backbone", None)
+    if not isinstance(donor, torch.nn.Module):
+        raise ValueError(f"backbone_checkpoint {path}: {type(source).__name__} has no backbone to copy")
+    result = body.load_state_dict(donor.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"backbone_checkpoint {path}: its backbone ({source.hparams.get('backbone')}) does not "
+                         f"fit {target}: missing {missing[:5]}, unexpected {unexpected[:5]}")
