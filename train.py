@@ -209,52 +209,58 @@ def shapes(
 
 def demo(
     out: str = "demo",
-    detector_minutes: float = 3.5,
+    pretrain_minutes: float = 3.0,
+    detector_minutes: float = 4.5,
     classifier_minutes: float = 1.5,
     seed: int = 0,
 ) -> None:
-    """The main job on the embedded data: shapes -> Faster R-CNN and RetinaNet on the same backbone and
-    schedule -> their comparison -> a frozen-backbone classifier transferred from the detector's backbone.
+    """The main job on the embedded data: shapes -> a MobileNetV3 pretrained on the shapes crops -> Faster R-CNN
+    and RetinaNet from that backbone on the same schedule -> their comparison -> a frozen-backbone classifier
+    transferred from the Faster R-CNN backbone.
 
     Args:
         out: directory for the dataset, runs and report. Re-running reuses finished steps and resumes an
             interrupted one from its last.ckpt.
-        detector_minutes: training time budget of each detector.
-        classifier_minutes: training time budget of the classifier.
+        pretrain_minutes, detector_minutes, classifier_minutes: time caps of the pretraining, of each
+            detector and of the classifier (the configs' max_epochs normally end first).
         seed: seed of the dataset and of training.
     """
     data_root = os.path.join(out, "shapes")
     runs_dir = os.path.join(out, "runs")
     shapes(data_root, seed=seed)
+    crops = os.path.join(data_root, "classification")
+    crop_data = ["--data.init_args.root", os.path.join(crops, "train"),
+                 "--data.init_args.val_root", os.path.join(crops, "val")]  # fmt: skip
+    pretrained = _demo_fit("pretrain", runs_dir, pretrain_minutes, seed, crop_data)
     data = ["--data.init_args.root", data_root, "--data.init_args.generate", "false"]
-    ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed, data) for name in ("faster_rcnn", "retinanet")}
+    ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed,
+                            [*data, "--model.init_args.backbone_checkpoint", pretrained])
+            for name in ("faster_rcnn", "retinanet")}  # fmt: skip
     report = os.path.join(out, "comparison")
     done = os.path.join(report, "comparison.json")
     if not os.path.isfile(done) or os.path.getmtime(done) < max(map(os.path.getmtime, ckpt.values())):
         _run_extra("compare", ["--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
                                "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report,
                                "--resamples", "200"])  # fmt: skip
-    crops = os.path.join(data_root, "classification")
-    classifier = _demo_fit("classifier", runs_dir, classifier_minutes, seed, [
-        "--data.init_args.root", os.path.join(crops, "train"), "--data.init_args.val_root", os.path.join(crops, "val"),
-        "--model.init_args.backbone_checkpoint", ckpt["faster_rcnn"],
-    ])  # fmt: skip
+    classifier = _demo_fit("classifier", runs_dir, classifier_minutes, seed,
+                           [*crop_data, "--model.init_args.backbone_checkpoint", ckpt["faster_rcnn"]])
     print("\nlitvision demo outputs")
-    for what, where in [("dataset (COCO, VOC, crops)", data_root), ("Faster R-CNN", ckpt["faster_rcnn"]),
-                        ("RetinaNet", ckpt["retinanet"]), ("comparison report", os.path.join(report, "comparison.md")),
+    for what, where in [("dataset (COCO, VOC, crops)", data_root), ("pretrained backbone", pretrained),
+                        ("Faster R-CNN", ckpt["faster_rcnn"]), ("RetinaNet", ckpt["retinanet"]),
+                        ("comparison report", os.path.join(report, "comparison.md")),
                         ("classifier", classifier), ("logs (tensorboard --logdir)", runs_dir)]:  # fmt: skip
         print(f"  {what:30s} {where}")
 
 
 def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: list[str]) -> str:
-    """Train configs/<name>.yaml for a time budget unless done; returns the checkpoint to use next."""
+    """Train configs/<name>.yaml (its epochs, capped at ``minutes``) unless done; returns the checkpoint."""
     ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
     best, last = os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, "last.ckpt")
     done = os.path.join(runs_dir, name, "demo-finished")
     if not os.path.isfile(done):
         budget = int(minutes * 60)
         args = ["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--runs_dir", runs_dir,
-                "--seed_everything", str(seed), "--trainer.max_epochs", "1000",
+                "--seed_everything", str(seed),
                 "--trainer.max_time", f"00:00:{budget // 60:02d}:{budget % 60:02d}", *overrides]  # fmt: skip
         if os.path.isfile(last):
             args += ["--ckpt_path", "last"]  # an interrupted demo continues where it stopped

@@ -49,8 +49,6 @@ from torchvision.models.detection import (
     FasterRCNN_ResNet50_FPN_Weights,
     RetinaNet,
     RetinaNet_ResNet50_FPN_Weights,
-    fasterrcnn_mobilenet_v3_large_320_fpn,
-    fasterrcnn_mobilenet_v3_large_fpn,
     fasterrcnn_resnet50_fpn,
     fasterrcnn_resnet50_fpn_v2,
     retinanet_resnet50_fpn,
@@ -58,12 +56,8 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import (
-    _mobilenet_extractor,
-    _resnet_fpn_extractor,
-    _validate_trainable_layers,
-)
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import (
     RetinaNetClassificationHead,
     RetinaNetHead,
@@ -97,31 +91,79 @@ def _octave_sizes(base: list[int]) -> tuple[tuple[int, ...], ...]:
 
 
 def _body(backbone_name: str) -> nn.Module:
+    if backbone_name.startswith("mobilenet"):
+        # As torchvision's detection builders: plain BatchNorm2d (eps 1e-5, momentum 0.1) instead of the
+        # classifier's (1e-3, 0.01), whose slow running statistics make a from-scratch model useless in
+        # eval mode for its first few hundred steps.
+        return getattr(torchvision.models, backbone_name)(norm_layer=nn.BatchNorm2d).features
     return getattr(torchvision.models, backbone_name)()
 
 
-def _fasterrcnn_resnet(backbone_name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, **kwargs: Any) -> nn.Module:
-        # Same composition as torchvision's fasterrcnn_resnet50_fpn: C2-C5 + max-pool level, 5 feature maps.
-        backbone = _resnet_fpn_extractor(_body(backbone_name), trainable_layers=5)
-        return FasterRCNN(backbone, num_classes, **kwargs)
+def _fpn_backbone(backbone_name: str, returned_layers: list[int] | None, channels: int,
+                  extra_blocks: nn.Module | None = None) -> BackboneWithFPN:
+    """Body + FPN exactly as torchvision's ``_resnet_fpn_extractor``/``_mobilenet_extractor`` compose them,
+    with the FPN width and the stages that feed it configurable.
+
+    ``returned_layers``: ResNet stages 1..4 (``layer1`` has stride 4 ... ``layer4`` stride 32; default all
+    four); MobileNetV3 stages 0..5 as torchvision numbers them (each stage's first block; strides 2, 4, 8,
+    16, 32, 32; default [4, 5], torchvision's choice for 800-px COCO images, whose finest map has stride
+    32 -- [2, 3, 5] adds stride 8 and 16 maps for small objects in small images).
+    """
+    body = _body(backbone_name)
+    if backbone_name.startswith("resnet"):
+        stages, default = [1, 2, 3, 4], [1, 2, 3, 4]
+    else:
+        starts = _mobilenet_stages(body)
+        stages, default = list(range(len(starts))), [len(starts) - 2, len(starts) - 1]
+    layers = list(default if returned_layers is None else returned_layers)
+    if not layers or layers != sorted(set(layers)) or not set(layers) <= set(stages):
+        raise ValueError(f"returned_layers={returned_layers} for {backbone_name}: give increasing stage numbers "
+                         f"from {stages}")
+    if backbone_name.startswith("resnet"):
+        return_layers = {f"layer{k}": str(v) for v, k in enumerate(layers)}
+        in_channels = [body.inplanes // 8 * 2 ** (k - 1) for k in layers]
+    else:
+        return_layers = {str(starts[k]): str(v) for v, k in enumerate(layers)}
+        in_channels = [body[starts[k]].out_channels for k in layers]
+    return BackboneWithFPN(body, return_layers, in_channels, channels, extra_blocks=extra_blocks)
+
+
+def _fasterrcnn(backbone_name: str, **defaults: Any) -> Callable[..., nn.Module]:
+    def build(num_classes: int, fpn_channels: int | None = None, returned_layers: list[int] | None = None,
+              box_representation_size: int | None = None, **kwargs: Any) -> nn.Module:
+        # torchvision's fasterrcnn_resnet50_fpn / _fasterrcnn_mobilenet_v3_large_fpn compositions: C2-C5 +
+        # max-pool level with one anchor size per map (ResNet); two stride-32 maps + max-pool with every size
+        # on every map (MobileNetV3). Same module names, so torchvision's COCO files load.
+        backbone = _fpn_backbone(backbone_name, returned_layers, fpn_channels or 256)
+        n = len(backbone.body.return_layers) + 1
+        if backbone_name.startswith("resnet"):
+            sizes = tuple((32 * 2**i,) for i in range(n))
+        else:
+            sizes = ((32, 64, 128, 256, 512),) * n
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * n)
+        if box_representation_size is not None:  # the two-layer box head's width (torchvision: 1024)
+            box_head = TwoMLPHead(backbone.out_channels * 7 * 7, box_representation_size)
+            kwargs.update(box_head=box_head, box_predictor=FastRCNNPredictor(box_representation_size, num_classes))
+            num_classes = None
+        return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **{**defaults, **kwargs})
 
     return build
 
 
-def _retinanet_custom(backbone_name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, group_norm_head: bool = False, **kwargs: Any) -> nn.Module:
-        # P3-P5 from the body, P6-P7 from P5 (LastLevelP6P7(256, 256)) as in retinanet_resnet50_fpn.
-        extra = LastLevelP6P7(256, 256)
-        if backbone_name.startswith("resnet"):
-            backbone = _resnet_fpn_extractor(_body(backbone_name), 5, returned_layers=[2, 3, 4], extra_blocks=extra)
-        else:
-            # MobileNetV3 stage outputs have strides 2,4,8,16,32,32 (stages 0..5): take strides 8, 16, 32.
-            backbone = _mobilenet_extractor(_body(backbone_name), True, 6, returned_layers=[2, 3, 5], extra_blocks=extra)
-        anchors = AnchorGenerator(_octave_sizes([32, 64, 128, 256, 512]), ((0.5, 1.0, 2.0),) * 5)
+def _retinanet(backbone_name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, group_norm_head: bool = False, fpn_channels: int | None = None,
+              returned_layers: list[int] | None = None, **kwargs: Any) -> nn.Module:
+        # P3-P5 from the body, P6-P7 from P5 (LastLevelP6P7) as in retinanet_resnet50_fpn; MobileNetV3's
+        # default is its stride 8, 16 and 32 stages.
+        channels = fpn_channels or 256
+        if returned_layers is None:
+            returned_layers = [2, 3, 4] if backbone_name.startswith("resnet") else [2, 3, 5]
+        backbone = _fpn_backbone(backbone_name, returned_layers, channels, LastLevelP6P7(channels, channels))
+        n = len(returned_layers) + 2
+        anchors = AnchorGenerator(_octave_sizes([32 * 2**i for i in range(n)]), ((0.5, 1.0, 2.0),) * n)
         # GroupNorm(32) in the head towers, as retinanet_resnet50_fpn_v2: trains far better from scratch.
         norm = partial(nn.GroupNorm, 32) if group_norm_head else None
-        head = RetinaNetHead(256, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
+        head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
         return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **kwargs)
 
     return build
@@ -136,6 +178,7 @@ class _Variant:
     frozen_bn: bool  # torchvision swaps the body's BatchNorm for FrozenBatchNorm2d when pretrained
     eps0_weights: WeightsEnum | None = None  # legacy weights torchvision loads with FrozenBatchNorm eps=0
     custom: bool = False  # composed here: no COCO weights exist
+    composed: bool = False  # built by _fasterrcnn/_retinanet: FPN width and returned stages configurable
 
     @property
     def name(self) -> str:
@@ -146,23 +189,27 @@ class _Variant:
         return 6 if self.backbone_fn.startswith("mobilenet") else 5
 
 
+_MOBILENET_320 = dict(min_size=320, max_size=640, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150)
 _VARIANT_LIST = [
     _Variant("fasterrcnn", "resnet50_fpn", _torchvision(fasterrcnn_resnet50_fpn), "resnet50", True,
              FasterRCNN_ResNet50_FPN_Weights.COCO_V1),
     _Variant("fasterrcnn", "resnet50_fpn_v2", _torchvision(fasterrcnn_resnet50_fpn_v2), "resnet50", False),
-    _Variant("fasterrcnn", "mobilenet_v3_large_fpn", _torchvision(fasterrcnn_mobilenet_v3_large_fpn),
-             "mobilenet_v3_large", True),
-    _Variant("fasterrcnn", "mobilenet_v3_large_320_fpn", _torchvision(fasterrcnn_mobilenet_v3_large_320_fpn),
-             "mobilenet_v3_large", True),
-    _Variant("fasterrcnn", "resnet18_fpn", _fasterrcnn_resnet("resnet18"), "resnet18", True, custom=True),
-    _Variant("fasterrcnn", "resnet34_fpn", _fasterrcnn_resnet("resnet34"), "resnet34", True, custom=True),
+    # Composed as torchvision's own builders compose them (test_models checks the two are the same), so that
+    # the FPN's stages and width can change: torchvision's default sees only stride-32 maps.
+    _Variant("fasterrcnn", "mobilenet_v3_large_fpn", _fasterrcnn("mobilenet_v3_large", rpn_score_thresh=0.05),
+             "mobilenet_v3_large", True, composed=True),
+    _Variant("fasterrcnn", "mobilenet_v3_large_320_fpn",
+             _fasterrcnn("mobilenet_v3_large", rpn_score_thresh=0.05, **_MOBILENET_320),
+             "mobilenet_v3_large", True, composed=True),
+    _Variant("fasterrcnn", "resnet18_fpn", _fasterrcnn("resnet18"), "resnet18", True, custom=True, composed=True),
+    _Variant("fasterrcnn", "resnet34_fpn", _fasterrcnn("resnet34"), "resnet34", True, custom=True, composed=True),
     _Variant("retinanet", "resnet50_fpn", _torchvision(retinanet_resnet50_fpn), "resnet50", True,
              RetinaNet_ResNet50_FPN_Weights.COCO_V1),
     _Variant("retinanet", "resnet50_fpn_v2", _torchvision(retinanet_resnet50_fpn_v2), "resnet50", False),
-    _Variant("retinanet", "resnet18_fpn", _retinanet_custom("resnet18"), "resnet18", True, custom=True),
-    _Variant("retinanet", "resnet34_fpn", _retinanet_custom("resnet34"), "resnet34", True, custom=True),
-    _Variant("retinanet", "mobilenet_v3_large_fpn", _retinanet_custom("mobilenet_v3_large"),
-             "mobilenet_v3_large", True, custom=True),
+    _Variant("retinanet", "resnet18_fpn", _retinanet("resnet18"), "resnet18", True, custom=True, composed=True),
+    _Variant("retinanet", "resnet34_fpn", _retinanet("resnet34"), "resnet34", True, custom=True, composed=True),
+    _Variant("retinanet", "mobilenet_v3_large_fpn", _retinanet("mobilenet_v3_large"), "mobilenet_v3_large",
+             True, custom=True, composed=True),
 ]
 _VARIANTS: dict[str, _Variant] = {v.name: v for v in _VARIANT_LIST}
 
@@ -424,11 +471,15 @@ def build_detector(
     rpn_pre_nms_top_n_test: int | None = None,
     rpn_post_nms_top_n_train: int | None = None,
     rpn_post_nms_top_n_test: int | None = None,
+    rpn_score_thresh: float | None = None,
     box_batch_size_per_image: int | None = None,
     score_thresh: float | None = None,
     nms_thresh: float | None = None,
     detections_per_img: int = 100,
     group_norm_head: bool = False,
+    fpn_channels: int | None = None,
+    returned_layers: list[int] | None = None,
+    box_representation_size: int | None = None,
     pretrained_layout: bool = False,
     frozen_bn_eps: float | None = None,
     **kwargs: Any,
@@ -458,12 +509,22 @@ def build_detector(
         aspect_ratios: height/width ratios used on every level (default 0.5, 1, 2).
         rpn_*_nms_top_n_*, box_batch_size_per_image: Faster R-CNN only (RPN proposals kept before/after NMS,
             ROIs sampled per image for the box head).
+        rpn_score_thresh: Faster R-CNN only: proposals with a lower objectness are dropped, in training too
+            (torchvision: 0.05 for the MobileNetV3 variants, else 0). From scratch, every objectness starts
+            near 0, so 0.05 starves the box head of proposals for the first epochs.
         score_thresh, nms_thresh: detection score threshold and per-class NMS IoU (torchvision defaults 0.05
             and 0.5).
         detections_per_img: detections kept per image; 100 for both types (torchvision's RetinaNet uses 300)
             so both are scored under COCO's maxDets=100.
         group_norm_head: RetinaNet on a composed backbone (resnet18/34, mobilenet): GroupNorm(32) in the head
             towers as ``retinanet_resnet50_fpn_v2`` has.
+        fpn_channels, returned_layers: width of the FPN (and so of the heads; torchvision: 256) and the body
+            stages feeding it (see ``_fpn_backbone``: ResNet 1..4, MobileNetV3 0..5). Variants composed here
+            only (every one except the ``resnet50`` ones); the head and the default anchors follow the number
+            of feature maps. Changes the structure, so COCO detector weights no longer fit (ImageNet
+            ``weights_backbone`` still does).
+        box_representation_size: width of Faster R-CNN's two-layer box head (torchvision: 1024); its first
+            layer has ``fpn_channels * 7 * 7 * box_representation_size`` weights.
         pretrained_layout: build the structure a pretrained model has (FrozenBatchNorm2d, frozen stages)
             without loading any weights -- what ``load_model`` needs to rebuild a saved model offline.
         frozen_bn_eps: eps of the FrozenBatchNorm2d layers (torchvision loads its legacy COCO_V1 files with
@@ -479,8 +540,11 @@ def build_detector(
                                    rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
                                    rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
                                    rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+                                   rpn_score_thresh=rpn_score_thresh,
                                    box_batch_size_per_image=box_batch_size_per_image, score_thresh=score_thresh,
-                                   nms_thresh=nms_thresh, detections_per_img=detections_per_img)
+                                   nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+                                   fpn_channels=fpn_channels, returned_layers=returned_layers,
+                                   box_representation_size=box_representation_size)
 
     detector_weights = None
     if weights is not None:
@@ -563,7 +627,7 @@ def _constructor_options(variant: _Variant, kwargs: dict[str, Any], **args: Any)
         if reserved in kwargs:
             raise ValueError(f"{reserved} is built here: use anchor_sizes/aspect_ratios/num_classes instead")
     rpn_args = ["rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
-                "rpn_post_nms_top_n_test", "box_batch_size_per_image"]
+                "rpn_post_nms_top_n_test", "rpn_score_thresh", "box_batch_size_per_image"]
     if variant.arch == "fasterrcnn":
         names = {**{a: a for a in rpn_args}, "score_thresh": "box_score_thresh", "nms_thresh": "box_nms_thresh",
                  "detections_per_img": "box_detections_per_img"}
@@ -575,7 +639,19 @@ def _constructor_options(variant: _Variant, kwargs: dict[str, Any], **args: Any)
         given = [a for a in rpn_args if args[a] is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: Faster R-CNN options, RetinaNet has no RPN or ROI sampling")
+    structure = {k: args[k] for k in ("fpn_channels", "returned_layers", "box_representation_size")
+                 if args[k] is not None}
+    if structure and not variant.composed:
+        composed = [n for n, v in _VARIANTS.items() if v.composed]
+        raise ValueError(f"{', '.join(structure)}: {variant.name} is torchvision's fixed composition; these "
+                         f"options apply to {', '.join(composed)}")
+    if "box_representation_size" in structure and variant.arch != "fasterrcnn":
+        raise ValueError("box_representation_size is a Faster R-CNN option (RetinaNet has no box head)")
+    for key in ("fpn_channels", "box_representation_size"):
+        if key in structure and (isinstance(structure[key], bool) or structure[key] < 1):
+            raise ValueError(f"{key} must be a positive int, got {structure[key]!r}")
     options = {tv: args[ours] for ours, tv in names.items() if args[ours] is not None}
+    options.update(structure)
     options.update({k: args[k] for k in ("min_size", "max_size") if args[k] is not None})
     if variant.custom and variant.arch == "retinanet":
         options["group_norm_head"] = args["group_norm_head"]

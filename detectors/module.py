@@ -63,12 +63,18 @@ class DetectionModule(SavableModule, L.LightningModule):
             offline) or another detector. Architectures must match (``resnet18`` <-> ``resnet18_fpn``).
         min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
         anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
+        fpn_channels, returned_layers: FPN width and the body stages feeding it (None: torchvision's; see
+            ``build_detector``). Small images with small objects want finer maps than torchvision's
+            MobileNetV3 default (stride 32 only); CPUs want a narrower FPN.
         score_thresh, nms_thresh, detections_per_img: post-processing of detections.
         optimizer: "sgd" (momentum 0.9 by default) or "adamw".
         lr, momentum, weight_decay: optimiser settings; only trainable parameters are optimised.
         warmup_iters, warmup_factor: linear warm-up from ``lr * warmup_factor`` over the first iterations.
         lr_milestones, lr_gamma: optional epoch milestones multiplying the LR by ``lr_gamma`` (the
             torchvision reference recipe); leave empty when ReduceLROnPlateau manages the LR.
+        cosine_decay: multiply the LR by a cosine from 1 to 0 over the whole run (every optimiser step of
+            ``trainer.max_epochs``/``max_steps``, which must be finite). Composes with warm-up and with
+            ReduceLROnPlateau's reductions (each step multiplies the current LR).
         compute_val_loss: compute ``val_loss`` (costs the detection heads a second time, not the backbone).
         pretrained_layout, frozen_bn_eps: the structure of a pretrained model without its weights; set by
             ``load_model`` when it rebuilds a saved model offline (see ``offline_hparams``).
@@ -86,11 +92,14 @@ class DetectionModule(SavableModule, L.LightningModule):
         weights_backbone: str | None = None,
         weights_path: str | None = None,
         backbone_checkpoint: str | None = None,
+        if_checkpoint_missing: Literal["raise", "warn"] = "raise",
         trainable_backbone_layers: int | None = None,
         min_size: int | None = None,
         max_size: int | None = None,
         anchor_sizes: list[list[int]] | list[int] | None = None,
         aspect_ratios: list[float] | None = None,
+        fpn_channels: int | None = None,
+        returned_layers: list[int] | None = None,
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
         detections_per_img: int = 100,
@@ -102,6 +111,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         warmup_factor: float = 0.001,
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
+        cosine_decay: bool = False,
         compute_val_loss: bool = True,
         pretrained_layout: bool = False,
         frozen_bn_eps: float | None = None,
@@ -135,6 +145,8 @@ class DetectionModule(SavableModule, L.LightningModule):
             max_size=max_size,
             anchor_sizes=anchor_sizes,
             aspect_ratios=aspect_ratios,
+            fpn_channels=fpn_channels,
+            returned_layers=returned_layers,
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,
             detections_per_img=detections_per_img,
@@ -143,7 +155,7 @@ class DetectionModule(SavableModule, L.LightningModule):
             **detector_options,
         )
         if backbone_checkpoint is not None:
-            copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone)
+            copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
         self.val_metrics = DetectionEvaluator(self.class_names)
         self.test_metrics = DetectionEvaluator(self.class_names)
 
@@ -260,6 +272,15 @@ class DetectionModule(SavableModule, L.LightningModule):
         if hp.lr_milestones:
             steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
             schedulers.append({"scheduler": steps, "interval": "epoch"})
+        if hp.cosine_decay:
+            total = self.trainer.estimated_stepping_batches
+            if not 0 < total < float("inf"):
+                raise ValueError("cosine_decay needs a finite run length: set trainer.max_epochs or max_steps "
+                                 f"(estimated optimiser steps: {total})")
+            # The closed form is never used: stepping applies the recursive (multiplicative) form, so the
+            # warm-up and plateau factors carry through. eta_min=0 keeps it purely multiplicative.
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.0)
+            schedulers.append({"scheduler": cosine, "interval": "step"})
         return [opt], schedulers
 
     def parameter_counts(self) -> tuple[int, int]:
@@ -273,7 +294,10 @@ class FasterRCNNModule(DetectionModule):
     Takes :class:`DetectionModule`'s arguments, plus:
         rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train, rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test:
             RPN proposals kept before/after NMS in training and testing.
+        rpn_score_thresh: drop proposals below this objectness (torchvision: 0.05 for MobileNetV3, else 0;
+            use 0 when training from scratch, whose early objectness scores are all near 0).
         box_batch_size_per_image: ROIs sampled per image for the box head.
+        box_representation_size: width of the two-layer box head (torchvision: 1024).
     None keeps torchvision's defaults.
     """
 
@@ -285,7 +309,9 @@ class FasterRCNNModule(DetectionModule):
         rpn_post_nms_top_n_train: int | None = None,
         rpn_pre_nms_top_n_test: int | None = None,
         rpn_post_nms_top_n_test: int | None = None,
+        rpn_score_thresh: float | None = None,
         box_batch_size_per_image: int | None = None,
+        box_representation_size: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -293,7 +319,9 @@ class FasterRCNNModule(DetectionModule):
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+            rpn_score_thresh=rpn_score_thresh,
             box_batch_size_per_image=box_batch_size_per_image,
+            box_representation_size=box_representation_size,
             **kwargs,
         )
 

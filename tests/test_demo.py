@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, str(REPO / "train.py"), "demo", "--out", str(out),
-           "--detector_minutes", "0.2", "--classifier_minutes", "0.2"]  # fmt: skip
+           "--pretrain_minutes", "0.2", "--detector_minutes", "0.2", "--classifier_minutes", "0.2"]  # fmt: skip
     first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "comparison" / "comparison.json").read_text())

@@ -29,9 +29,10 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -190,7 +191,8 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
                 f"it was executed. Detail: {detail}"
             ) from None
         raise CheckpointFileError(f"{path}: truncated or corrupt checkpoint file ({detail})") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as e:
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as e:
+        # IndexError/KeyError: torch's weights-only unpickler on a malformed legacy (non-zip) stream.
         raise CheckpointFileError(
             f"{path}: truncated or corrupt checkpoint file, cannot be read ({type(e).__name__}: {_first_line(e)})"
         ) from None
@@ -524,13 +526,19 @@ def _construct(
     return cls(**hparams)
 
 
-def copy_backbone(path: str | os.PathLike, body: torch.nn.Module, target: str) -> None:
+def copy_backbone(path: str | os.PathLike, body: torch.nn.Module, target: str,
+                  if_missing: Literal["raise", "warn"] = "raise") -> bool:
     """Copy the backbone of the model saved at ``path`` into ``body``: a detector's ``model.backbone.body``
     or a classifier's ``backbone`` (both carry torchvision's key names). ``target`` names ``body``'s
     architecture in errors. A pretrained detector's FrozenBatchNorm2d has no ``num_batches_tracked``;
-    nothing else may differ."""
+    nothing else may differ. A missing file raises, or with ``if_missing="warn"`` (a config that expects
+    an earlier demo step) warns and leaves ``body`` as it is; returns whether anything was copied."""
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if if_missing == "warn":
+            warnings.warn(f"backbone_checkpoint {path} does not exist: training {target} from its initial "
+                          "weights instead (run the step that writes it first, e.g. `make demo`)", stacklevel=3)
+            return False
         raise FileNotFoundError(f"backbone_checkpoint {path}: no such file")
     source = load_model(path)
     if isinstance(getattr(source, "model", None), torch.nn.Module):  # a detector
@@ -545,3 +553,4 @@ def copy_backbone(path: str | os.PathLike, body: torch.nn.Module, target: str) -
     if missing or unexpected:
         raise ValueError(f"backbone_checkpoint {path}: its backbone ({source.hparams.get('backbone')}) does not "
                          f"fit {target}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return True

@@ -89,6 +89,25 @@ def test_gap_dense_head_shape_and_keras_init():
     assert torch.count_nonzero(fc.bias) == 0
 
 
+def test_bn_momentum_reaches_every_backbone_batchnorm():
+    default = FrozenBackboneClassifier("mobilenet_v3_large", num_classes=3, weights=None, freeze="none")
+    norms = [m for m in default.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and {m.momentum for m in norms} == {0.01}  # torchvision's MobileNetV3 (Keras' 0.99)
+    model = FrozenBackboneClassifier("mobilenet_v3_large", num_classes=3, weights=None, freeze="none",
+                                     bn_momentum=0.1)
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {m.momentum for m in norms} == {0.1}
+    model.train()
+    x = torch.rand(2, 3, 32, 32) * 4 + 1
+    first = norms[0]
+    before = first.running_mean.clone()
+    model(x)
+    batch_mean = model.backbone[0][0](((x - model.mean) / model.std)).mean(dim=(0, 2, 3))
+    assert torch.allclose(first.running_mean, 0.9 * before + 0.1 * batch_mean, atol=1e-5)  # PyTorch's update rule
+    with pytest.raises(ValueError, match="bn_momentum"):
+        tiny(num_classes=3, bn_momentum=0.0)
+
+
 def test_frozen_batchnorm_statistics_do_not_move(folder):
     frozen = tiny(freeze="all", lr=0.01)
     before = {k: v.clone() for k, v in frozen.backbone.state_dict().items()}

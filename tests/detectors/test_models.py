@@ -196,12 +196,14 @@ def test_feature_pyramid_strides(built, name, strides):
 def test_faster_rcnn_options_reach_torchvision():
     model = build_detector("fasterrcnn", "resnet18_fpn", 3, min_size=48, max_size=96,
                            rpn_pre_nms_top_n_train=111, rpn_pre_nms_top_n_test=222, rpn_post_nms_top_n_train=33,
-                           rpn_post_nms_top_n_test=44, box_batch_size_per_image=64, score_thresh=0.3,
+                           rpn_post_nms_top_n_test=44, rpn_score_thresh=0.2, box_batch_size_per_image=64,
+                           score_thresh=0.3,
                            nms_thresh=0.4, detections_per_img=7, anchor_sizes=[16, 32, 64, 128, 256],
                            aspect_ratios=[1.0])
     assert model.transform.min_size == (48,) and model.transform.max_size == 96
     assert model.rpn._pre_nms_top_n == {"training": 111, "testing": 222}
     assert model.rpn._post_nms_top_n == {"training": 33, "testing": 44}
+    assert model.rpn.score_thresh == 0.2
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
     assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh) == (0.3, 0.4)
     assert model.roi_heads.detections_per_img == 7
@@ -502,3 +504,77 @@ def test_no_warnings_in_a_plain_build():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector("fasterrcnn", "resnet18_fpn", 3, **TINY)
+
+
+# ------------------------------------------------------------------------------- composed FPN structures
+
+
+@pytest.mark.parametrize("name, torchvision_builder", [
+    ("mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_fpn"),
+    ("mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"),
+])
+def test_composed_mobilenet_faster_rcnn_is_torchvisions(name, torchvision_builder):
+    """Our composition (so that the FPN can change) builds exactly torchvision's model by default: same
+    modules in the same order (same init under one seed), same options."""
+    torch.manual_seed(0)
+    expected = getattr(torchvision.models.detection, torchvision_builder)(weights=None, weights_backbone=None,
+                                                                         num_classes=4)
+    torch.manual_seed(0)
+    ours = build_detector("fasterrcnn", name, 4)
+    a, b = expected.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ours.rpn.anchor_generator.sizes == expected.rpn.anchor_generator.sizes
+    assert ours.rpn.score_thresh == expected.rpn.score_thresh == 0.05
+    assert ours.rpn._pre_nms_top_n == expected.rpn._pre_nms_top_n
+    assert ours.rpn._post_nms_top_n == expected.rpn._post_nms_top_n
+    assert (ours.transform.min_size, ours.transform.max_size) == (expected.transform.min_size,
+                                                                  expected.transform.max_size)
+    bn = [(m.eps, m.momentum) for m in ours.backbone.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert set(bn) == {(1e-5, 0.1)}  # torchvision's detection BatchNorm, not the classifier's (1e-3, 0.01)
+
+
+@pytest.mark.parametrize("arch, backbone, layers, strides", [
+    ("fasterrcnn", "mobilenet_v3_large_fpn", [2, 3, 5], [8, 16, 32, 64]),  # + max-pool level
+    ("fasterrcnn", "resnet18_fpn", [2, 3, 4], [8, 16, 32, 64]),
+    ("retinanet", "mobilenet_v3_large_fpn", [3, 5], [16, 32, 64, 128]),  # + P6, P7
+    ("retinanet", "resnet18_fpn", [1, 2, 3, 4], [4, 8, 16, 32, 64, 128]),
+])
+def test_returned_layers_and_fpn_channels(arch, backbone, layers, strides):
+    model = build_detector(arch, backbone, 3, returned_layers=layers, fpn_channels=32, **tiny(arch)).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.rand(1, 3, 256, 256))
+    assert [256 // f.shape[-1] for f in features.values()] == strides
+    assert all(f.shape[1] == 32 for f in features.values())
+    generator = model.rpn.anchor_generator if arch == "fasterrcnn" else model.anchor_generator
+    assert len(generator.sizes) == len(strides)  # default anchors follow the number of maps
+    images, targets = _batch(with_boxes=True)
+    losses = model.train()(images, targets)
+    assert set(losses) == (FRCNN_LOSSES if arch == "fasterrcnn" else RETINANET_LOSSES)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_box_representation_size_sets_the_box_head_width():
+    model = build_detector("fasterrcnn", "mobilenet_v3_large_fpn", 5, fpn_channels=16, box_representation_size=48,
+                           **tiny("fasterrcnn"))
+    assert model.roi_heads.box_head.fc6.in_features == 16 * 7 * 7
+    assert model.roi_heads.box_head.fc7.out_features == 48
+    assert model.roi_heads.box_predictor.cls_score.in_features == 48
+    assert num_classes_of(model) == 5
+    images, targets = _batch(with_boxes=True)
+    assert set(model.train()(images, targets)) == FRCNN_LOSSES
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backbone="resnet50_fpn", fpn_channels=64), "torchvision's fixed composition"),
+    (dict(backbone="resnet50_fpn_v2", returned_layers=[2, 3, 4]), "torchvision's fixed composition"),
+    (dict(backbone="resnet18_fpn", returned_layers=[3, 2]), "increasing stage numbers"),
+    (dict(backbone="resnet18_fpn", returned_layers=[0, 1]), "increasing stage numbers"),
+    (dict(backbone="mobilenet_v3_large_fpn", returned_layers=[6]), "increasing stage numbers"),
+    (dict(backbone="resnet18_fpn", fpn_channels=0), "positive int"),
+])
+def test_structure_option_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_detector("fasterrcnn", num_classes=3, **kwargs)
+    with pytest.raises(ValueError, match="RetinaNet has no box head"):
+        build_detector("retinanet", "resnet18_fpn", 3, box_representation_size=64)

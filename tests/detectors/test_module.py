@@ -1,5 +1,7 @@
 """The detection LightningModules: tiny models, real torchvision detectors, no weights."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -136,6 +138,55 @@ def test_optimizer_holds_only_trainable_params_and_warmup_composes():
         opt.step()
         sched["scheduler"].step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)  # the reduction survives the warm-up
+
+
+class _StubTrainer:
+    def __init__(self, steps):
+        self.estimated_stepping_batches = steps
+
+
+def test_cosine_decay_times_warmup_follows_the_hand_computed_schedule():
+    """lr(t) = lr * (f + (1 - f) * min(t, W) / W) * (1 + cos(pi * t / T)) / 2, and a plateau halving in the
+    middle halves everything after it."""
+    lr, f, warm, total = 0.1, 0.1, 4, 20
+    module = tiny(FasterRCNNModule, lr=lr, warmup_iters=warm, warmup_factor=f, cosine_decay=True)
+    module.trainer = _StubTrainer(total)
+    [opt], scheds = module.configure_optimizers()
+    assert [s["interval"] for s in scheds] == ["step", "step"]
+
+    def expected(t):
+        return lr * (f + (1 - f) * min(t, warm) / warm) * (1 + math.cos(math.pi * t / total)) / 2
+
+    seen = [opt.param_groups[0]["lr"]]
+    for t in range(1, total + 1):
+        opt.step()
+        for s in scheds:
+            s["scheduler"].step()
+        if t == 10:
+            opt.param_groups[0]["lr"] *= 0.5  # ReduceLROnPlateau acting at step 10
+        seen.append(opt.param_groups[0]["lr"])
+    want = [expected(t) * (0.5 if t >= 10 else 1.0) for t in range(total + 1)]
+    assert seen == pytest.approx(want, abs=1e-12)
+    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_decay_needs_a_finite_run():
+    module = tiny(FasterRCNNModule, cosine_decay=True)
+    module.trainer = _StubTrainer(float("inf"))
+    with pytest.raises(ValueError, match="max_epochs or max_steps"):
+        module.configure_optimizers()
+
+
+def test_missing_backbone_checkpoint_raises_or_warns(tmp_path):
+    missing = str(tmp_path / "runs" / "pretrain" / "best.ckpt")
+    with pytest.raises(FileNotFoundError, match="best.ckpt"):
+        tiny(FasterRCNNModule, backbone_checkpoint=missing)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="does not exist"):
+        warned = tiny(FasterRCNNModule, backbone_checkpoint=missing, if_checkpoint_missing="warn")
+    plain = tiny(FasterRCNNModule)  # same seed: the body is left at its initial weights
+    a, b = warned.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_num_classes_and_class_names_must_agree():
