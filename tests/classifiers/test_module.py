@@ -102,7 +102,7 @@ def test_bn_momentum_reaches_every_backbone_batchnorm():
     first = norms[0]
     before = first.running_mean.clone()
     model(x)
-    batch_mean = model.backbone[0][0](((x - model.mean) / model.std)).mean(dim=(0, 2, 3))
+    batch_mean = model.backbone[0][0]((x - model.mean) / model.std).mean(dim=(0, 2, 3))
     assert torch.allclose(first.running_mean, 0.9 * before + 0.1 * batch_mean, atol=1e-5)  # PyTorch's update rule
     with pytest.raises(ValueError, match="bn_momentum"):
         tiny(num_classes=3, bn_momentum=0.0)
