@@ -19,7 +19,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "comparison" / "comparison.json").read_text())
     assert {m["detector"] for m in report["models"]} == {"two-stage", "one-stage"}
-    for name in ("faster_rcnn", "retinanet", "classifier"):
+    for name in ("pretrain", "faster_rcnn", "retinanet", "classifier"):
         assert (out / "runs" / name / "checkpoints" / "last.ckpt").is_file()
     stamp = (out / "comparison" / "comparison.json").stat().st_mtime_ns
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
