@@ -129,7 +129,6 @@ class LitvisionCLI(LightningCLI):
             ]
         return super()._instantiate_trainer(config, callbacks)
 
-
     def _prediction_writer(self) -> list:
         """``predict`` on a detector writes ``predictions.json`` (COCO results) and optionally drawn images."""
         from detectors.module import DetectionModule

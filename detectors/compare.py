@@ -515,8 +515,8 @@ def compare(
     if not targets:
         raise ValueError(f"{data_name}: no images to evaluate")
     for e in entries:
-        e.metrics = evaluate_detections(e.preds, targets, class_names)
         e.coco = coco_evaluate(e.preds, targets, class_names)
+        e.metrics = evaluate_detections(e.preds, targets, class_names, coco=e.coco)  # COCO evaluated once
         speed = measure_speed(e.module, images, dev, precision, batch_size, warmup, repeats)
         e.latency_ms, e.throughput = speed
     maps = np.full((len(entries), 0), math.nan)

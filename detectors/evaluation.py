@@ -417,7 +417,8 @@ def voc_evaluate(
 
 
 def evaluate_detections(
-    preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str], box_format: BoxFormat = "xyxy"
+    preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str], box_format: BoxFormat = "xyxy",
+    coco: CocoResult | None = None,
 ) -> dict[str, float]:
     """Every metric of :class:`DetectionEvaluator` for per-image dicts, as a flat dict of python floats.
 
@@ -425,9 +426,13 @@ def evaluate_detections(
     ``voc10_ap50/<name>`` (VOC AP at IoU 0.5, 11-point / all-point); ``iou/<name>`` and ``mean_iou``: mean
     IoU of the detections matched at IoU 0.5 by the VOC rule, per class and over all matched detections
     (-1 where nothing matched). -1 marks an undefined value (no ground truth), as in pycocotools.
+    ``coco``: the :func:`coco_evaluate` result of these same inputs when the caller already has it (the
+    COCO evaluation is the expensive part), else it is computed here.
     """
     names = list(class_names)
-    out = dict(coco_evaluate(preds, targets, names, box_format).metrics)
+    if coco is None:
+        coco = coco_evaluate(preds, targets, names, box_format)
+    out = dict(coco.metrics)
     m = _voc_match(preds, targets, len(names), 0.5, plus_one=False, box_format=box_format)
     for year, use_07 in (("07", True), ("10", False)):
         ap, mean = _voc_ap_per_class(m, use_07)
