@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from detectors.data.shapes import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.loggers import ResumableCSVLogger
 from training.saving import checkpoint_logger_version, offline_model_config, resolve_ckpt_path
@@ -180,8 +181,8 @@ def evaluate(gt: str, predictions: str, out: str | None = None) -> dict:
 
 def shapes(
     out: str,
-    num_train: int = 300,
-    num_val: int = 60,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
     height: int = 192,
     width: int = 192,
     seed: int = 0,
@@ -208,8 +209,8 @@ def shapes(
 
 def demo(
     out: str = "demo",
-    pretrain_minutes: float = 3.0,
-    detector_minutes: float = 4.5,
+    pretrain_minutes: float = 7.5,
+    detector_minutes: float = 5.0,
     classifier_minutes: float = 1.5,
     seed: int = 0,
 ) -> None:

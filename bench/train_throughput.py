@@ -41,6 +41,9 @@ CONFIGS = {
                                           returned_layers=[2, 3, 5], anchor_sizes=[16, 32, 64, 128, 256],
                                           fpn_channels=64, group_norm_head=True)),
 }  # fmt: skip
+# The demo configs also run in NHWC memory layout (channels_last: true).
+CONFIGS.update({f"{name}_nhwc": (cls, {**options, "channels_last": True})
+                for name, (cls, options) in list(CONFIGS.items()) if name.endswith("_demo")})
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
-from .models import backbone_body, build_detector, count_parameters, frozen_bn_eps_of
+from .models import backbone_body, build_detector, count_parameters, frozen_bn_eps_of, use_channels_last
 from .val_loss import losses_and_detections
 
 Optimizer = Literal["sgd", "adamw"]
@@ -69,6 +69,10 @@ class DetectionModule(SavableModule, L.LightningModule):
         score_thresh, nms_thresh, detections_per_img: post-processing of detections.
         optimizer: "sgd" (momentum 0.9 by default) or "adamw".
         lr, momentum, weight_decay: optimiser settings; only trainable parameters are optimised.
+        backbone_lr_scale: the backbone body trains at ``lr * backbone_lr_scale`` (its own parameter group,
+            named "backbone"; the rest is "heads"). Below 1 a pretrained body keeps more of what it learnt
+            (the lesson's "retrain the top layers", softened): docs/benchmarks.md measures 0.3 on shapes.
+            1.0 keeps a single parameter group.
         warmup_iters, warmup_factor: linear warm-up from ``lr * warmup_factor`` over the first iterations.
         lr_milestones, lr_gamma: optional epoch milestones multiplying the LR by ``lr_gamma`` (the
             torchvision reference recipe); leave empty when ReduceLROnPlateau manages the LR.
@@ -76,6 +80,8 @@ class DetectionModule(SavableModule, L.LightningModule):
             ``trainer.max_epochs``/``max_steps``, which must be finite). Composes with warm-up and with
             ReduceLROnPlateau's reductions (each step multiplies the current LR).
         compute_val_loss: compute ``val_loss`` (costs the detection heads a second time, not the backbone).
+        channels_last: run the detector in NHWC memory layout (same results, faster convolutions on CPUs
+            and tensor-core GPUs; see ``detectors.models.use_channels_last``).
         pretrained_layout, frozen_bn_eps: the structure of a pretrained model without its weights; set by
             ``load_model`` when it rebuilds a saved model offline (see ``offline_hparams``).
         **detector_options: the subclass' architecture-specific arguments, passed to ``build_detector``.
@@ -107,12 +113,14 @@ class DetectionModule(SavableModule, L.LightningModule):
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
+        backbone_lr_scale: float = 1.0,
         warmup_iters: int = 100,
         warmup_factor: float = 0.001,
         lr_milestones: list[int] | None = None,
         lr_gamma: float = 0.1,
         cosine_decay: bool = False,
         compute_val_loss: bool = True,
+        channels_last: bool = False,
         pretrained_layout: bool = False,
         frozen_bn_eps: float | None = None,
         **detector_options: Any,
@@ -132,6 +140,9 @@ class DetectionModule(SavableModule, L.LightningModule):
             raise ValueError("give num_classes (including background) or class_names")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        if not backbone_lr_scale > 0:
+            raise ValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
+                             f"got {backbone_lr_scale}")
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, num_classes)]
         self.model = self.build_model(
@@ -156,6 +167,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         )
         if backbone_checkpoint is not None:
             copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
+        if channels_last:
+            use_channels_last(self.model)
         self.val_metrics = DetectionEvaluator(self.class_names)
         self.test_metrics = DetectionEvaluator(self.class_names)
 
@@ -259,6 +272,12 @@ class DetectionModule(SavableModule, L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]  # frozen layers stay out of the optimiser
+        if hp.backbone_lr_scale != 1.0:
+            body = {id(p) for p in backbone_body(self.model).parameters()}
+            params = [{"params": [p for p in params if id(p) in body], "lr": hp.lr * hp.backbone_lr_scale,
+                       "name": "backbone"},
+                      {"params": [p for p in params if id(p) not in body], "name": "heads"}]  # fmt: skip
+            params = [g for g in params if g["params"]]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:

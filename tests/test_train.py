@@ -52,7 +52,11 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
     version = runs / "faster_rcnn" / "version_0"
     rows = list(csv.DictReader((version / "metrics.csv").open()))
     logged = {k for r in rows for k, v in r.items() if v}
-    assert {"train_loss_step", "val_loss", "val_map", "val_map_50", "val_ap/triangle", "lr-AdamW"} <= logged
+    assert {"train_loss_step", "val_loss", "val_map", "val_map_50", "val_ap/triangle"} <= logged
+    # The config's backbone_lr_scale gives the body its own, named parameter group.
+    assert {"lr-AdamW/backbone", "lr-AdamW/heads"} <= logged
+    lrs = [(float(r["lr-AdamW/backbone"]), float(r["lr-AdamW/heads"])) for r in rows if r["lr-AdamW/heads"]]
+    assert lrs and all(b == pytest.approx(0.3 * h) for b, h in lrs)
     assert any(p.name.startswith("events.out.tfevents") for p in version.iterdir())
 
     proc = run(*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "2", "--ckpt_path", "last", cwd=tmp_path)

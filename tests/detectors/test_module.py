@@ -245,3 +245,52 @@ def test_detections_stay_float32_under_bf16_autocast(name):
                                                                   "labels": torch.tensor([1])}])  # fmt: skip
     assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_channels_last_gives_the_same_losses_and_detections(name, shapes_dir, tmp_path):
+    import pickle
+
+    from training.saving import load_model, save_model
+
+    images, targets = _shapes_batch(shapes_dir)
+    plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
+    results = {}
+    for channels_last in (False, True):
+        module = tiny(FasterRCNNModule if name == "fasterrcnn" else RetinaNetModule, channels_last=channels_last,
+                      score_thresh=0.0)  # fmt: skip
+        module.eval()
+        torch.manual_seed(7)
+        results[channels_last] = losses_and_detections(module.model, list(images), plain)
+    module = tiny(RetinaNetModule, channels_last=True)
+    convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+               if w.shape[2:] != (1, 1))  # fmt: skip
+    features = module.model.backbone(torch.rand(1, 3, 64, 64))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())
+    (loss_a, det_a), (loss_b, det_b) = results[False], results[True]
+    for k in loss_a:
+        torch.testing.assert_close(loss_b[k], loss_a[k], rtol=1e-4, atol=1e-5)
+    for a, b in zip(det_a, det_b, strict=True):
+        # An untrained head scores many boxes alike: rounding may swap ties, so compare the sorted scores.
+        assert len(a["boxes"]) > 0
+        torch.testing.assert_close(b["scores"].sort().values, a["scores"].sort().values, rtol=1e-4, atol=1e-5)
+    pickle.dumps(module)  # the input hook is no lambda: DDP's spawn launcher pickles the module
+    save_model(module, tmp_path / "m.ckpt")
+    loaded = load_model(tmp_path / "m.ckpt")
+    assert loaded.hparams.channels_last
+    x = [torch.rand(3, 64, 64)]
+    torch.testing.assert_close(loaded.eval()(x)[0]["scores"], module.eval()(x)[0]["scores"])
+
+
+def test_backbone_lr_scale_gives_the_body_its_own_scaled_group():
+    module = tiny(FasterRCNNModule, optimizer="sgd", lr=0.02, backbone_lr_scale=0.25, warmup_iters=0)
+    [opt], _ = module.configure_optimizers()
+    groups = {g["name"]: g for g in opt.param_groups}
+    body = {id(p) for p in module.model.backbone.body.parameters() if p.requires_grad}
+    rest = {id(p) for p in module.parameters() if p.requires_grad} - body
+    assert {id(p) for p in groups["backbone"]["params"]} == body and body
+    assert {id(p) for p in groups["heads"]["params"]} == rest and rest
+    assert groups["backbone"]["lr"] == pytest.approx(0.005) and groups["heads"]["lr"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        tiny(FasterRCNNModule, backbone_lr_scale=0.0)
