@@ -227,7 +227,11 @@ def demo(
     """
     data_root = os.path.join(out, "shapes")
     runs_dir = os.path.join(out, "runs")
-    shapes(data_root, seed=seed)
+    try:
+        shapes(data_root, seed=seed)
+    except FileExistsError as e:  # e.g. a demo directory from a version with another default dataset
+        raise FileExistsError(f"{e}. For the demo: delete {out} (its runs belong to that dataset) or choose "
+                              "another --out") from e
     crops = os.path.join(data_root, "classification")
     crop_data = ["--data.init_args.root", os.path.join(crops, "train"),
                  "--data.init_args.val_root", os.path.join(crops, "val")]  # fmt: skip

@@ -103,6 +103,11 @@ def test_layers_and_shapes_commands(tmp_path):
         "--voc", "false", "--classification", "false", cwd=tmp_path)  # fmt: skip
     assert (tmp_path / "s" / "annotations" / "instances_val.json").is_file()
     assert not (tmp_path / "s" / "voc").exists()
+    # A demo directory whose dataset has other parameters (an older default) is refused, saying what to do.
+    (tmp_path / "demo").mkdir()
+    os.replace(tmp_path / "s", tmp_path / "demo" / "shapes")
+    proc = run("demo", "--out", tmp_path / "demo", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "delete" in proc.stderr and "another --out" in proc.stderr
 
 
 def test_validate_rebuilds_a_pretrained_checkpoint_offline(shapes_dir, tmp_path, monkeypatch):

@@ -578,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="dataset directory to create")
     parser.add_argument("--num-train", type=int, default=DEFAULT_NUM_TRAIN,
                         help=f"training images (default {DEFAULT_NUM_TRAIN})")
-    parser.add_argument("--num-val", type=int, default=DEFAULT_NUM_VAL, help=f"validation images (default {DEFAULT_NUM_VAL})")
+    parser.add_argument("--num-val", type=int, default=DEFAULT_NUM_VAL,
+                        help=f"validation images (default {DEFAULT_NUM_VAL})")
     parser.add_argument("--height", type=int, default=192, help="image height in pixels (default 192)")
     parser.add_argument("--width", type=int, default=192, help="image width in pixels (default 192)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
