@@ -45,6 +45,8 @@ PR curves and AP per IoU threshold and class (:class:`CocoResult`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -69,6 +71,7 @@ __all__ = [
     "COCO_KEYS",
     "CocoResult",
     "DetectionEvaluator",
+    "ResampledCocoMap",
     "VocResult",
     "box_iou",
     "coco_evaluate",
@@ -252,6 +255,82 @@ def coco_evaluate(
     if per_class is not None:
         result.metrics.update({f"ap/{n}": v for n, v in per_class.items()})
     return result
+
+
+class ResampledCocoMap:
+    """COCO mAP of image resamples from one matching: the bootstrap's evaluator.
+
+    pycocotools' ``COCOeval.evaluate()`` matches detections to ground truth image by image and class;
+    ``accumulate()`` then ranks the matched detections of a set of images and integrates precision. A
+    resample (indices with repeats) reuses the per-image matches: resample position j gets image
+    ``indices[j]``'s, so a repeated image counts as a separate image, exactly as evaluating the resampled
+    lists from scratch (the tests check this against pycocotools on resampled data) but at the cost of one
+    ``accumulate()`` per resample. Only what mAP needs is matched: area "all", maxDets 100, the float64
+    thresholds of :func:`coco_map_metric`. Boxes go to pycocotools as torchmetrics hands them over (XYXY
+    converted to XYWH in the tensors' dtype), so the numbers equal :func:`coco_evaluate`'s ``map``.
+
+    ``preds``/``targets``: per-image dicts (module docstring), one of each per image; ``box_format`` as in
+    :func:`coco_evaluate`.
+    """
+
+    def __init__(self, preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str],
+                 box_format: BoxFormat = "xyxy") -> None:  # fmt: skip
+        # pycocotools at runtime only here: everything else evaluates through torchmetrics
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        if len(preds) != len(targets):
+            raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
+        names = list(class_names)
+        for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+            _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", len(names))
+            _check_image_dict(t, ("boxes", "labels"), f"target {i}", len(names))
+        p_in, t_in = _metric_inputs(preds, targets)
+        images = [{"id": i} for i in range(len(targets))]
+        categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
+        gt_anns, dt_anns = [], []
+        for i, t in enumerate(t_in):
+            boxes = box_convert(t["boxes"], box_format, "xywh").tolist()
+            crowd = t["iscrowd"].tolist() if "iscrowd" in t else [0] * len(boxes)
+            area = t["area"].tolist() if "area" in t else [b[2] * b[3] for b in boxes]
+            for b, c, z, a in zip(boxes, t["labels"].tolist(), crowd, area, strict=True):
+                gt_anns.append({"id": len(gt_anns) + 1, "image_id": i, "category_id": c, "bbox": b, "area": a,
+                                "iscrowd": int(z)})  # fmt: skip
+        for i, p in enumerate(p_in):  # the fields COCO.loadRes would add to a results file
+            boxes = box_convert(p["boxes"], box_format, "xywh").tolist()
+            for b, c, s in zip(boxes, p["labels"].tolist(), p["scores"].tolist(), strict=True):
+                dt_anns.append({"id": len(dt_anns) + 1, "image_id": i, "category_id": c, "bbox": b, "score": s,
+                                "area": b[2] * b[3], "iscrowd": 0})  # fmt: skip
+        gt, dt = COCO(), COCO()
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            for coco, anns in ((gt, gt_anns), (dt, dt_anns)):
+                coco.dataset = {"images": images, "categories": categories, "annotations": anns}
+                coco.createIndex()
+            ev = COCOeval(gt, dt, "bbox")
+            ev.params.imgIds = list(range(len(targets)))
+            ev.params.iouThrs, ev.params.recThrs = np.array(IOU_THRESHOLDS), np.array(REC_THRESHOLDS)
+            ev.params.maxDets = MAX_DETECTIONS[-1:]
+            ev.params.areaRng, ev.params.areaRngLbl = ev.params.areaRng[:1], ev.params.areaRngLbl[:1]
+            ev.evaluate()
+        self._eval = ev
+        self._per_image = ev.evalImgs  # class-major: [k * num_images + image]
+        self.num_images, self.num_classes = len(targets), len(names)
+
+    def map(self, indices: Sequence[int] | np.ndarray) -> float:
+        """mAP of the images at ``indices`` (repeats allowed), pycocotools' ``stats[0]``: -1 when no class
+        has ground truth in the resample."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_images):
+            raise IndexError(f"image indices must be in [0, {self.num_images}), got {idx.min()}..{idx.max()}")
+        ev, n = self._eval, self.num_images
+        # accumulate() reads evalImgs[k * len(imgIds) + position]: lay the resample out that way
+        ev.evalImgs = [self._per_image[k * n + i] for k in range(self.num_classes) for i in idx.tolist()]
+        ev.params.imgIds = ev._paramsEval.imgIds = idx.tolist()
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.accumulate()
+        precision = ev.eval["precision"]  # [T, R, K, 1, 1]
+        valid = precision[precision > -1]
+        return float(valid.mean()) if valid.size else -1.0
 
 
 # ---------------------------------------------------------------------------------------------- VOC

@@ -135,10 +135,10 @@ def test_resampled_differences_match_pycocotools():
     for idx in np.random.default_rng(seed).integers(0, n, size=(resamples, n)):
         t = [targets[i] for i in idx]
         expected.append(_pycocotools_map([a[i] for i in idx], t) - _pycocotools_map([b[i] for i in idx], t))
-    np.testing.assert_allclose(r.deltas, expected, atol=1e-6)  # the evaluator's mAP is float32 (torchmetrics)
+    np.testing.assert_allclose(r.deltas, expected, rtol=0, atol=1e-12)  # pycocotools' own float64 numbers
     assert np.ptp(expected) > 0.01  # the resamples really differ: not a constant case
-    np.testing.assert_allclose([r.low, r.high], np.percentile(expected, [2.5, 97.5]), atol=1e-6)
-    assert r.observed == pytest.approx(_pycocotools_map(a, targets) - _pycocotools_map(b, targets), abs=1e-6)
+    np.testing.assert_allclose([r.low, r.high], np.percentile(expected, [2.5, 97.5]), rtol=0, atol=1e-12)
+    assert r.observed == pytest.approx(_pycocotools_map(a, targets) - _pycocotools_map(b, targets), abs=1e-12)
 
 
 def _population():

@@ -329,19 +329,37 @@ def test_bootstrap_resample_equals_pycocotools_on_duplicated_images(tmp_path):
     metrics = evaluate_detections(
         [preds[i] for i in idx], [gt_data.targets[i] for i in idx], gt_data.class_names
     )
-    # the same resample as a COCO data set: image n of the resample gets the new id n
-    new_gt = {
-        "categories": gt["categories"],
-        "images": [{"id": n} for n in range(len(idx))],
-        "annotations": [],
-    }
+    assert_matches_pycocotools(metrics, *resample_coco(gt, dets, gt_data.image_ids, idx))
+
+
+def resample_coco(gt: dict, dets: list, image_ids: list[int], idx) -> tuple[dict, list]:
+    """A resample as a COCO data set: image n of the resample (``image_ids[idx[n]]``) gets the new id n."""
+    new_gt = {"categories": gt["categories"], "images": [{"id": n} for n in range(len(idx))], "annotations": []}
     new_dets = []
     for n, i in enumerate(idx):
-        old = gt_data.image_ids[i]
+        old = image_ids[i]
         for a in (a for a in gt["annotations"] if a["image_id"] == old):
             new_gt["annotations"].append({**a, "id": len(new_gt["annotations"]) + 1, "image_id": n})
         new_dets += [{**d, "image_id": n} for d in dets if d["image_id"] == old]
-    assert_matches_pycocotools(metrics, new_gt, new_dets)
+    return new_gt, new_dets
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_resampled_map_equals_pycocotools_run_on_the_resample(tmp_path, seed):
+    """One matching re-accumulated per resample == pycocotools from scratch on the materialised resample
+    (repeats, images without ground truth, crowd, > 100 detections, a class only in predictions, ties)."""
+    gt, dets = synthetic(seed, n_images=10)
+    gt_data, preds = load_dicts(tmp_path, gt, dets, box_format="xywh")
+    resampler = ev.ResampledCocoMap(preds, gt_data.targets, gt_data.class_names, box_format="xywh")
+    first_empty = [i for i, t in enumerate(gt_data.targets) if len(t["labels"]) == 0][:1] * 2
+    resamples = [[4, 4, 1, 7, 7, 7, 0, 9, 3, 2], list(range(10)), first_empty,
+                 *np.random.default_rng(seed).integers(0, 10, size=(3, 10))]  # fmt: skip
+    for idx in resamples:
+        stats, _, _ = pycocotools_eval(*resample_coco(gt, dets, gt_data.image_ids, idx))
+        assert resampler.map(idx) == pytest.approx(stats[0], rel=0, abs=1e-12), list(idx)
+    assert resampler.map(first_empty) == -1  # no ground truth at all in that resample
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        resampler.map([0, 10])
 
 
 def test_boundary_area_and_iou_are_exact(tmp_path):
