@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from training.distributed import skipped_batch_loss
 from training.saving import SavableModule, copy_backbone
 
 from .backbones import build_backbone, leaf_layers, select_layers
@@ -173,7 +174,11 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
-            return None
+            loss = skipped_batch_loss(self)
+            if loss is not None:  # DDP: take part, with weight 0, in the epoch values synced across processes
+                self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=0, sync_dist=True)
+                self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=0)
+            return loss
         logits = self(images)
         loss = self.criterion(logits, labels)
         self.train_acc(logits, labels)

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from training.distributed import skipped_batch_loss
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
@@ -197,7 +198,10 @@ class DetectionModule(SavableModule, L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
-            return None
+            loss = skipped_batch_loss(self)
+            if loss is not None:  # DDP: take part, with weight 0, in the epoch value synced across processes
+                self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=0, sync_dist=True)
+            return loss
         losses = self.model(list(images), _loss_targets(targets))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
