@@ -551,6 +551,11 @@ class DetectionEvaluator(Metric):
     tensors that move with ``.to(device)`` and are gathered across DDP processes (``dist_reduce_fx="cat"``,
     which also tolerates processes that saw different numbers of images; like every torchmetrics list state,
     each process must have called ``update`` at least once). After a sync the images are ordered by rank.
+
+    An ``image_id`` (target key, int) seen again is scored once, at its first occurrence: under DDP,
+    Lightning's ``DistributedSampler`` pads the last processes' validation shares with repeats of the first
+    images so that every process gets as many batches, and those repeats would count twice. Targets without
+    ``image_id`` are never merged.
     """
 
     is_differentiable = False
@@ -566,7 +571,7 @@ class DetectionEvaluator(Metric):
             raise ValueError(f"class_names must be non-empty and unique, got {class_names!r}")
         self.class_names = list(class_names)
         for name in ("det_boxes", "det_scores", "det_labels", "det_counts", "gt_boxes", "gt_labels",
-                     "gt_iscrowd", "gt_area", "gt_difficult", "gt_counts"):  # fmt: skip
+                     "gt_iscrowd", "gt_area", "gt_difficult", "gt_counts", "image_ids"):  # fmt: skip
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Sequence[dict], targets: Sequence[dict]) -> None:
@@ -601,6 +606,8 @@ class DetectionEvaluator(Metric):
         self.gt_difficult.append(cat(targets, "difficult", zeros, torch.int64))  # int: gloo gathers no bool
         self.gt_area.append(cat(targets, "area", box_area, self.gt_boxes[-1].dtype))
         self.gt_counts.append(torch.tensor([len(t["labels"]) for t in targets], device=dev))
+        ids = [int(t["image_id"]) if t.get("image_id") is not None else -1 for t in targets]
+        self.image_ids.append(torch.tensor(ids, dtype=torch.int64, device=dev))
 
     def _images(self) -> tuple[list[dict], list[dict]]:
         counts = self.det_counts  # a list of per-batch tensors, or one tensor after a DDP sync
@@ -623,7 +630,15 @@ class DetectionEvaluator(Metric):
                 strict=True,
             )
         ]  # fmt: skip
-        return preds, targets
+        seen: set[int] = set()
+        keep = []
+        for i in s["image_ids"].tolist():
+            keep.append(i < 0 or i not in seen)
+            seen.add(i)
+        if all(keep):
+            return preds, targets
+        return ([p for p, k in zip(preds, keep, strict=True) if k],
+                [t for t, k in zip(targets, keep, strict=True) if k])  # fmt: skip
 
     def images(self) -> tuple[list[dict], list[dict]]:
         """The accumulated (DDP-gathered) per-image predictions and targets, on CPU, in update order."""

@@ -589,15 +589,31 @@ def test_evaluator_in_lightning_validation_loop():
     assert module.evaluator.det_counts == []  # reset() emptied the states
 
 
+def test_evaluator_scores_a_repeated_image_id_once(tmp_path):
+    # DistributedSampler pads the last processes' validation shares with the first images again.
+    gt, dets = synthetic(8)
+    gt_data, preds = load_dicts(tmp_path, gt, dets)
+    targets = [{**t, "image_id": i} for t, i in zip(gt_data.targets, gt_data.image_ids, strict=True)]
+    expected = evaluate_detections(preds, targets, gt_data.class_names)
+    with_ids, without_ids = DetectionEvaluator(gt_data.class_names), DetectionEvaluator(gt_data.class_names)
+    for a, b in [(0, 8), (8, 14), (0, 2)]:  # images 0 and 1 twice
+        with_ids.update(preds[a:b], targets[a:b])
+        without_ids.update(preds[a:b], gt_data.targets[a:b])
+    assert with_ids.compute() == pytest.approx(expected, abs=1e-12)
+    assert without_ids.compute() != pytest.approx(expected, abs=1e-6)  # no ids: the repeats count (the premise)
+
+
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     Path(out_dir, str(rank)).mkdir()
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     gt, dets = synthetic(7)
     gt_data, preds = load_dicts(Path(out_dir, str(rank)).resolve(), gt, dets)
+    targets = [{**t, "image_id": i} for t, i in zip(gt_data.targets, gt_data.image_ids, strict=True)]
     evaluator = DetectionEvaluator(gt_data.class_names)
-    parts = [(0, 3), (3, 5)] if rank == 0 else [(5, 14)]  # uneven image counts and update counts
+    # uneven image counts and update counts; rank 1 ends with image 0 again, as DistributedSampler pads
+    parts = [(0, 3), (3, 5)] if rank == 0 else [(5, 14), (0, 1)]
     for a, b in parts:
-        evaluator.update(preds[a:b], gt_data.targets[a:b])
+        evaluator.update(preds[a:b], targets[a:b])
     Path(out_dir, f"{rank}.json").write_text(json.dumps(evaluator.compute()))
     torch.distributed.destroy_process_group()
 
