@@ -2,27 +2,53 @@
 
 Lightning's ``CSVLogger`` deletes ``metrics.csv`` when its version directory already exists, so a run
 resumed with ``--ckpt_path last`` (which keeps its logger version) would lose the rows of the epochs
-before the interruption. This one appends to the file instead, keeping its columns.
+before the interruption. This one appends to the file instead, keeping its columns. The steps between
+the checkpoint and the interruption run again after the resume; their old rows are dropped when the
+resumed run first writes (every row at or after its first logged step), as TensorBoard's ``purge_step``
+does, so each step appears once.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from training.saving import atomic_write_bytes
+
 
 class _AppendingExperimentWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
+        self._resumed = self._fs.isfile(self.metrics_file_path)
+        if self._resumed:
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = next(csv.reader(f), [])
 
+    def save(self) -> None:
+        if self._resumed and self.metrics:
+            self._drop_rows_from(min(int(m["step"]) for m in self.metrics))
+            self._resumed = False
+        super().save()
+
+    def _drop_rows_from(self, step: int) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
+        if len(kept) == len(rows):
+            return
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_bytes(self.metrics_file_path, text.getvalue().encode())  # never a half-written log
+
 
 class ResumableCSVLogger(CSVLogger):
-    """``CSVLogger`` whose ``metrics.csv`` keeps the rows already written to the same version."""
+    """``CSVLogger`` whose ``metrics.csv`` keeps the rows already written to the same version (those of
+    steps the resumed run logs again excepted)."""
 
     @property
     @rank_zero_experiment
