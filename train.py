@@ -244,8 +244,7 @@ def demo(
     done = os.path.join(report, "comparison.json")
     if not os.path.isfile(done) or os.path.getmtime(done) < max(map(os.path.getmtime, ckpt.values())):
         _run_extra("compare", ["--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
-                               "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report,
-                               "--resamples", "200"])  # fmt: skip
+                               "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report])  # fmt: skip
     classifier = _demo_fit("classifier", runs_dir, classifier_minutes, seed,
                            [*crop_data, "--model.init_args.backbone_checkpoint", ckpt["faster_rcnn"]])
     print("\nlitvision demo outputs")
