@@ -1,5 +1,8 @@
 """Pascal VOC detection datasets: ``JPEGImages/``, ``Annotations/*.xml``, ``ImageSets/Main/<split>.txt``.
 
+The image of split entry ``<id>`` is ``JPEGImages/<id>.jpg`` (Pascal VOC's own naming) or, when that file
+does not exist, ``JPEGImages/<filename>`` from the XML (VOC-style data with PNG or other names).
+
 XML is parsed with the standard library. VOC boxes are 1-based inclusive pixel
 indices; they become 0-based pixel-edge XYXY boxes as in Detectron2:
 ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``. ``difficult`` is kept
@@ -76,6 +79,17 @@ class VOCDetection(DetectionDataset):
         repairs.report()
         super().__init__(records, class_names, transforms, on_bad_sample, max_image_pixels)
 
+    def _image_path(self, name: str, ann: ET.Element, xml_path: str) -> str:
+        # Pascal VOC's own files are always JPEGImages/<id>.jpg (torchvision's rule); VOC-style data from
+        # annotation tools may hold other formats, named by the XML's <filename>. A missing file is reported
+        # when the image is read (raise/skip policy), naming the path.
+        images = os.path.join(self.root, "JPEGImages")
+        default = check_inside_root(images, f"{name}.jpg", xml_path)
+        given = ann.findtext("filename", "").strip()
+        if given and not os.path.isfile(default):
+            return check_inside_root(images, given, xml_path)
+        return default
+
     def _parse(self, index: int, name: str, label_of: dict, keep_difficult: bool, repairs) -> ImageRecord:
         xml_path = check_inside_root(os.path.join(self.root, "Annotations"), f"{name}.xml", "ImageSets split")
         try:
@@ -112,7 +126,7 @@ class VOCDetection(DetectionDataset):
         keep = repairs.repair(boxes_np, width, height, ids)
         boxes_np = boxes_np[keep].astype(np.float32)
         return ImageRecord(
-            path=check_inside_root(os.path.join(self.root, "JPEGImages"), f"{name}.jpg", xml_path),
+            path=self._image_path(name, ann, xml_path),
             image_id=index,
             width=width,
             height=height,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from PIL import Image
 
 from detectors.data.voc import VOC_CLASSES, VOCDetection
 
@@ -61,6 +62,20 @@ def test_malformed_and_missing_files_are_named(voc_root):
         VOCDetection(voc_root, "val", classes=CLASSES)
     with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/test.txt: split file not found"):
         VOCDetection(voc_root, "test", classes=CLASSES)
+
+
+def test_image_named_by_the_xml_filename_when_not_id_jpg(voc_root):
+    # VOC-style data from annotation tools: PNG images named in <filename>; <id>.jpg still wins when present.
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(voc_root / "JPEGImages" / "scan_3.png")
+    xml = voc_root / "Annotations" / "0003.xml"
+    xml.write_text(xml.read_text().replace("<filename>0003.jpg</filename>", "<filename>scan_3.png</filename>"))
+    assert VOCDetection(voc_root, "val", classes=CLASSES)[0][0][1].mean() > 0.2  # 0003.jpg: the helper's noise
+    (voc_root / "JPEGImages" / "0003.jpg").unlink()
+    red = VOCDetection(voc_root, "val", classes=CLASSES)[0][0]
+    assert red.shape == (3, 20, 20) and red[0].min() == 1.0 and red[1:].max() == 0.0  # the PNG
+    xml.write_text(xml.read_text().replace("scan_3.png", "../../escape.png"))
+    with pytest.raises(ValueError, match="outside"):
+        VOCDetection(voc_root, "val", classes=CLASSES)
 
 
 def test_split_entries_cannot_escape_the_root(voc_root):
