@@ -8,8 +8,9 @@ and the pairwise differences) and four PNG plots to the output folder, and print
 
 Paired bootstrap (:func:`paired_bootstrap`, :func:`bootstrap_maps`): ``B`` resamples of the split's image
 indices with replacement, drawn as ``numpy.random.default_rng(seed).integers(0, n, size=(B, n))``; the same
-indices serve every model, and a repeated image counts as a separate image. Each resample's mAP is pycocotools' own, re-accumulated from one per-image
-matching of each model (:class:`~detectors.evaluation.ResampledCocoMap`). The 95% interval of ``mAP_A - mAP_B`` is the 2.5..97.5th
+indices serve every model, and a repeated image counts as a separate image. Each resample's mAP is
+pycocotools' own, re-accumulated from one per-image matching of each model
+(:class:`~detectors.evaluation.ResampledCocoMap`). The 95% interval of ``mAP_A - mAP_B`` is the 2.5..97.5th
 percentile of the ``B`` resampled differences (percentile bootstrap); the reported difference is the one
 measured on the whole split. An interval that excludes 0 says the ranking is unlikely to be an accident of
 which images happen to be in the split. Cost: one COCO matching per model, then ``B`` pycocotools

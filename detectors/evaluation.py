@@ -40,8 +40,8 @@ Resampling (paired bootstrap): every public function takes the per-image lists, 
 ``evaluate_detections([preds[i] for i in idx], [targets[i] for i in idx], class_names)``; a repeated index
 counts as a separate image, which is what a bootstrap needs; :class:`ResampledCocoMap` gives the same mAP
 for many resamples at a fraction of the cost (one matching, one ``accumulate()`` per resample).
-``DetectionEvaluator.images()`` returns the (DDP-gathered) lists it accumulated; :func:`coco_evaluate` returns the precision array [T, R, K, A, M],
-PR curves and AP per IoU threshold and class (:class:`CocoResult`).
+``DetectionEvaluator.images()`` returns the (DDP-gathered) lists it accumulated; :func:`coco_evaluate`
+returns the precision array [T, R, K, A, M], PR curves and AP per IoU threshold and class (:class:`CocoResult`).
 """
 
 from __future__ import annotations
