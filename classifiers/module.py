@@ -176,7 +176,8 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
             loss = skipped_batch_loss(self)
             if loss is not None:  # DDP: take part, with weight 0, in the epoch values synced across processes
-                self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=0, sync_dist=True)
+                self.log("train_loss", torch.zeros((), device=self.device), on_step=False, on_epoch=True,
+                         batch_size=0, sync_dist=True)
                 self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=0)
             return loss
         logits = self(images)

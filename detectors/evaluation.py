@@ -50,6 +50,7 @@ import contextlib
 import io
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -270,7 +271,8 @@ class ResampledCocoMap:
     lists from scratch (the tests check this against pycocotools on resampled data) but at the cost of one
     ``accumulate()`` per resample. Only what mAP needs is matched: area "all", maxDets 100, the float64
     thresholds of :func:`coco_map_metric`. Boxes go to pycocotools as torchmetrics hands them over (XYXY
-    converted to XYWH in the tensors' dtype), so the numbers equal :func:`coco_evaluate`'s ``map``.
+    converted to XYWH in the tensors' dtype), so the numbers equal :func:`coco_evaluate`'s ``map`` up to its
+    float32 rounding (~1e-8).
 
     ``preds``/``targets``: per-image dicts (module docstring), one of each per image; ``box_format`` as in
     :func:`coco_evaluate`.
@@ -541,6 +543,16 @@ def _check_image_dict(d: dict, required: tuple[str, ...], where: str, num_classe
         )
 
 
+def _image_id(target: dict) -> int:
+    """The target's ``image_id`` if it is a non-negative integer (python, numpy or one-element tensor), else -1:
+    an image that is never merged with another."""
+    value = target.get("image_id")
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
+    return int(value) if ok else -1
+
+
 class DetectionEvaluator(Metric):
     """Epoch-level detection metrics for a LightningModule: ``update(preds, targets)`` per batch with
     per-image dicts (module docstring), ``compute()`` once per epoch -> :func:`evaluate_detections`' flat
@@ -551,10 +563,10 @@ class DetectionEvaluator(Metric):
     which also tolerates processes that saw different numbers of images; like every torchmetrics list state,
     each process must have called ``update`` at least once). After a sync the images are ordered by rank.
 
-    An ``image_id`` (target key, int) seen again is scored once, at its first occurrence: under DDP,
-    Lightning's ``DistributedSampler`` pads the last processes' validation shares with repeats of the first
-    images so that every process gets as many batches, and those repeats would count twice. Targets without
-    ``image_id`` are never merged.
+    An ``image_id`` (target key, a non-negative integer) seen again is scored once, at its first occurrence:
+    under DDP, Lightning's ``DistributedSampler`` pads the last processes' validation shares with repeats of
+    the first images so that every process gets as many batches, and those repeats would count twice.
+    Targets without such an ``image_id`` are never merged.
     """
 
     is_differentiable = False
@@ -605,8 +617,7 @@ class DetectionEvaluator(Metric):
         self.gt_difficult.append(cat(targets, "difficult", zeros, torch.int64))  # int: gloo gathers no bool
         self.gt_area.append(cat(targets, "area", box_area, self.gt_boxes[-1].dtype))
         self.gt_counts.append(torch.tensor([len(t["labels"]) for t in targets], device=dev))
-        ids = [int(t["image_id"]) if t.get("image_id") is not None else -1 for t in targets]
-        self.image_ids.append(torch.tensor(ids, dtype=torch.int64, device=dev))
+        self.image_ids.append(torch.tensor([_image_id(t) for t in targets], dtype=torch.int64, device=dev))
 
     def _images(self) -> tuple[list[dict], list[dict]]:
         counts = self.det_counts  # a list of per-batch tensors, or one tensor after a DDP sync

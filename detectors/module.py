@@ -200,7 +200,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
             loss = skipped_batch_loss(self)
             if loss is not None:  # DDP: take part, with weight 0, in the epoch value synced across processes
-                self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=0, sync_dist=True)
+                self.log("train_loss", torch.zeros((), device=self.device), on_step=False, on_epoch=True,
+                         batch_size=0, sync_dist=True)
             return loss
         losses = self.model(list(images), _loss_targets(targets))
         loss = sum(losses.values())

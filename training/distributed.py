@@ -10,13 +10,16 @@ from torch import Tensor
 def skipped_batch_loss(module: L.LightningModule) -> Tensor | None:
     """What ``training_step`` returns for a batch whose samples were all skipped as unreadable.
 
-    One process: ``None``, and Lightning skips to the next batch. Lightning does not support ``None`` with
-    several processes: DDP all-reduces gradients inside ``backward``, so a process that skipped it would
-    leave the others waiting forever. There, the loss is a zero that touches every trainable parameter,
-    so this process joins the all-reduce with zero gradients: the step averages the other processes'
-    gradients with zeros (this batch's share of the step is lost, not replaced).
+    One process: ``None``, and Lightning skips the optimiser step. With several processes Lightning refuses
+    ``None`` (it raises on that process, and the others, waiting in DDP's gradient all-reduce inside
+    ``backward``, hang until killed). There, the loss is a zero that touches every trainable parameter, so
+    this process joins the all-reduce with zero gradients: the step averages the other processes' gradients
+    with zeros (this batch's share is lost, not replaced). If every process skips the same step, the
+    optimiser still steps on all-zero gradients (momentum and weight decay move the weights; the step
+    counter and per-step schedulers advance).
     """
-    if module.trainer.world_size <= 1:
+    trainer = getattr(module, "_trainer", None)  # None when called outside a Trainer
+    if trainer is None or trainer.world_size <= 1:
         return None
     zero = torch.zeros((), device=module.device)
     return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), zero)

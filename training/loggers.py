@@ -5,7 +5,8 @@ resumed with ``--ckpt_path last`` (which keeps its logger version) would lose th
 before the interruption. This one appends to the file instead, keeping its columns. The steps between
 the checkpoint and the interruption run again after the resume; their old rows are dropped when the
 resumed run first writes (every row at or after its first logged step), as TensorBoard's ``purge_step``
-does, so each step appears once.
+does, so each step appears once. (Lightning always logs with a step; a ``log_metrics`` call without one
+right after a resume would count as step 0 and drop every earlier row.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 
+from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -43,7 +45,11 @@ class _AppendingExperimentWriter(ExperimentWriter):
         writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
         writer.writeheader()
         writer.writerows(kept)
-        atomic_write_bytes(self.metrics_file_path, text.getvalue().encode())  # never a half-written log
+        if isinstance(self._fs, LocalFileSystem):
+            atomic_write_bytes(self.metrics_file_path, text.getvalue().encode())  # never a half-written log
+        else:  # remote (fsspec) storage: objects are replaced whole on close
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                f.write(text.getvalue())
 
 
 class ResumableCSVLogger(CSVLogger):

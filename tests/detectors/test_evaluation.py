@@ -601,6 +601,10 @@ def test_evaluator_scores_a_repeated_image_id_once(tmp_path):
         without_ids.update(preds[a:b], gt_data.targets[a:b])
     assert with_ids.compute() == pytest.approx(expected, abs=1e-12)
     assert without_ids.compute() != pytest.approx(expected, abs=1e-6)  # no ids: the repeats count (the premise)
+    named = DetectionEvaluator(gt_data.class_names)  # ids that are not integers (file names): never merged
+    for a, b in [(0, 8), (8, 14), (0, 2)]:
+        named.update(preds[a:b], [{**t, "image_id": f"img{i}"} for i, t in enumerate(targets[a:b], start=a)])
+    assert named.compute() == pytest.approx(without_ids.compute(), abs=1e-12)
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:

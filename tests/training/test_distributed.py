@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent("""
                             limit_val_batches=0, use_distributed_sampler=False)
         trainer.fit(model, DataLoader(HalfUnreadable(), batch_size=2, collate_fn=collate_classification))
         torch.save(model.state_dict(), out / "after.pt")
+        torch.save(trainer.callback_metrics["train_loss"], out / "train_loss.pt")  # the synced epoch value
 """)
 
 
@@ -64,7 +65,11 @@ def test_a_process_with_an_empty_batch_joins_the_all_reduce(tmp_path):
     model = tiny_classifier()
     images, labels = collate_classification([HalfUnreadable()[0], HalfUnreadable()[1]])
     model.train()
-    nn.functional.cross_entropy(model(images), labels).backward()
+    loss = nn.functional.cross_entropy(model(images), labels)
+    loss.backward()
+    # rank 1 took part in the epoch mean with weight 0: the synced train_loss is rank 0's alone
+    torch.testing.assert_close(torch.load(tmp_path / "train_loss.pt", weights_only=True), loss.detach(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     for name, p in model.named_parameters():
         expected = p.detach() - LR * p.grad / 2 if p.requires_grad else p.detach()
         torch.testing.assert_close(after[name], expected, rtol=1e-5, atol=1e-6, msg=name)
