@@ -217,12 +217,8 @@ def coco_evaluate(
     for a bootstrap of mAP alone). The metric is local and never syncs across processes: callers pass
     already-gathered lists.
     """
-    if len(preds) != len(targets):
-        raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
     names = list(class_names)
-    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
-        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", len(names))
-        _check_image_dict(t, ("boxes", "labels"), f"target {i}", len(names))
+    _check_inputs(preds, targets, len(names))
     # One evaluation gives everything: per-class AP is read from its precision array (class_metrics=True
     # would re-run the evaluation once per class, K times the cost for the same numbers).
     overrides = {"extended_summary": True, "class_metrics": False, "sync_on_compute": False, **overrides}
@@ -280,12 +276,8 @@ class ResampledCocoMap:
 
     def __init__(self, preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str],
                  box_format: BoxFormat = "xyxy") -> None:  # fmt: skip
-        if len(preds) != len(targets):
-            raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
         names = list(class_names)
-        for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
-            _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", len(names))
-            _check_image_dict(t, ("boxes", "labels"), f"target {i}", len(names))
+        _check_inputs(preds, targets, len(names))
         p_in, t_in = _metric_inputs(preds, targets)
         images = [{"id": i} for i in range(len(targets))]
         categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
@@ -390,13 +382,10 @@ def _voc_match(
 
     The greedy order only matters among detections of one image and class, so each (image, class) is matched
     alone and the results are merged with a stable global sort."""
-    if len(preds) != len(targets):
-        raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
+    _check_inputs(preds, targets, num_classes)
     per_class: list[list[tuple]] = [[] for _ in range(num_classes)]
     npos = np.zeros(num_classes, dtype=np.int64)
-    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
-        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", num_classes)
-        _check_image_dict(t, ("boxes", "labels"), f"target {i}", num_classes)
+    for p, t in zip(preds, targets, strict=True):
         d_boxes = box_convert(_as_cpu(p["boxes"], torch.float64).reshape(-1, 4), box_format, "xyxy")
         d_scores = _as_cpu(p["scores"], torch.float64).reshape(-1).numpy()
         d_labels = _as_cpu(p["labels"], torch.int64).reshape(-1).numpy()
@@ -525,6 +514,15 @@ def evaluate_detections(
     return out
 
 
+def _check_inputs(preds: Sequence[dict], targets: Sequence[dict], num_classes: int) -> None:
+    """One prediction and one target dict per image, each with the keys and labels the evaluators read."""
+    if len(preds) != len(targets):
+        raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
+    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", num_classes)
+        _check_image_dict(t, ("boxes", "labels"), f"target {i}", num_classes)
+
+
 def _check_image_dict(d: dict, required: tuple[str, ...], where: str, num_classes: int) -> None:
     missing = [k for k in required if k not in d]
     if missing:
@@ -587,13 +585,9 @@ class DetectionEvaluator(Metric):
 
     def update(self, preds: Sequence[dict], targets: Sequence[dict]) -> None:
         """Add a batch: ``preds[i]`` and ``targets[i]`` describe the same image."""
-        if len(preds) != len(targets):
-            raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
+        _check_inputs(preds, targets, len(self.class_names))
         if len(preds) == 0:
             return
-        for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
-            _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", len(self.class_names))
-            _check_image_dict(t, ("boxes", "labels"), f"target {i}", len(self.class_names))
         dev = self.device
 
         def cat(dicts: Sequence[dict], key: str, default=None, dtype: torch.dtype | None = None) -> Tensor:
