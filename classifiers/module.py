@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from training.distributed import skipped_batch_loss
+from training.distributed import distributed, skipped_batch_loss
 from training.saving import SavableModule, copy_backbone
 
 from .backbones import build_backbone, leaf_layers, select_layers
@@ -191,7 +191,10 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
-        if len(labels) == 0:
+        if len(labels) == 0:  # every sample of the batch was skipped as unreadable
+            if distributed(self):  # the epoch's val_loss sync needs every process, this one with weight 0
+                self.log("val_loss", torch.zeros((), device=self.device), prog_bar=True, batch_size=0,
+                         sync_dist=True)  # fmt: skip
             return
         logits = self(images)
         self.log("val_loss", self.criterion(logits, labels), prog_bar=True, batch_size=len(labels), sync_dist=True)
@@ -202,7 +205,10 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
             self.val_top5.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_acc.update_count == 0:
+        seen = self.val_acc.update_count > 0
+        if distributed(self):  # compute() syncs: all processes compute, or none (no process saw an image)
+            seen = self.trainer.strategy.reduce_boolean_decision(seen, all=False)
+        if not seen:
             return
         self.log("val_acc", self.val_acc.compute(), prog_bar=True)
         for name, acc in zip(self.class_names, self.val_acc_per_class.compute().tolist(), strict=True):

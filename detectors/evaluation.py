@@ -558,8 +558,10 @@ class DetectionEvaluator(Metric):
 
     Inputs are stored unmodified (concatenated per field, with per-image counts), so the states are plain
     tensors that move with ``.to(device)`` and are gathered across DDP processes (``dist_reduce_fx="cat"``,
-    which also tolerates processes that saw different numbers of images; like every torchmetrics list state,
-    each process must have called ``update`` at least once). After a sync the images are ordered by rank.
+    which also tolerates processes that saw different numbers of images). Under DDP every process must have
+    called ``update`` at least once: ``update([], [])`` adds no image but typed empty states, which is what a
+    process whose batches were all unreadable does (torchmetrics' own stand-in for an empty list state has
+    the wrong shape and dtype). After a sync the images are ordered by rank.
 
     An ``image_id`` (target key, a non-negative integer) seen again is scored once, at its first occurrence:
     under DDP, Lightning's ``DistributedSampler`` pads the last processes' validation shares with repeats of
@@ -586,12 +588,12 @@ class DetectionEvaluator(Metric):
     def update(self, preds: Sequence[dict], targets: Sequence[dict]) -> None:
         """Add a batch: ``preds[i]`` and ``targets[i]`` describe the same image."""
         _check_inputs(preds, targets, len(self.class_names))
-        if len(preds) == 0:
-            return
         dev = self.device
 
         def cat(dicts: Sequence[dict], key: str, default=None, dtype: torch.dtype | None = None) -> Tensor:
             parts = [d[key].detach().reshape(-1) if key in d else default(d) for d in dicts]
+            if not parts:  # no images: typed empties, which DDP gathers like any other process' share
+                return torch.zeros(0, device=dev, dtype=dtype or torch.get_default_dtype())
             return torch.cat(parts).to(dev, dtype)
 
         def box_area(t: dict) -> Tensor:  # pycocotools' w * h when no annotation area is given
@@ -604,13 +606,13 @@ class DetectionEvaluator(Metric):
         self.det_boxes.append(cat(preds, "boxes").reshape(-1, 4))
         self.det_scores.append(cat(preds, "scores"))
         self.det_labels.append(cat(preds, "labels", dtype=torch.int64))
-        self.det_counts.append(torch.tensor([len(p["labels"]) for p in preds], device=dev))
+        self.det_counts.append(torch.tensor([len(p["labels"]) for p in preds], dtype=torch.int64, device=dev))
         self.gt_boxes.append(cat(targets, "boxes").reshape(-1, 4))
         self.gt_labels.append(cat(targets, "labels", dtype=torch.int64))
         self.gt_iscrowd.append(cat(targets, "iscrowd", zeros, torch.int64))
         self.gt_difficult.append(cat(targets, "difficult", zeros, torch.int64))  # int: gloo gathers no bool
         self.gt_area.append(cat(targets, "area", box_area, self.gt_boxes[-1].dtype))
-        self.gt_counts.append(torch.tensor([len(t["labels"]) for t in targets], device=dev))
+        self.gt_counts.append(torch.tensor([len(t["labels"]) for t in targets], dtype=torch.int64, device=dev))
         self.image_ids.append(torch.tensor([_image_id(t) for t in targets], dtype=torch.int64, device=dev))
 
     def _images(self) -> tuple[list[dict], list[dict]]:

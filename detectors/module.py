@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.distributed import skipped_batch_loss
+from training.distributed import distributed, skipped_batch_loss
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
@@ -89,6 +89,7 @@ class DetectionModule(SavableModule, L.LightningModule):
     """
 
     arch: str = ""
+    loss_names: tuple[str, ...] = ()  # the keys of the torchvision model's loss dict
 
     def __init__(
         self,
@@ -221,19 +222,28 @@ class DetectionModule(SavableModule, L.LightningModule):
     # -- validation / test -------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: DetectionEvaluator, prefix: str) -> None:
         images, targets = batch
-        if len(images) == 0:
-            return
         with_loss = self.hparams.compute_val_loss
+        if len(images) == 0:  # every sample of the batch was skipped as unreadable
+            if distributed(self):
+                # Every process must enter the epoch-end syncs the others enter, even one whose whole share
+                # was unreadable: an update with no images, and the losses with weight 0.
+                metrics.update([], [])
+                if with_loss:
+                    zero = torch.zeros((), device=self.device)
+                    self._log_losses(prefix, dict.fromkeys(self.loss_names, zero), 0)
+            return
         losses, detections = losses_and_detections(
             self.model, list(images), _loss_targets(targets) if with_loss else None
         )
         metrics.update(without_background(detections), list(targets))
         if losses:
-            n = len(images)
-            self.log(f"{prefix}_loss", sum(losses.values()), prog_bar=True, on_epoch=True, batch_size=n,
-                     sync_dist=True)  # fmt: skip
-            self.log_dict({f"{prefix}_{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=n,
-                          sync_dist=True)  # fmt: skip
+            self._log_losses(prefix, losses, len(images))
+
+    def _log_losses(self, prefix: str, losses: dict[str, Tensor], n: int) -> None:
+        self.log(f"{prefix}_loss", sum(losses.values()), prog_bar=True, on_epoch=True, batch_size=n,
+                 sync_dist=True)  # fmt: skip
+        self.log_dict({f"{prefix}_{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=n,
+                      sync_dist=True)  # fmt: skip
 
     def _log_metrics(self, metrics: DetectionEvaluator, prefix: str) -> None:
         if metrics.update_count == 0:  # sanity check with zero batches, or every batch skipped
@@ -326,6 +336,7 @@ class FasterRCNNModule(DetectionModule):
     """
 
     arch = "fasterrcnn"
+    loss_names = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
     def __init__(
         self,
@@ -360,6 +371,7 @@ class RetinaNetModule(DetectionModule):
     """
 
     arch = "retinanet"
+    loss_names = ("classification", "bbox_regression")
 
     def __init__(self, group_norm_head: bool = False, **kwargs: Any):
         super().__init__(group_norm_head=group_norm_head, **kwargs)

@@ -18,8 +18,14 @@ def skipped_batch_loss(module: L.LightningModule) -> Tensor | None:
     optimiser still steps on all-zero gradients (momentum and weight decay move the weights; the step
     counter and per-step schedulers advance).
     """
-    trainer = getattr(module, "_trainer", None)  # None when called outside a Trainer
-    if trainer is None or trainer.world_size <= 1:
+    if not distributed(module):
         return None
     zero = torch.zeros((), device=module.device)
     return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), zero)
+
+
+def distributed(module: L.LightningModule) -> bool:
+    """Whether the module runs in a Trainer with several processes, where every process must enter the same
+    collective operations (gradient all-reduce, metric syncs) in the same order."""
+    trainer = getattr(module, "_trainer", None)  # None when called outside a Trainer
+    return trainer is not None and trainer.world_size > 1

@@ -544,6 +544,24 @@ def test_evaluator_batches_and_reset(tmp_path):
     assert result.metrics["map"] == pytest.approx(out["map"])
 
 
+def test_evaluator_update_without_images_adds_typed_empty_states(tmp_path):
+    # What a DDP process whose batches were all unreadable does, so it can join the gather: no image is added,
+    # and every state has the dtype and rank of a real update's (gloo gathers need both to match).
+    gt, dets = synthetic(6)
+    gt_data, preds = load_dicts(tmp_path, gt, dets)
+    f32 = lambda ds: [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in ds]  # noqa: E731
+    preds, targets = f32(preds), f32(gt_data.targets)  # what a model produces
+    evaluator = DetectionEvaluator(gt_data.class_names)
+    evaluator.update([], [])
+    empty = {name: getattr(evaluator, name)[0] for name in evaluator._defaults}
+    assert all(t.numel() == 0 for t in empty.values())
+    evaluator.update(preds, targets)
+    real = {name: getattr(evaluator, name)[1] for name in evaluator._defaults}
+    for name, t in empty.items():
+        assert (t.dtype, t.dim()) == (real[name].dtype, real[name].dim()), name
+    assert evaluator.compute() == evaluate_detections(preds, targets, gt_data.class_names)
+
+
 def test_evaluator_rejects_bad_input():
     evaluator = DetectionEvaluator(["a", "b"])
     good_t = _img([[0, 0, 1, 1]], [1])

@@ -66,6 +66,14 @@ def test_empty_targets_train(name):
 
 
 @pytest.mark.parametrize("name", MODULES)
+def test_loss_names_are_the_torchvision_loss_keys(name):
+    # A DDP process with nothing to validate logs these names with weight 0: they must be what the model returns.
+    module = MODULES[name]().train()
+    target = {"boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]]), "labels": torch.tensor([2])}
+    assert set(module.model([torch.rand(3, 64, 64)], [target])) == set(module.loss_names)
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_val_loss_pass_changes_no_state(name, shapes_dir):
     module = MODULES[name]()
     module.model.train()  # run some training steps first so BN stats are not at their initial values

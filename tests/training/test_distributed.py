@@ -1,15 +1,21 @@
-"""training.distributed: a process whose whole batch was skipped still joins DDP's gradient all-reduce."""
+"""training.distributed: a process whose whole batch (or whole validation share) was skipped as unreadable
+still joins DDP's collective operations: the gradient all-reduce, the epoch-end metric and loss syncs."""
 
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import lightning as L
+import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from classifiers.data import collate_classification
 from classifiers.module import FrozenBackboneClassifier
+from detectors.data.samples import collate_detection
+from detectors.module import RetinaNetModule
 
 REPO = Path(__file__).resolve().parents[2]
 LR = 0.5
@@ -39,6 +45,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# Validation where rank 1's whole share is unreadable (each process reads every item, rank 1 gets None for
+# all): the others must not wait for it in the metric gather or in the val_loss sync.
+VALIDATE_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from tests.training.test_distributed import COLLATE, DATA, MODEL
+
+    if __name__ == "__main__":
+        out, name = Path(sys.argv[-2]), sys.argv[-1]
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            use_distributed_sampler=False)
+        trainer.validate(MODEL[name](), DataLoader(DATA[name](), batch_size=2, collate_fn=COLLATE[name]))
+        torch.save(dict(trainer.callback_metrics), out / "metrics.pt")
+""")
+
+
 class HalfUnreadable(torch.utils.data.Dataset):
     """8 samples, all unreadable (None, as ``on_bad_sample="skip"`` gives) in the process of rank 1."""
 
@@ -49,6 +77,29 @@ class HalfUnreadable(torch.utils.data.Dataset):
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
             return None
         return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i % 3
+
+
+class HalfUnreadableDetection(torch.utils.data.Dataset):
+    """4 images with 1-2 boxes each, all unreadable in the process of rank 1."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            return None
+        g = torch.Generator().manual_seed(i)
+        boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]])[: 1 + i % 2]
+        target = {"boxes": boxes, "labels": torch.tensor([1 + i % 3, 2])[: len(boxes)], "image_id": i,
+                  "iscrowd": torch.zeros(len(boxes), dtype=torch.int64)}  # fmt: skip
+        return torch.rand(3, 64, 64, generator=g), target
+
+
+def tiny_detector() -> RetinaNetModule:
+    # RetinaNet: its loss samples no anchors or ROIs, so it does not depend on each process' RNG state
+    torch.manual_seed(0)
+    return RetinaNetModule(class_names=["a", "b", "c"], backbone="resnet18_fpn", min_size=64, max_size=64,
+                           score_thresh=0.0)  # fmt: skip
 
 
 def tiny_classifier() -> FrozenBackboneClassifier:
@@ -74,3 +125,39 @@ def test_a_process_with_an_empty_batch_joins_the_all_reduce(tmp_path):
         expected = p.detach() - LR * p.grad / 2 if p.requires_grad else p.detach()
         torch.testing.assert_close(after[name], expected, rtol=1e-5, atol=1e-6, msg=name)
     assert model.head.fc.weight.grad.abs().sum() > 0  # the check above is not trivially "nothing moved"
+
+
+MODEL = {"classifier": tiny_classifier, "detector": tiny_detector}
+DATA = {"classifier": HalfUnreadable, "detector": HalfUnreadableDetection}
+COLLATE = {"classifier": collate_classification, "detector": collate_detection}
+
+
+def _validate_ddp(tmp_path, name: str) -> dict:
+    # Before the fix, rank 0 waited in the gather/sync that rank 1 never entered: the timeout fails the test.
+    subprocess.run([sys.executable, "-c", VALIDATE_SCRIPT, str(tmp_path), name], cwd=REPO, check=True, timeout=240)
+    return torch.load(tmp_path / "metrics.pt", weights_only=True)
+
+
+def test_classifier_validation_with_a_process_that_read_nothing(tmp_path):
+    got = _validate_ddp(tmp_path, "classifier")
+    # Expected, by hand: loss and accuracy over rank 0's 8 images alone (4 equal batches: the mean of means).
+    model = tiny_classifier().eval()
+    images, labels = collate_classification([HalfUnreadable()[i] for i in range(8)])
+    with torch.no_grad():
+        logits = model(images)
+    torch.testing.assert_close(got["val_loss"], nn.functional.cross_entropy(logits, labels), rtol=1e-5, atol=1e-6)
+    assert float(got["val_acc"]) == (logits.argmax(1) == labels).float().mean().item()
+
+
+def test_detector_validation_with_a_process_that_read_nothing(tmp_path):
+    got = _validate_ddp(tmp_path, "detector")
+    # Expected: the same model validated by one process on the same 4 images.
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    data = DataLoader(HalfUnreadableDetection(), batch_size=2, collate_fn=collate_detection)
+    trainer.validate(tiny_detector(), data)
+    expected = trainer.callback_metrics
+    keys = ["val_loss", *(f"val_{k}" for k in RetinaNetModule.loss_names), "val_map", "val_map_50", "val_mar_100"]
+    for key in keys:
+        assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-5, abs=1e-6), key
+    assert float(expected["val_loss"]) > 0 and float(expected["val_mar_100"]) >= 0  # scored images, not -1
