@@ -20,12 +20,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.distributed import distributed, skipped_batch_loss
+from training.distributed import any_process, distributed, skipped_batch_loss
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
 from .models import backbone_body, build_detector, count_parameters, frozen_bn_eps_of, use_channels_last
-from .val_loss import losses_and_detections
+from .val_loss import losses_and_detections, training_losses
 
 Optimizer = Literal["sgd", "adamw"]
 
@@ -204,13 +204,18 @@ class DetectionModule(SavableModule, L.LightningModule):
                 self.log("train_loss", torch.zeros((), device=self.device), on_step=False, on_epoch=True,
                          batch_size=0, sync_dist=True)
             return loss
-        losses = self.model(list(images), _loss_targets(targets))
+        losses = training_losses(self.model, list(images), _loss_targets(targets))
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
+        bad = not torch.isfinite(loss)
+        # Under DDP every process stops together: one raising alone leaves the others waiting in the gradient
+        # all-reduce (with NCCL, until its timeout).
+        if any_process(self, bad):
             ids = [t.get("image_id") for t in targets]
+            where = "" if bad else "on another process "
             raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step} (image ids {ids}); "
-                f"components: { {k: v.item() for k, v in losses.items()} }. Lower the LR or lengthen warm-up."
+                f"non-finite training loss {where}at step {self.global_step} (this process: {loss.item()}, image "
+                f"ids {ids}, components { {k: v.item() for k, v in losses.items()} }). Lower the LR or lengthen "
+                "warm-up."
             )
         n = len(images)
         # The epoch value is synced across processes: callbacks monitoring train_loss must agree on every rank.

@@ -1,4 +1,5 @@
-"""Validation loss *and* detections from one backbone pass, changing no state.
+"""Validation loss *and* detections from one backbone pass, changing no state; the training losses with the
+same float32 heads under mixed precision (``training_losses``).
 
 torchvision detectors return losses only in train mode and detections only in
 eval mode. Calling the model twice would run the backbone twice, and the train-mode
@@ -47,10 +48,11 @@ def loss_mode(model: nn.Module):
             m.training = flag
 
 
-def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None):
+def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None, fixed_size: bool = True):
     original_sizes = [tuple(img.shape[-2:]) for img in images]
     was_training = model.transform.training
-    model.transform.eval()  # eval picks the fixed (last) min_size; training would draw one at random
+    if fixed_size:
+        model.transform.eval()  # eval picks the fixed (last) min_size; training would draw one at random
     try:
         image_list, targets = model.transform(images, targets)
     finally:
@@ -100,6 +102,33 @@ def _retinanet(model: RetinaNet, images, targets, with_loss: bool):
         split_anchors = [list(a.split(per_level)) for a in anchors]
         detections = model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+def training_losses(model: nn.Module, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+    """The loss dict of ``model(images, targets)`` in training mode, computed the same way (same modules, same
+    order, same RNG draws) except that under bf16/fp16 autocast the heads, anchors, box coding and losses run
+    in float32 on float32 features, as they do for the detections here: in bf16, torchvision's anchors (built
+    in the feature maps' dtype) and decoded boxes would be rounded to 4-8 px steps at COCO image sizes.
+
+    Args:
+        images: float ``[3, H, W]`` in 0..1, any sizes.
+        targets: ``boxes`` FloatTensor[N, 4] XYXY absolute pixels (N may be 0), ``labels`` Int64Tensor[N].
+    """
+    if not isinstance(model, (RetinaNet, GeneralizedRCNN)):
+        raise TypeError(f"expected a torchvision GeneralizedRCNN or RetinaNet, got {type(model).__name__}")
+    image_list, targets, features, _ = _features(model, images, targets, fixed_size=False)
+    for i, t in enumerate(targets):  # torchvision's forward checks this too, after resizing
+        bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
+        if bad.any():
+            raise ValueError(f"target {i} of the batch: box {t['boxes'][bad][0].tolist()} (after resizing) has no "
+                             "positive width and height")
+    with _full_precision(image_list.tensors.device):
+        if isinstance(model, RetinaNet):
+            levels = list(features.values())
+            return model.compute_loss(targets, model.head(levels), model.anchor_generator(image_list, levels))
+        proposals, rpn_losses = model.rpn(image_list, features, targets)
+        _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
+    return {**det_losses, **rpn_losses}
 
 
 @torch.no_grad()

@@ -29,3 +29,9 @@ def distributed(module: L.LightningModule) -> bool:
     collective operations (gradient all-reduce, metric syncs) in the same order."""
     trainer = getattr(module, "_trainer", None)  # None when called outside a Trainer
     return trainer is not None and trainer.world_size > 1
+
+
+def any_process(module: L.LightningModule, flag: bool) -> bool:
+    """``flag`` of this process, or-ed over all processes under DDP (every process must call it): for decisions
+    that must be the same everywhere, like stopping on an error that only one process saw."""
+    return module.trainer.strategy.reduce_boolean_decision(flag, all=False) if distributed(module) else flag

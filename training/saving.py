@@ -156,8 +156,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(
-        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+        self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
+        # Lightning passes no map_location: "cpu" as its own default does, so a GPU run's checkpoint opens on
+        # a CPU machine and DDP processes do not all load it onto cuda:0 (the strategy moves the weights).
         if _is_remote(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         # weights_only is always True: the project never unpickles arbitrary objects.

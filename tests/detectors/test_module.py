@@ -8,7 +8,7 @@ import torch
 
 from detectors.data.datamodule import DetectionDataModule
 from detectors.module import FasterRCNNModule, RetinaNetModule
-from detectors.val_loss import losses_and_detections
+from detectors.val_loss import losses_and_detections, training_losses
 
 CLASSES = ["rectangle", "ellipse", "triangle"]
 TINY = dict(class_names=CLASSES, min_size=64, max_size=64, warmup_iters=2)
@@ -253,6 +253,43 @@ def test_detections_stay_float32_under_bf16_autocast(name):
                                                                   "labels": torch.tensor([1])}])  # fmt: skip
     assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_training_losses_are_the_models_own_in_float32(name, shapes_dir):
+    module = MODULES[name]().train()
+    images, targets = _shapes_batch(shapes_dir)
+    plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
+    torch.manual_seed(5)  # Faster R-CNN samples anchors and proposals: both calls draw the same
+    expected = module.model(list(images), plain)
+    torch.manual_seed(5)
+    losses = training_losses(module.model, list(images), plain)
+    assert losses.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(losses[k], expected[k], rtol=0, atol=0)
+    bad = [{"boxes": torch.tensor([[10.0, 10, 10, 30]]), "labels": torch.tensor([1])}]
+    with pytest.raises(ValueError, match=r"target 0 .*no positive width"):
+        training_losses(module.model, [torch.rand(3, 64, 64)], bad)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_training_heads_run_in_float32_under_bf16_autocast(name):
+    # In bf16 torchvision builds anchors in the features' dtype and decodes boxes in the heads' output dtype:
+    # integers above 256 lose bits (4-8 px steps at COCO sizes). Under autocast the heads must see float32.
+    module = MODULES[name]().train()
+    model = module.model
+    watched = ([model.anchor_generator, model.head] if name == "retinanet"
+               else [model.rpn.anchor_generator, model.rpn.head, model.roi_heads.box_predictor])  # fmt: skip
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, out: dtypes.extend(
+        t.dtype for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t))) for m in watched]  # fmt: skip
+    target = {"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = training_losses(model, [torch.rand(3, 64, 64)], [target])
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.parametrize("name", MODULES)

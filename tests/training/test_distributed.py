@@ -67,6 +67,28 @@ VALIDATE_SCRIPT = textwrap.dedent("""
 """)
 
 
+# Rank 1's images are NaN, so only its loss is non-finite: both processes must stop with the same clear error
+# (before, rank 0 went on into the gradient all-reduce; gloo then fails on the closed connection, NCCL waits
+# for its timeout). Each process records the error its training_step raised.
+NAN_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from detectors.data.samples import collate_detection
+    from tests.training.test_distributed import NaNOnRank1, RecordingDetector
+
+    if __name__ == "__main__":
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, use_distributed_sampler=False)
+        trainer.fit(RecordingDetector(Path(sys.argv[-1])), DataLoader(NaNOnRank1(), batch_size=2,
+                                                                        collate_fn=collate_detection))
+""")
+
+
 class HalfUnreadable(torch.utils.data.Dataset):
     """8 samples, all unreadable (None, as ``on_bad_sample="skip"`` gives) in the process of rank 1."""
 
@@ -100,6 +122,34 @@ def tiny_detector() -> RetinaNetModule:
     torch.manual_seed(0)
     return RetinaNetModule(class_names=["a", "b", "c"], backbone="resnet18_fpn", min_size=64, max_size=64,
                            score_thresh=0.0)  # fmt: skip
+
+
+class NaNOnRank1(torch.utils.data.Dataset):
+    """2 images with a box each; NaN pixels in the process of rank 1."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        rank1 = torch.distributed.is_initialized() and torch.distributed.get_rank() == 1
+        image = torch.full((3, 64, 64), float("nan")) if rank1 else torch.rand(3, 64, 64)
+        return image, {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": i}
+
+
+class RecordingDetector(RetinaNetModule):
+    """The tiny detector, writing ``<rank>.txt`` with the error its training_step raised."""
+
+    def __init__(self, out: Path):
+        torch.manual_seed(0)
+        super().__init__(class_names=["a", "b", "c"], backbone="resnet18_fpn", min_size=64, max_size=64)
+        self.out = out
+
+    def training_step(self, batch, batch_idx: int):
+        try:
+            return super().training_step(batch, batch_idx)
+        except FloatingPointError as e:
+            (self.out / f"{self.global_rank}.txt").write_text(str(e))
+            raise
 
 
 def tiny_classifier() -> FrozenBackboneClassifier:
@@ -161,3 +211,11 @@ def test_detector_validation_with_a_process_that_read_nothing(tmp_path):
     for key in keys:
         assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-5, abs=1e-6), key
     assert float(expected["val_loss"]) > 0 and float(expected["val_mar_100"]) >= 0  # scored images, not -1
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    run = subprocess.run([sys.executable, "-c", NAN_SCRIPT, str(tmp_path)], cwd=REPO, timeout=240,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode != 0
+    assert "non-finite training loss at step 0" in (tmp_path / "1.txt").read_text()
+    assert "non-finite training loss on another process at step 0" in (tmp_path / "0.txt").read_text()

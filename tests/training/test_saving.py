@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import random
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,28 @@ def test_atomic_save_file_mode_and_checkpoint_io(tmp_path):
     assert torch.equal(io.load_checkpoint(str(tmp_path / "sub" / "c.ckpt"))["a"], torch.arange(3))
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         io.load_checkpoint(str(tmp_path / "missing.ckpt"))
+
+
+def _as_if_saved_on_cuda(src: Path, dst: Path) -> None:
+    """Rewrite a torch.save zip so its storages say "cuda:0", as a GPU run's checkpoint does."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):  # protocol-2 pickle: BINUNICODE opcode, 4-byte length, text
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            zout.writestr(name, data)
+
+
+def test_checkpoint_io_opens_a_gpu_checkpoint_on_the_cpu(tmp_path):
+    # Lightning calls load_checkpoint without map_location (resume, validate/test/predict --ckpt_path).
+    torch.save({"state_dict": {"w": torch.arange(3.0)}}, tmp_path / "cpu.ckpt")
+    _as_if_saved_on_cuda(tmp_path / "cpu.ckpt", tmp_path / "gpu.ckpt")
+    if not torch.cuda.is_available():  # the rewritten file really is a CUDA checkpoint
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.ckpt", weights_only=True)
+    w = AtomicCheckpointIO().load_checkpoint(str(tmp_path / "gpu.ckpt"))["state_dict"]["w"]
+    assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
 
 
 def test_checkpoint_callback_removes_temp_files_of_killed_saves(tmp_path):
