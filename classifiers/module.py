@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from training.distributed import distributed, skipped_batch_loss
+from training.distributed import distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
 from training.saving import SavableModule, copy_backbone
 
 from .backbones import build_backbone, leaf_layers, select_layers
@@ -171,6 +171,9 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         """``[B, 3, H, W]`` in 0..1 -> logits ``[B, num_classes]``."""
         return self.head(self.backbone((images - self.mean) / self.std))
 
+    def on_fit_start(self) -> None:
+        refuse_skip_with_sync_batchnorm(self)
+
     def training_step(self, batch, batch_idx: int):
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
@@ -222,7 +225,7 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).softmax(dim=-1)
+        return self(images).softmax(dim=-1).cpu()  # collected over the whole run: not in GPU memory
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.distributed import any_process, distributed, skipped_batch_loss
+from training.distributed import any_process, distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
@@ -196,13 +196,18 @@ class DetectionModule(SavableModule, L.LightningModule):
         return without_background(losses_and_detections(self.model, list(images))[1])
 
     # -- training ----------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        refuse_skip_with_sync_batchnorm(self)
+
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
             loss = skipped_batch_loss(self)
-            if loss is not None:  # DDP: take part, with weight 0, in the epoch value synced across processes
-                self.log("train_loss", torch.zeros((), device=self.device), on_step=False, on_epoch=True,
-                         batch_size=0, sync_dist=True)
+            if loss is not None:  # DDP: join the others' non-finite check and epoch syncs, with weight 0
+                if any_process(self, False):
+                    raise FloatingPointError(f"non-finite training loss on another process at step {self.global_step}")
+                zero = torch.zeros((), device=self.device)
+                self._log_training(zero, dict.fromkeys(self.loss_names, zero), 0)
             return loss
         losses = training_losses(self.model, list(images), _loss_targets(targets))
         loss = sum(losses.values())
@@ -217,12 +222,16 @@ class DetectionModule(SavableModule, L.LightningModule):
                 f"ids {ids}, components { {k: v.item() for k, v in losses.items()} }). Lower the LR or lengthen "
                 "warm-up."
             )
-        n = len(images)
-        # The epoch value is synced across processes: callbacks monitoring train_loss must agree on every rank.
-        self.log("train_loss_step", loss, prog_bar=True, batch_size=n)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train_loss_step", loss, prog_bar=True, batch_size=len(images))
+        self._log_training(loss, losses, len(images))
         return loss
+
+    def _log_training(self, loss: Tensor, losses: dict[str, Tensor], n: int) -> None:
+        # Epoch values synced across processes (callbacks monitoring them must agree on every rank). Every
+        # process logs every name, in the same order, or the epoch-end syncs would not pair up.
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log_dict({f"train_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True, batch_size=n,
+                      sync_dist=True)  # fmt: skip
 
     # -- validation / test -------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: DetectionEvaluator, prefix: str) -> None:

@@ -55,6 +55,15 @@ def resolve_mode(mode: str, monitor: str) -> Literal["min", "max"]:
     return "max" if any(_MAX_TOKEN.fullmatch(t) for t in tokens) else "min"
 
 
+def _same_on_every_process(trainer: Trainer, value: Any) -> float | None:
+    """Process 0's value of a monitored metric (None if it has none), on every process. Under DDP a metric
+    logged without ``sync_dist`` differs between processes; decisions taken on it must not: a checkpoint
+    saved by some processes only deadlocks in its barrier, and per-process LR reductions make the replicas
+    drift apart."""
+    value = None if value is None else float(value)
+    return trainer.strategy.broadcast(value) if trainer.world_size > 1 else value
+
+
 def _say(trainer: Trainer, message: str) -> None:
     """Print like tf-keras' print_msg, without breaking a tqdm progress bar."""
     if not trainer.is_global_zero:
@@ -357,10 +366,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self.best_model_path = filepath  # "best" = latest, as Lightning's monitor=None
             self._save_checkpoint(trainer, filepath)
             return
-        if self.keras_monitor not in values:
+        current = _same_on_every_process(trainer, values.get(self.keras_monitor))
+        if current is None:
             rank_zero_warn(f"Can save best model only with {self.keras_monitor} available, skipping.")
             return
-        current = float(values[self.keras_monitor])
         if self._improved(current):
             if self.keras_verbose:
                 _say(
@@ -442,14 +451,13 @@ class ReduceLROnPlateau(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
+        current = _same_on_every_process(trainer, trainer.callback_metrics.get(self.monitor))
+        if current is None:
             rank_zero_warn(
                 f"Learning rate reduction is conditioned on metric `{self.monitor}` which is not available."
                 f" Available metrics are: {','.join(trainer.callback_metrics)}"
             )
             return
-        current = float(value)
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0

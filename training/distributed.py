@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def skipped_batch_loss(module: L.LightningModule) -> Tensor | None:
@@ -35,3 +35,16 @@ def any_process(module: L.LightningModule, flag: bool) -> bool:
     """``flag`` of this process, or-ed over all processes under DDP (every process must call it): for decisions
     that must be the same everywhere, like stopping on an error that only one process saw."""
     return module.trainer.strategy.reduce_boolean_decision(flag, all=False) if distributed(module) else flag
+
+
+def refuse_skip_with_sync_batchnorm(module: L.LightningModule) -> None:
+    """Raise (on every process alike, at fit start) for ``on_bad_sample: skip`` data with synchronised
+    BatchNorm under DDP: a process whose whole batch was skipped runs no forward pass, and the others would
+    wait forever in SyncBatchNorm's collectives."""
+    if not distributed(module):
+        return
+    hparams = getattr(getattr(module.trainer, "datamodule", None), "hparams", None) or {}
+    if hparams.get("on_bad_sample") == "skip" and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        raise ValueError("on_bad_sample='skip' cannot be combined with trainer.sync_batchnorm=True under DDP (a "
+                         "process with nothing to train on would leave the others waiting in the synchronised "
+                         "BatchNorm): fix or remove the unreadable files, or train without sync_batchnorm")

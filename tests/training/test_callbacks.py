@@ -7,8 +7,13 @@ Expected files, messages and LR schedules are worked out by hand from tf-keras' 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,3 +341,53 @@ def test_plateau_state_round_trip():
     other = ReduceLROnPlateau(patience=3)
     other.load_state_dict(rl.state_dict())
     assert (other.best, other.wait, other.cooldown_counter) == (0.25, 2, 1)
+
+
+# ----------------------------------------------------------------------------------------- DDP
+
+# Two processes log different values of a metric that is not synced: both callbacks must take process 0's
+# decisions everywhere (before, process 1 saved and reduced on its own values: a checkpoint barrier that
+# process 0 never entered, LRs that differ between replicas).
+PER_RANK_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    import lightning as L
+
+    from tests.training.test_callbacks import PerRankMetric, Record
+    from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
+
+    if __name__ == "__main__":
+        out = Path(sys.argv[-1])
+        ckpt = ModelCheckpoint(str(out / "best.ckpt"), monitor="m", save_best_only=True)
+        plateau = ReduceLROnPlateau(monitor="m", patience=1, factor=0.5)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=4, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                            callbacks=[ckpt, plateau, Record(out, ckpt)])
+        trainer.fit(PerRankMetric())
+""")
+PER_RANK = {0: [3.0, 2.0, 2.0, 2.0], 1: [1.0, 0.5, 0.25, 0.1]}
+
+
+class PerRankMetric(ScriptedModule):
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.log("m", PER_RANK[self.global_rank][self.current_epoch])  # no sync_dist
+
+
+class Record(Callback):
+    def __init__(self, out: Path, checkpoint: ModelCheckpoint):
+        self.out, self.checkpoint = out, checkpoint
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        (self.out / f"{trainer.global_rank}.json").write_text(json.dumps({"lr": lr, "best": self.checkpoint.best}))
+
+
+def test_callbacks_decide_on_process_0s_value_under_ddp(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", PER_RANK_SCRIPT, str(tmp_path)], cwd=repo, check=True, timeout=240)
+    # Keras' rules on process 0's values 3, 2, 2, 2: best 2 (epoch 2); no improvement at epochs 3 and 4 with
+    # patience 1 -> two reductions, 0.1 -> 0.05 -> 0.025. Process 1's own values would give best 0.1, lr 0.1.
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got == {"lr": pytest.approx(0.025), "best": 2.0}, rank

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,7 +16,8 @@ from torch.utils.data import DataLoader
 from classifiers.data import collate_classification
 from classifiers.module import FrozenBackboneClassifier
 from detectors.data.samples import collate_detection
-from detectors.module import RetinaNetModule
+from detectors.module import RetinaNetModule, _loss_targets
+from detectors.val_loss import training_losses
 
 REPO = Path(__file__).resolve().parents[2]
 LR = 0.5
@@ -30,18 +32,17 @@ SCRIPT = textwrap.dedent("""
     import torch
     from torch.utils.data import DataLoader
 
-    from classifiers.data import collate_classification
-    from tests.training.test_distributed import HalfUnreadable, tiny_classifier
+    from tests.training.test_distributed import COLLATE, DATA, MODEL
 
     if __name__ == "__main__":
-        out = Path(sys.argv[-1])
-        model = tiny_classifier()
+        out, name = Path(sys.argv[-2]), sys.argv[-1]
+        model = MODEL[name]()
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, use_distributed_sampler=False)
-        trainer.fit(model, DataLoader(HalfUnreadable(), batch_size=2, collate_fn=collate_classification))
+        trainer.fit(model, DataLoader(DATA[name](), batch_size=2, collate_fn=COLLATE[name]))
         torch.save(model.state_dict(), out / "after.pt")
-        torch.save(trainer.callback_metrics["train_loss"], out / "train_loss.pt")  # the synced epoch value
+        torch.save(dict(trainer.callback_metrics), out / "metrics.pt")  # the synced epoch values
 """)
 
 
@@ -160,7 +161,7 @@ def tiny_classifier() -> FrozenBackboneClassifier:
 
 def test_a_process_with_an_empty_batch_joins_the_all_reduce(tmp_path):
     # Returning None there (what one process does) would leave rank 0 waiting in backward forever.
-    subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, check=True, timeout=240)
+    subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), "classifier"], cwd=REPO, check=True, timeout=240)
     after = torch.load(tmp_path / "after.pt", weights_only=True)
     # Expected, by hand: rank 0's gradient on items 0 and 1, averaged with rank 1's zeros, one SGD step.
     model = tiny_classifier()
@@ -169,7 +170,7 @@ def test_a_process_with_an_empty_batch_joins_the_all_reduce(tmp_path):
     loss = nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     # rank 1 took part in the epoch mean with weight 0: the synced train_loss is rank 0's alone
-    torch.testing.assert_close(torch.load(tmp_path / "train_loss.pt", weights_only=True), loss.detach(),
+    torch.testing.assert_close(torch.load(tmp_path / "metrics.pt", weights_only=True)["train_loss"], loss.detach(),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     for name, p in model.named_parameters():
         expected = p.detach() - LR * p.grad / 2 if p.requires_grad else p.detach()
@@ -219,3 +220,29 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     assert run.returncode != 0
     assert "non-finite training loss at step 0" in (tmp_path / "1.txt").read_text()
     assert "non-finite training loss on another process at step 0" in (tmp_path / "0.txt").read_text()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_with_sync_batchnorm_is_refused_under_ddp(skip):
+    # Real SyncBatchNorm needs GPUs: a stand-in trainer with two processes, after Lightning's conversion.
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(tiny_classifier())
+    data = SimpleNamespace(hparams={"on_bad_sample": "skip" if skip else "raise"})
+    model._trainer = SimpleNamespace(world_size=2, datamodule=data)
+    if skip:
+        with pytest.raises(ValueError, match="sync_batchnorm"):
+            model.on_fit_start()
+    else:
+        model.on_fit_start()
+    model._trainer = SimpleNamespace(world_size=1, datamodule=SimpleNamespace(hparams={"on_bad_sample": "skip"}))
+    model.on_fit_start()  # one process: nothing to wait for
+
+
+def test_a_detector_process_with_an_empty_batch_joins_the_loss_syncs(tmp_path):
+    # The detector also logs each loss component, synced: the empty process must log every one of them.
+    subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), "detector"], cwd=REPO, check=True, timeout=240)
+    got = torch.load(tmp_path / "metrics.pt", weights_only=True)
+    images, targets = collate_detection([HalfUnreadableDetection()[0], HalfUnreadableDetection()[1]])
+    expected = training_losses(tiny_detector().train().model, list(images), _loss_targets(targets))
+    assert float(got["train_loss"]) == pytest.approx(float(sum(expected.values())), rel=1e-5)
+    for k, v in expected.items():  # rank 0's values alone: rank 1 took part with weight 0
+        assert float(got[f"train_{k}"]) == pytest.approx(float(v), rel=1e-5), k
