@@ -84,6 +84,10 @@ class LitvisionCLI(LightningCLI):
         model = offline_model_config(ckpt_path)
         if model is not None:
             class_path, hparams = model
+            configured = (self.config[sub].get("model") or {}).get("class_path")
+            if configured and configured != class_path:  # e.g. a RetinaNet checkpoint with faster_rcnn.yaml
+                raise ValueError(f"{ckpt_path} holds a {class_path.rsplit('.', 1)[-1]} but the config's model is "
+                                 f"{configured.rsplit('.', 1)[-1]}: use the config it was trained with")
             update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
             self.config = self.parser.parse_object(update, self.config)
 
@@ -103,6 +107,8 @@ class LitvisionCLI(LightningCLI):
             sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
         if self.subcommand == "fit" and sub.get("ckpt_path"):
             sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], os.path.dirname(sub["checkpoint"]["filepath"]))
+        elif self.subcommand == "fit":
+            _refuse_to_overwrite(sub["checkpoint"]["filepath"])
 
     def after_instantiate_classes(self) -> None:
         if self.plateau_disabled:  # keep `lr_plateau: null` in the config.yaml saved with the run
@@ -142,11 +148,25 @@ class LitvisionCLI(LightningCLI):
         return [CocoPredictionWriter(out, sub["draw"], sub["draw_score_threshold"])]
 
 
+def _refuse_to_overwrite(filepath: str) -> None:
+    """A new run must not replace an earlier run's checkpoints (every version of RUNS_DIR/NAME shares
+    checkpoints/): Keras' ModelCheckpoint would, and a forgotten ``--ckpt_path last`` would lose the model."""
+    last = os.path.join(os.path.dirname(filepath), "last.ckpt")
+    taken = [f for f in (filepath, last) if "{" not in os.path.basename(f) and os.path.exists(f)]
+    if taken:
+        raise FileExistsError(
+            f"{' and '.join(taken)} already hold{'s' if len(taken) == 1 else ''} an earlier run's model, which a "
+            "new run would overwrite: continue that run with --ckpt_path last, or start a separate one with "
+            "another --name (or --runs_dir), or move the files away"
+        )
+
+
 def _cli(argv: list[str] | None = None) -> LitvisionCLI:
     return LitvisionCLI(
         args=argv,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
+            "allow_abbrev": False,  # argparse would take a typo'd --trainer.max_step for --trainer.max_steps
             "epilog": "more commands: "
             + "; ".join(f"{name}: {what}" for name, what in EXTRA_COMMANDS.items())
             + " (python train.py COMMAND --help)",

@@ -10,8 +10,9 @@ then the heads run:
 * for the loss, with the detector-level modules in training mode (so torchvision
   computes its losses, sampling proposals as in training) but every BatchNorm and
   Dropout still in eval mode -- the loss Keras reports as ``val_loss`` is computed
-  with layers in inference mode -- inside ``torch.random.fork_rng`` so the
-  sampling does not advance the RNG that training uses;
+  with layers in inference mode -- inside ``torch.random.fork_rng``, seeded with
+  ``VAL_LOSS_SEED``, so the sampling neither advances the RNG that training uses
+  nor depends on it;
 * for the detections, in eval mode, exactly as ``model(images)`` would -- except that under bf16/fp16
   autocast the heads run in float32, so boxes and scores are not rounded to half precision.
 
@@ -29,6 +30,9 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 _INFERENCE_ONLY = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+# The loss samples anchors and proposals (Faster R-CNN) from this seed, in a forked RNG: val_loss is a function of
+# the weights and the data only -- the same in `fit` and `validate`, and no noise for the callbacks monitoring it.
+VAL_LOSS_SEED = 0
 
 
 @contextlib.contextmanager
@@ -38,6 +42,9 @@ def loss_mode(model: nn.Module):
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(VAL_LOSS_SEED)
+            for index in devices:  # only the forked (restored) ones: torch.manual_seed would reseed every GPU
+                torch.cuda.default_generators[index].manual_seed(VAL_LOSS_SEED)
             model.train()
             for m in model.modules():
                 if isinstance(m, _INFERENCE_ONLY):

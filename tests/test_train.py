@@ -27,6 +27,10 @@ def test_help_lists_subcommands_and_extra_commands(tmp_path):
     out = run("--help", cwd=tmp_path).stdout
     for word in ("fit", "validate", "test", "predict", "evaluate", "compare", "layers", "shapes", "demo"):
         assert word in out
+    # A typo'd key is an error, even a prefix of a real one (argparse would take it for max_steps).
+    proc = run("fit", "--config", REPO / "configs" / "faster_rcnn.yaml", "--trainer.max_step", "5", "--print_config",
+               cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode != 0 and "unrecognized arguments: --trainer.max_step" in proc.stderr
 
 
 def tiny_fit_args(shapes_dir, runs):
@@ -60,6 +64,13 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
     assert lrs and all(b == pytest.approx(0.3 * h) for b, h in lrs)
     assert any(p.name.startswith("events.out.tfevents") for p in version.iterdir())
 
+    # A new run (no --ckpt_path) would overwrite them: refused, naming them, nothing touched.
+    saved = {f: (ckpts / f).read_bytes() for f in ("best.ckpt", "last.ckpt")}
+    proc = run(*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "best.ckpt and " in proc.stderr and "--ckpt_path last" in proc.stderr
+    assert saved == {f: (ckpts / f).read_bytes() for f in saved}
+    assert not (runs / "faster_rcnn" / "version_1").exists()
+
     proc = run(*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "2", "--ckpt_path", "last", cwd=tmp_path)
     assert "Epoch 2:" in proc.stdout
     assert not (runs / "faster_rcnn" / "version_1").exists()  # the resumed run keeps its logger version
@@ -70,6 +81,10 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
                "--data.init_args.root", shapes_dir, "--data.init_args.num_workers", "0",
                "--trainer.limit_val_batches", "1", "--ckpt_path", ckpts / "best.ckpt", cwd=tmp_path)  # fmt: skip
     assert "val_map" in proc.stdout
+    # A checkpoint of another model type than the config's is refused, not silently swapped in.
+    proc = run("validate", "--config", REPO / "configs" / "retinanet.yaml", "--runs_dir", runs,
+               "--data.init_args.root", shapes_dir, "--ckpt_path", ckpts / "best.ckpt", cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode != 0 and "holds a FasterRCNNModule but the config's model is RetinaNetModule" in proc.stderr
 
 
 @pytest.mark.parametrize("config", ["faster_rcnn", "retinanet"])

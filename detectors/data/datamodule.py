@@ -13,6 +13,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from training.images import DEFAULT_MAX_PIXELS
@@ -149,6 +150,9 @@ class DetectionDataModule(L.LightningDataModule):
         if hp.generate and not os.path.exists(os.path.join(hp.root, "shapes.json")):
             from .shapes import generate_shapes
 
+            # Said out loud: a mistyped root of one's own data would otherwise train on shapes without a word.
+            rank_zero_info(f"generating the embedded shapes dataset in {os.path.abspath(hp.root)} (data "
+                           "generate: true; not your data? check data.init_args.root, or set generate: false)")
             generate_shapes(hp.root, seed=hp.seed)
 
     def make_dataset(self, split: str, train: bool) -> DetectionDataset:

@@ -1,4 +1,5 @@
 import json
+import logging
 import warnings
 
 import pytest
@@ -118,12 +119,17 @@ def test_voc_format(tmp_path):
     assert all("difficult" in t for t in targets)
 
 
-def test_generate_writes_shapes_once(tmp_path):
+def test_generate_writes_shapes_once(tmp_path, caplog):
     pytest.importorskip("detectors.data.shapes")
     root = tmp_path / "shapes"
     dm = DetectionDataModule(str(root), generate=True, num_workers=0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
         warnings.simplefilter("ignore")
         assert dm.class_names == ["rectangle", "ellipse", "triangle"]
-    dm.setup("fit")
+    # said, with the path: a mistyped root of one's own data must not train on shapes silently
+    assert f"generating the embedded shapes dataset in {root}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    assert "generating" not in caplog.text  # once
     assert len(dm.datasets["train"]) > 0 and len(dm.datasets["val"]) > 0
