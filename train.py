@@ -356,11 +356,16 @@ def compare(
         sys.exit(f"train.py compare: error: {e}")
 
 
+def _summary(function) -> str:
+    """The docstring's first paragraph, on one line (a --help description)."""
+    return " ".join(function.__doc__.split("\n\n")[0].split())
+
+
 def _parse_compare(argv: list[str]) -> dict:
     """compare's own parser: `--checkpoints A B` (nargs) and `--data X.yaml`, a DataModule config."""
     from lightning import LightningDataModule
 
-    parser = ArgumentParser(prog="train.py compare", description=compare.__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="train.py compare", description=_summary(compare))
     parser.add_function_arguments(compare, skip={"checkpoints", "data"})
     parser.add_argument("--checkpoints", nargs="+", required=True, help="model files to compare")
     parser.add_subclass_arguments(LightningDataModule, "data", required=True, help="data config file "
@@ -372,7 +377,7 @@ def _run_extra(command: str, argv: list[str]):
     functions = {"evaluate": evaluate, "shapes": shapes, "demo": demo, "layers": layers}
     if command == "compare":
         return compare(**_parse_compare(argv))
-    parser = ArgumentParser(prog=f"train.py {command}", description=functions[command].__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=f"train.py {command}", description=_summary(functions[command]))
     # `layers` reads the classifier's own keys: `train.py layers --model.backbone resnet50`.
     nested = "model" if command == "layers" else None
     parser.add_function_arguments(functions[command], nested)

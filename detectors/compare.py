@@ -547,7 +547,7 @@ def compare(
         "device": f"{dev.type} ({where})", "precision": precision, "batch_size": batch_size,
         "image_size": "; ".join(f"{e.name} {e.info['min_size']}/{e.info['max_size']}" for e in entries)
                       + " (each model's resize, min_size/max_size)",
-        "timing": f"median of {repeats} calls after {warmup} warm-up calls, images already on the device; "
+        "timing": f"median of {repeats} calls after {warmup} warm-up call{'s' * (warmup != 1)}, images already on the device; "
                   f"latency at batch 1, throughput at batch {batch_size}",
         "bootstrap_resamples": resamples, "bootstrap_seed": seed,
         "bootstrap": f"paired over images: {resamples} resamples of the {len(targets)} images with "

@@ -70,7 +70,8 @@ class DetectionDataModule(L.LightningDataModule):
         root: dataset directory.
         format: "coco" (``images_dir``/``annotations`` templates with ``{split}``) or
             "voc" (``JPEGImages``, ``Annotations``, ``ImageSets/Main/<split>.txt``).
-        train_split, val_split, test_split: split names (``train2017``, ``val``, ...).
+        train_split, val_split, test_split: split names (``train2017``, ``val``, ...); without ``test_split``,
+            ``test`` (saying so in the log) and ``predict`` use ``val_split``.
         images_dir, annotations: COCO path templates relative to ``root``; defaults fit the
             shapes layout (``images/{split}``, ``annotations/instances_{split}.json``). Real
             COCO 2017: ``images_dir="{split}"``.
@@ -180,6 +181,9 @@ class DetectionDataModule(L.LightningDataModule):
             "test": [("test", hp.test_split or hp.val_split, False)],
             "predict": [("predict", hp.test_split or hp.val_split, False)],
         }
+        if stage == "test" and hp.test_split is None and "test" not in self.datasets:
+            rank_zero_info(f"no data test_split set: testing on the {hp.val_split!r} split (test_* metrics are "
+                           "validation-split numbers)")
         for key, split, train in wanted.get(stage, []) if stage else sum(wanted.values(), []):
             if key not in self.datasets:
                 is_files = key == "predict" and hp.predict_images
