@@ -29,6 +29,8 @@ from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.loggers import ResumableCSVLogger
 from training.saving import checkpoint_logger_version, offline_model_config, resolve_ckpt_path
 
+LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 EXTRA_COMMANDS = {
     "evaluate": "score a COCO results file against COCO ground truth (pycocotools-exact)",
@@ -105,9 +107,12 @@ class LitvisionCLI(LightningCLI):
             del sub["lr_plateau"]
         if not os.path.dirname(sub["checkpoint"]["filepath"]):
             sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
+        ckpt_dir = os.path.dirname(sub["checkpoint"]["filepath"])
         if self.subcommand == "fit" and sub.get("ckpt_path"):
-            sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], os.path.dirname(sub["checkpoint"]["filepath"]))
-        elif self.subcommand == "fit":
+            sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)
+            if os.path.dirname(os.path.realpath(sub["ckpt_path"])) != os.path.realpath(ckpt_dir):
+                _refuse_to_overwrite(sub["checkpoint"]["filepath"], resume_from=sub["ckpt_path"])
+        elif self.subcommand == "fit" and not sub["trainer"].get("fast_dev_run"):  # fast_dev_run saves nothing
             _refuse_to_overwrite(sub["checkpoint"]["filepath"])
 
     def after_instantiate_classes(self) -> None:
@@ -148,17 +153,19 @@ class LitvisionCLI(LightningCLI):
         return [CocoPredictionWriter(out, sub["draw"], sub["draw_score_threshold"])]
 
 
-def _refuse_to_overwrite(filepath: str) -> None:
-    """A new run must not replace an earlier run's checkpoints (every version of RUNS_DIR/NAME shares
-    checkpoints/): Keras' ModelCheckpoint would, and a forgotten ``--ckpt_path last`` would lose the model."""
-    last = os.path.join(os.path.dirname(filepath), "last.ckpt")
+def _refuse_to_overwrite(filepath: str, resume_from: str | None = None) -> None:
+    """A run must not replace another run's checkpoints (every version of RUNS_DIR/NAME shares checkpoints/):
+    Keras' ModelCheckpoint would, and a forgotten ``--ckpt_path last`` would lose the trained model."""
+    last = os.path.join(os.path.dirname(filepath), LAST)
     taken = [f for f in (filepath, last) if "{" not in os.path.basename(f) and os.path.exists(f)]
-    if taken:
-        raise FileExistsError(
-            f"{' and '.join(taken)} already hold{'s' if len(taken) == 1 else ''} an earlier run's model, which a "
-            "new run would overwrite: continue that run with --ckpt_path last, or start a separate one with "
-            "another --name (or --runs_dir), or move the files away"
-        )
+    if not taken:
+        return
+    held = f"{' and '.join(taken)} already hold{'s' * (len(taken) == 1)} an earlier run's model"
+    elsewhere = "start a separate run with another --name (or --runs_dir), or move the files away"
+    if resume_from:
+        raise FileExistsError(f"{held}, which continuing {resume_from} here would overwrite: {elsewhere}")
+    resume = "continue that run with --ckpt_path last, " if os.path.exists(last) else ""
+    raise FileExistsError(f"{held}, which a new run would overwrite: {resume}{elsewhere}")
 
 
 def _cli(argv: list[str] | None = None) -> LitvisionCLI:
@@ -278,7 +285,7 @@ def demo(
 def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: list[str]) -> str:
     """Train configs/<name>.yaml (its epochs, capped at ``minutes``) unless done; returns the checkpoint."""
     ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
-    best, last = os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, "last.ckpt")
+    best, last = os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, LAST)
     done = os.path.join(runs_dir, name, "demo-finished")
     if not os.path.isfile(done):
         budget = int(minutes * 60)
@@ -287,6 +294,8 @@ def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: li
                 "--trainer.max_time", f"00:00:{budget // 60:02d}:{budget % 60:02d}", *overrides]  # fmt: skip
         if os.path.isfile(last):
             args += ["--ckpt_path", "last"]  # an interrupted demo continues where it stopped
+        elif os.path.isfile(best):  # killed between its first best and last saves: this step starts over
+            os.replace(best, os.path.join(ckpt_dir, "best.interrupted.ckpt"))
         _cli(args)
         Path(done).touch()
     return best if os.path.isfile(best) else last

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from training.distributed import distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
+from training.distributed import any_process, distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
 from training.saving import SavableModule, copy_backbone
 
 from .backbones import build_backbone, leaf_layers, select_layers
@@ -208,10 +208,8 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
             self.val_top5.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        seen = self.val_acc.update_count > 0
-        if distributed(self):  # compute() syncs: all processes compute, or none (no process saw an image)
-            seen = self.trainer.strategy.reduce_boolean_decision(seen, all=False)
-        if not seen:
+        # compute() syncs across processes: all compute, or none (no process saw an image)
+        if not any_process(self, self.val_acc.update_count > 0):
             return
         self.log("val_acc", self.val_acc.compute(), prog_bar=True)
         for name, acc in zip(self.class_names, self.val_acc_per_class.compute().tolist(), strict=True):

@@ -615,6 +615,12 @@ class DetectionEvaluator(Metric):
         self.gt_counts.append(torch.tensor([len(t["labels"]) for t in targets], dtype=torch.int64, device=dev))
         self.image_ids.append(torch.tensor([_image_id(t) for t in targets], dtype=torch.int64, device=dev))
 
+    @property
+    def local_images(self) -> int:
+        """Images this process added since the last reset (before any DDP gather)."""
+        counts = self.det_counts
+        return sum(len(c) for c in counts) if isinstance(counts, list) else len(counts)
+
     def _images(self) -> tuple[list[dict], list[dict]]:
         counts = self.det_counts  # a list of per-batch tensors, or one tensor after a DDP sync
         if (isinstance(counts, list) and not counts) or (isinstance(counts, Tensor) and counts.numel() == 0):

@@ -128,6 +128,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         **detector_options: Any,
     ):
         super().__init__()
+        if not self.loss_names:
+            raise TypeError(f"{type(self).__name__} must set loss_names, the keys of its model's loss dict")
         # Records the subclass' own arguments too (they arrive in detector_options): everything
         # load_model needs to rebuild the architecture.
         self.save_hyperparameters()
@@ -203,28 +205,34 @@ class DetectionModule(SavableModule, L.LightningModule):
         images, targets = batch
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
             loss = skipped_batch_loss(self)
-            if loss is not None:  # DDP: join the others' non-finite check and epoch syncs, with weight 0
-                if any_process(self, False):
-                    raise FloatingPointError(f"non-finite training loss on another process at step {self.global_step}")
+            if loss is not None:  # DDP: join the others' error check and epoch syncs, with weight 0
+                self._stop_together(None)
                 zero = torch.zeros((), device=self.device)
                 self._log_training(zero, dict.fromkeys(self.loss_names, zero), 0)
             return loss
-        losses = training_losses(self.model, list(images), _loss_targets(targets))
+        error = None
+        try:
+            losses = training_losses(self.model, list(images), _loss_targets(targets))
+        except ValueError as e:  # a box torchvision refuses
+            losses, error = {}, e
         loss = sum(losses.values())
-        bad = not torch.isfinite(loss)
-        # Under DDP every process stops together: one raising alone leaves the others waiting in the gradient
-        # all-reduce (with NCCL, until its timeout).
-        if any_process(self, bad):
+        if error is None and not torch.isfinite(loss):
             ids = [t.get("image_id") for t in targets]
-            where = "" if bad else "on another process "
-            raise FloatingPointError(
-                f"non-finite training loss {where}at step {self.global_step} (this process: {loss.item()}, image "
-                f"ids {ids}, components { {k: v.item() for k, v in losses.items()} }). Lower the LR or lengthen "
-                "warm-up."
+            error = FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step} (image ids {ids}); components: "
+                f"{ {k: v.item() for k, v in losses.items()} }. Lower the LR or lengthen warm-up."
             )
+        self._stop_together(error)
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(images))
         self._log_training(loss, losses, len(images))
         return loss
+
+    def _stop_together(self, error: Exception | None) -> None:
+        """Raise ``error``, and under DDP stop every process when any has one: a process raising alone leaves
+        the others waiting in the gradient all-reduce (with NCCL, until its timeout)."""
+        if any_process(self, error is not None):
+            raise error or RuntimeError(f"stopped at step {self.global_step}: another process failed (its error "
+                                        "is in its log)")
 
     def _log_training(self, loss: Tensor, losses: dict[str, Tensor], n: int) -> None:
         # Epoch values synced across processes (callbacks monitoring them must agree on every rank). Every
@@ -260,7 +268,10 @@ class DetectionModule(SavableModule, L.LightningModule):
                       sync_dist=True)  # fmt: skip
 
     def _log_metrics(self, metrics: DetectionEvaluator, prefix: str) -> None:
-        if metrics.update_count == 0:  # sanity check with zero batches, or every batch skipped
+        # compute() gathers across processes: all compute, or none (no process scored an image: a sanity
+        # check with zero batches, or every batch skipped as unreadable).
+        if not any_process(self, metrics.local_images > 0):
+            metrics.reset()
             return
         values = metrics.compute()
         metrics.reset()

@@ -55,7 +55,13 @@ def loss_mode(model: nn.Module):
             m.training = flag
 
 
-def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None, fixed_size: bool = True):
+def _check_detector(model: nn.Module) -> None:
+    if not isinstance(model, (RetinaNet, GeneralizedRCNN)):
+        raise TypeError(f"expected a torchvision GeneralizedRCNN or RetinaNet, got {type(model).__name__}")
+
+
+def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None, fixed_size: bool = True,
+              to_float: bool = True):
     original_sizes = [tuple(img.shape[-2:]) for img in images]
     was_training = model.transform.training
     if fixed_size:
@@ -67,10 +73,17 @@ def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None
     features = model.backbone(image_list.tensors)
     if isinstance(features, Tensor):
         features = OrderedDict([("0", features)])
-    # The heads run in float32 even under bf16/fp16 autocast: boxes and scores in half precision would
-    # be rounded to 2-8 px steps and create score ties, and mAP would score the rounding.
-    features = OrderedDict((k, v.float()) for k, v in features.items())
+    if to_float:
+        # The heads run in float32 even under bf16/fp16 autocast: boxes and scores in half precision would
+        # be rounded to 2-8 px steps and create score ties, and mAP would score the rounding.
+        features = OrderedDict((k, v.float()) for k, v in features.items())
     return image_list, targets, features, original_sizes
+
+
+def _float32_like(t: Tensor) -> Tensor:
+    """A float32 stand-in of ``t``'s shape and device, without memory: AnchorGenerator reads only those and the
+    dtype, in which it builds the anchors."""
+    return torch.empty((), dtype=torch.float32, device=t.device).expand(t.shape)
 
 
 def _full_precision(device: torch.device):
@@ -113,26 +126,31 @@ def _retinanet(model: RetinaNet, images, targets, with_loss: bool):
 
 def training_losses(model: nn.Module, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
     """The loss dict of ``model(images, targets)`` in training mode, computed the same way (same modules, same
-    order, same RNG draws) except that under bf16/fp16 autocast the heads, anchors, box coding and losses run
-    in float32 on float32 features, as they do for the detections here: in bf16, torchvision's anchors (built
-    in the feature maps' dtype) and decoded boxes would be rounded to 4-8 px steps at COCO image sizes.
+    order, same RNG draws) except that under bf16/fp16 autocast the anchors, box coding and losses are float32:
+    torchvision builds anchors in the feature maps' dtype and decodes boxes in the heads' output dtype, which in
+    bf16 rounds them to 4-8 px steps at COCO image sizes. RetinaNet's convolutional head (the larger part of its
+    compute) still runs in half precision, its outputs are cast to float32; Faster R-CNN's RPN and box heads,
+    small next to the backbone, run in float32 on float32 features, as for the detections here.
 
     Args:
         images: float ``[3, H, W]`` in 0..1, any sizes.
         targets: ``boxes`` FloatTensor[N, 4] XYXY absolute pixels (N may be 0), ``labels`` Int64Tensor[N].
     """
-    if not isinstance(model, (RetinaNet, GeneralizedRCNN)):
-        raise TypeError(f"expected a torchvision GeneralizedRCNN or RetinaNet, got {type(model).__name__}")
-    image_list, targets, features, _ = _features(model, images, targets, fixed_size=False)
+    _check_detector(model)
+    retina = isinstance(model, RetinaNet)
+    image_list, targets, features, _ = _features(model, images, targets, fixed_size=False, to_float=not retina)
     for i, t in enumerate(targets):  # torchvision's forward checks this too, after resizing
         bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
         if bad.any():
             raise ValueError(f"target {i} of the batch: box {t['boxes'][bad][0].tolist()} (after resizing) has no "
                              "positive width and height")
+    if retina:
+        levels = list(features.values())
+        head_outputs = {k: v.float() for k, v in model.head(levels).items()}  # autocast's dtype inside
     with _full_precision(image_list.tensors.device):
-        if isinstance(model, RetinaNet):
-            levels = list(features.values())
-            return model.compute_loss(targets, model.head(levels), model.anchor_generator(image_list, levels))
+        if retina:
+            anchors = model.anchor_generator(image_list, [_float32_like(f) for f in levels])
+            return model.compute_loss(targets, head_outputs, anchors)
         proposals, rpn_losses = model.rpn(image_list, features, targets)
         _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
     return {**det_losses, **rpn_losses}
@@ -151,9 +169,8 @@ def losses_and_detections(
         ``(losses, detections)``; detections per image: ``boxes [D, 4]`` XYXY in the input image's
         pixels, ``scores [D]``, ``labels [D]``.
     """
+    _check_detector(model)
     with_loss = targets is not None
     if isinstance(model, RetinaNet):
         return _retinanet(model, images, targets, with_loss)
-    if isinstance(model, GeneralizedRCNN):
-        return _fasterrcnn(model, images, targets, with_loss)
-    raise TypeError(f"expected a torchvision GeneralizedRCNN or RetinaNet, got {type(model).__name__}")
+    return _fasterrcnn(model, images, targets, with_loss)

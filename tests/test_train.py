@@ -166,3 +166,22 @@ def test_validate_rebuilds_a_pretrained_checkpoint_offline(shapes_dir, tmp_path,
     assert cli.model.hparams["weights_path"] is None and cli.model.hparams["pretrained_layout"]
     assert cli.model.hparams["backbone"] == "resnet18_fpn"  # the checkpoint's architecture, not the config's
     assert "val_map" in cli.trainer.callback_metrics
+
+
+def test_overwrite_refusal_names_a_way_out_that_works(tmp_path):
+    from train import _refuse_to_overwrite
+
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    _refuse_to_overwrite(str(best))  # nothing there yet
+    best.write_bytes(b"a run's model")
+    with pytest.raises(FileExistsError) as info:  # no last.ckpt: "--ckpt_path last" would fail, not offered
+        _refuse_to_overwrite(str(best))
+    assert "--ckpt_path last" not in str(info.value) and "--name" in str(info.value)
+    last.write_bytes(b"its full state")
+    with pytest.raises(FileExistsError, match="best.ckpt and .*last.ckpt .*--ckpt_path last"):
+        _refuse_to_overwrite(str(best))
+    with pytest.raises(FileExistsError, match="continuing /elsewhere/last.ckpt here would overwrite"):
+        _refuse_to_overwrite(str(best), resume_from="/elsewhere/last.ckpt")
+    with pytest.raises(FileExistsError, match="last.ckpt already holds"):  # a template: only last.ckpt is known
+        _refuse_to_overwrite(str(tmp_path / "w-{epoch}.ckpt"))
+    assert best.read_bytes() == b"a run's model"

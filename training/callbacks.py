@@ -356,9 +356,23 @@ class ModelCheckpoint(LightningModelCheckpoint):
             values["batch"] = batch
         return values
 
+    def _same_filepath(self, trainer: Trainer, values: dict[str, Any]) -> str:
+        """The file name formatted on process 0, on every process: template values may differ between
+        processes (metrics logged without sync_dist), or be missing on one of them."""
+        if trainer.world_size <= 1:
+            return self.format_checkpoint_name(values)
+        try:
+            path, error = self.format_checkpoint_name(values), None
+        except FilepathKeyError as e:
+            path, error = None, str(e)
+        path, error = trainer.strategy.broadcast((path, error))
+        if error is not None:
+            raise FilepathKeyError(error)
+        return path
+
     def _keras_save(self, trainer: Trainer, batch: int | None = None) -> None:
         values = self._template_values(trainer, batch)
-        filepath = self.format_checkpoint_name(values)
+        filepath = self._same_filepath(trainer, values)
         epoch = trainer.current_epoch + 1
         if not self.save_best_only:
             if self.keras_verbose:

@@ -359,7 +359,7 @@ PER_RANK_SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":
         out = Path(sys.argv[-1])
-        ckpt = ModelCheckpoint(str(out / "best.ckpt"), monitor="m", save_best_only=True)
+        ckpt = ModelCheckpoint(str(out / "best-{m:.2f}.ckpt"), monitor="m", save_best_only=True)
         plateau = ReduceLROnPlateau(monitor="m", patience=1, factor=0.5)
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=4, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -380,14 +380,17 @@ class Record(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        (self.out / f"{trainer.global_rank}.json").write_text(json.dumps({"lr": lr, "best": self.checkpoint.best}))
+        best = {"lr": lr, "best": self.checkpoint.best, "path": os.path.basename(self.checkpoint.best_model_path)}
+        (self.out / f"{trainer.global_rank}.json").write_text(json.dumps(best))
 
 
 def test_callbacks_decide_on_process_0s_value_under_ddp(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", PER_RANK_SCRIPT, str(tmp_path)], cwd=repo, check=True, timeout=240)
     # Keras' rules on process 0's values 3, 2, 2, 2: best 2 (epoch 2); no improvement at epochs 3 and 4 with
-    # patience 1 -> two reductions, 0.1 -> 0.05 -> 0.025. Process 1's own values would give best 0.1, lr 0.1.
+    # patience 1 -> two reductions, 0.1 -> 0.05 -> 0.025. Process 1's own values would give best 0.1, lr 0.1,
+    # and its file names (best-0.50.ckpt at epoch 2) would name files that were never written.
     for rank in (0, 1):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert got == {"lr": pytest.approx(0.025), "best": 2.0}, rank
+        assert got == {"lr": pytest.approx(0.025), "best": 2.0, "path": "best-2.00.ckpt"}, rank
+    assert sorted(p.name for p in tmp_path.glob("best-*.ckpt")) == ["best-2.00.ckpt", "best-3.00.ckpt"]
