@@ -519,11 +519,23 @@ def _check_inputs(preds: Sequence[dict], targets: Sequence[dict], num_classes: i
     if len(preds) != len(targets):
         raise ValueError(f"got {len(preds)} prediction dicts but {len(targets)} target dicts")
     for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
-        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}", num_classes)
-        _check_image_dict(t, ("boxes", "labels"), f"target {i}", num_classes)
+        _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}")
+        _check_image_dict(t, ("boxes", "labels"), f"target {i}")
+    # The label range once for the batch: checked per image, a GPU run would read values back 4x per image.
+    labels = [d["labels"].reshape(-1) for d in (*preds, *targets) if len(d["labels"])]
+    if labels and _outside(torch.cat(labels), num_classes):
+        for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+            for where, d in ((f"prediction {i}", p), (f"target {i}", t)):
+                if len(d["labels"]) and _outside(d["labels"], num_classes):
+                    raise ValueError(f"{where}: labels must lie in 1..{num_classes} (class_names), got "
+                                     f"{d['labels'].tolist()}")
 
 
-def _check_image_dict(d: dict, required: tuple[str, ...], where: str, num_classes: int) -> None:
+def _outside(labels: Tensor, num_classes: int) -> bool:
+    return int(labels.min()) < 1 or int(labels.max()) > num_classes
+
+
+def _check_image_dict(d: dict, required: tuple[str, ...], where: str) -> None:
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
@@ -535,10 +547,6 @@ def _check_image_dict(d: dict, required: tuple[str, ...], where: str, num_classe
     for key in ("scores", "iscrowd", "area", "difficult"):
         if key in d and len(d[key]) != n:
             raise ValueError(f"{where}: {n} labels but {len(d[key])} {key}")
-    if n and (int(d["labels"].min()) < 1 or int(d["labels"].max()) > num_classes):
-        raise ValueError(
-            f"{where}: labels must lie in 1..{num_classes} (class_names), got {d['labels'].tolist()}"
-        )
 
 
 def _image_id(target: dict) -> int:

@@ -565,8 +565,11 @@ def test_evaluator_update_without_images_adds_typed_empty_states(tmp_path):
 def test_evaluator_rejects_bad_input():
     evaluator = DetectionEvaluator(["a", "b"])
     good_t = _img([[0, 0, 1, 1]], [1])
-    with pytest.raises(ValueError, match="labels must lie in 1..2"):
+    with pytest.raises(ValueError, match=r"prediction 0: labels must lie in 1..2 \(class_names\), got \[3\]"):
         evaluator.update([_img([[0, 0, 1, 1]], [3], [0.5])], [good_t])
+    good_p = _img([[0, 0, 1, 1]], [2], [0.5])
+    with pytest.raises(ValueError, match=r"target 1: labels must lie in 1..2 \(class_names\), got \[1, 0\]"):
+        evaluator.update([good_p, good_p], [good_t, _img([[0, 0, 1, 1], [1, 1, 2, 2]], [1, 0])])
     with pytest.raises(ValueError, match="missing keys"):
         evaluator.update([_img([[0, 0, 1, 1]], [1])], [good_t])
     with pytest.raises(ValueError, match="1 prediction dicts but 2"):
