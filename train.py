@@ -88,8 +88,8 @@ class LitvisionCLI(LightningCLI):
             class_path, hparams = model
             configured = (self.config[sub].get("model") or {}).get("class_path")
             if configured and configured != class_path:  # e.g. a RetinaNet checkpoint with faster_rcnn.yaml
-                raise ValueError(f"{ckpt_path} holds a {class_path.rsplit('.', 1)[-1]} but the config's model is "
-                                 f"{configured.rsplit('.', 1)[-1]}: use the config it was trained with")
+                self.parser.error(f"{ckpt_path} holds a {class_path.rsplit('.', 1)[-1]} but the config's model is "
+                                  f"{configured.rsplit('.', 1)[-1]}: use the config it was trained with")
             update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
             self.config = self.parser.parse_object(update, self.config)
 
@@ -108,12 +108,15 @@ class LitvisionCLI(LightningCLI):
         if not os.path.dirname(sub["checkpoint"]["filepath"]):
             sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
         ckpt_dir = os.path.dirname(sub["checkpoint"]["filepath"])
-        if self.subcommand == "fit" and sub.get("ckpt_path"):
-            sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)
-            if os.path.dirname(os.path.realpath(sub["ckpt_path"])) != os.path.realpath(ckpt_dir):
-                _refuse_to_overwrite(sub["checkpoint"]["filepath"], resume_from=sub["ckpt_path"])
-        elif self.subcommand == "fit" and not sub["trainer"].get("fast_dev_run"):  # fast_dev_run saves nothing
-            _refuse_to_overwrite(sub["checkpoint"]["filepath"])
+        try:  # configuration mistakes: a usage error, not a traceback
+            if self.subcommand == "fit" and sub.get("ckpt_path"):
+                sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)
+                if os.path.dirname(os.path.realpath(sub["ckpt_path"])) != os.path.realpath(ckpt_dir):
+                    _refuse_to_overwrite(sub["checkpoint"]["filepath"], resume_from=sub["ckpt_path"])
+            elif self.subcommand == "fit" and not sub["trainer"].get("fast_dev_run"):  # it saves nothing
+                _refuse_to_overwrite(sub["checkpoint"]["filepath"])
+        except FileExistsError as e:
+            self.parser.error(str(e))
 
     def after_instantiate_classes(self) -> None:
         if self.plateau_disabled:  # keep `lr_plateau: null` in the config.yaml saved with the run
