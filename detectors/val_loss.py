@@ -1,5 +1,5 @@
-"""Validation loss *and* detections from one backbone pass, changing no state; the training losses with the
-same float32 heads under mixed precision (``training_losses``).
+"""Validation loss *and* detections from one backbone pass, changing no state; and the training losses with
+float32 anchors, box coding and losses under mixed precision (``training_losses``).
 
 torchvision detectors return losses only in train mode and detections only in
 eval mode. Calling the model twice would run the backbone twice, and the train-mode
