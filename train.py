@@ -14,6 +14,7 @@ callbacks are part of every run and configured under their own keys::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -83,7 +84,8 @@ class LitvisionCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if not ckpt_path or not os.path.isfile(ckpt_path):
             return
-        model = offline_model_config(ckpt_path)
+        with self._usage_errors():
+            model = offline_model_config(ckpt_path)
         if model is not None:
             class_path, hparams = model
             configured = (self.config[sub].get("model") or {}).get("class_path")
@@ -108,15 +110,28 @@ class LitvisionCLI(LightningCLI):
         if not os.path.dirname(sub["checkpoint"]["filepath"]):
             sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
         ckpt_dir = os.path.dirname(sub["checkpoint"]["filepath"])
-        try:  # configuration mistakes: a usage error, not a traceback
+        with self._usage_errors():
             if self.subcommand == "fit" and sub.get("ckpt_path"):
                 sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)
                 if os.path.dirname(os.path.realpath(sub["ckpt_path"])) != os.path.realpath(ckpt_dir):
                     _refuse_to_overwrite(sub["checkpoint"]["filepath"], resume_from=sub["ckpt_path"])
             elif self.subcommand == "fit" and not sub["trainer"].get("fast_dev_run"):  # it saves nothing
                 _refuse_to_overwrite(sub["checkpoint"]["filepath"])
-        except FileExistsError as e:
-            self.parser.error(str(e))
+
+    def instantiate_classes(self) -> None:
+        with self._usage_errors():
+            super().instantiate_classes()
+
+    @contextlib.contextmanager
+    def _usage_errors(self):
+        """A value or file that litvision's own checks refuse is a usage error: its message, no tracebacks."""
+        try:
+            yield
+        except Exception as e:
+            own = _own_check(e)
+            if own is None:
+                raise
+            self.parser.error(str(own))
 
     def after_instantiate_classes(self) -> None:
         if self.plateau_disabled:  # keep `lr_plateau: null` in the config.yaml saved with the run
@@ -154,6 +169,23 @@ class LitvisionCLI(LightningCLI):
         sub = self._sub()
         out = sub["predict_out"] or os.path.join(self.run_dir(), "predictions")
         return [CocoPredictionWriter(out, sub["draw"], sub["draw_score_threshold"])]
+
+
+_OWN_CODE = (str(Path(__file__).resolve()),
+             *(str(Path(__file__).resolve().parent / d) + os.sep for d in ("detectors", "classifiers", "training")))
+
+
+def _own_check(error: BaseException | None) -> BaseException | None:
+    """The ValueError/OSError in ``error``'s cause chain that litvision's own code raised (a check of the
+    configuration or of a file, whose message is for the user), or None: other errors keep their traceback."""
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if isinstance(error, (ValueError, OSError)) and tb and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE):
+            return error
+        error = error.__cause__
+    return None
 
 
 def _refuse_to_overwrite(filepath: str, resume_from: str | None = None) -> None:

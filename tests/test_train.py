@@ -49,6 +49,11 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
     # --ckpt_path last with nothing to resume is an error, not a silent fresh start.
     proc = run(*tiny_fit_args(shapes_dir, runs), "--ckpt_path", "last", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "no last checkpoint to resume from" in proc.stderr
+    assert "Traceback" not in proc.stderr  # litvision's own refusals are usage errors: the message alone
+    proc = run(*tiny_fit_args(shapes_dir, runs), "--model.init_args.backbone", "mobilenet_v3_larg_fpn", cwd=tmp_path,
+               check=False)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: unknown detector variant 'fasterrcnn_mobilenet_v3_larg_fpn'" in proc.stderr
 
     proc = run(*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1", cwd=tmp_path)
     assert "Epoch 1: val_loss improved from inf to" in proc.stdout  # Keras' message, 1-based epoch
