@@ -15,6 +15,7 @@ callbacks are part of every run and configured under their own keys::
 from __future__ import annotations
 
 import contextlib
+import dis
 import os
 import sys
 from pathlib import Path
@@ -113,7 +114,8 @@ class LitvisionCLI(LightningCLI):
         with self._usage_errors():
             if self.subcommand == "fit" and sub.get("ckpt_path"):
                 sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)
-                if os.path.dirname(os.path.realpath(sub["ckpt_path"])) != os.path.realpath(ckpt_dir):
+                here = os.path.realpath(os.path.dirname(os.path.abspath(sub["ckpt_path"])))  # a linked file stays here
+                if here != os.path.realpath(ckpt_dir):
                     _refuse_to_overwrite(sub["checkpoint"]["filepath"], resume_from=sub["ckpt_path"])
             elif self.subcommand == "fit" and not sub["trainer"].get("fast_dev_run"):  # it saves nothing
                 _refuse_to_overwrite(sub["checkpoint"]["filepath"])
@@ -131,7 +133,7 @@ class LitvisionCLI(LightningCLI):
             own = _own_check(e)
             if own is None:
                 raise
-            self.parser.error(str(own))
+            self.parser.error(str(own), ex=own)  # JSONARGPARSE_DEBUG=1 shows the traceback
 
     def after_instantiate_classes(self) -> None:
         if self.plateau_disabled:  # keep `lr_plateau: null` in the config.yaml saved with the run
@@ -176,13 +178,17 @@ _OWN_CODE = (str(Path(__file__).resolve()),
 
 
 def _own_check(error: BaseException | None) -> BaseException | None:
-    """The ValueError/OSError in ``error``'s cause chain that litvision's own code raised (a check of the
-    configuration or of a file, whose message is for the user), or None: other errors keep their traceback."""
+    """The ValueError/OSError in ``error``'s cause chain that a ``raise`` statement in litvision's own code
+    raised (a check of the configuration or of a file, whose message is for the user), or None: other errors,
+    a bug's unpacking or conversion error included, keep their traceback."""
     while error is not None:
         tb = error.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        if isinstance(error, (ValueError, OSError)) and tb and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE):
+        if (isinstance(error, (ValueError, OSError)) and tb is not None
+                and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
+                and any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS"
+                        for i in dis.get_instructions(tb.tb_frame.f_code))):  # fmt: skip
             return error
         error = error.__cause__
     return None
@@ -331,7 +337,12 @@ def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: li
             args += ["--ckpt_path", "last"]  # an interrupted demo continues where it stopped
         elif os.path.isfile(best):  # killed between its first best and last saves: this step starts over
             os.replace(best, os.path.join(ckpt_dir, "best.interrupted.ckpt"))
-        _cli(args)
+        try:
+            _cli(args)
+        except SystemExit as e:  # a usage error, printed above with fit's usage line: say which step
+            if e.code:
+                raise SystemExit(f"train.py demo: the {name!r} step stopped (configs/{name}.yaml; error above)") from e
+            raise
         Path(done).touch()
     return best if os.path.isfile(best) else last
 

@@ -522,8 +522,11 @@ def _check_inputs(preds: Sequence[dict], targets: Sequence[dict], num_classes: i
         _check_image_dict(p, ("boxes", "scores", "labels"), f"prediction {i}")
         _check_image_dict(t, ("boxes", "labels"), f"target {i}")
     # The label range once for the batch: checked per image, a GPU run would read values back 4x per image.
-    labels = [d["labels"].reshape(-1) for d in (*preds, *targets) if len(d["labels"])]
-    if labels and _outside(torch.cat(labels), num_classes):
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for d in (*preds, *targets):
+        if len(d["labels"]):
+            by_device.setdefault(d["labels"].device, []).append(d["labels"].reshape(-1))
+    if any(_outside(torch.cat(labels), num_classes) for labels in by_device.values()):
         for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
             for where, d in ((f"prediction {i}", p), (f"target {i}", t)):
                 if len(d["labels"]) and _outside(d["labels"], num_classes):

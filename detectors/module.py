@@ -213,7 +213,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         error = None
         try:
             losses = training_losses(self.model, list(images), _loss_targets(targets))
-        except ValueError as e:  # a box torchvision refuses
+        except Exception as e:  # a box torchvision refuses, out of memory...: raised below, on every process
             losses, error = {}, e
         loss = sum(losses.values())
         if error is None and not torch.isfinite(loss):
@@ -246,13 +246,11 @@ class DetectionModule(SavableModule, L.LightningModule):
         images, targets = batch
         with_loss = self.hparams.compute_val_loss
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
-            if distributed(self):
+            if distributed(self) and with_loss:
                 # Every process must enter the epoch-end syncs the others enter, even one whose whole share
-                # was unreadable: an update with no images, and the losses with weight 0.
-                metrics.update([], [])
-                if with_loss:
-                    zero = torch.zeros((), device=self.device)
-                    self._log_losses(prefix, dict.fromkeys(self.loss_names, zero), 0)
+                # was unreadable: the losses with weight 0 (the metric's part is in _log_metrics).
+                zero = torch.zeros((), device=self.device)
+                self._log_losses(prefix, dict.fromkeys(self.loss_names, zero), 0)
             return
         losses, detections = losses_and_detections(
             self.model, list(images), _loss_targets(targets) if with_loss else None
@@ -269,7 +267,10 @@ class DetectionModule(SavableModule, L.LightningModule):
 
     def _log_metrics(self, metrics: DetectionEvaluator, prefix: str) -> None:
         # compute() gathers across processes: all compute, or none (no process scored an image: a sanity
-        # check with zero batches, or every batch skipped as unreadable).
+        # check with zero batches, or every batch skipped as unreadable). A process that added nothing joins
+        # the gather with typed empty states (torchmetrics' own stand-ins have the wrong dtype and rank).
+        if distributed(self) and metrics.update_count == 0:
+            metrics.update([], [])
         if not any_process(self, metrics.local_images > 0):
             metrics.reset()
             return

@@ -190,3 +190,22 @@ def test_overwrite_refusal_names_a_way_out_that_works(tmp_path):
     with pytest.raises(FileExistsError, match="last.ckpt already holds"):  # a template: only last.ckpt is known
         _refuse_to_overwrite(str(tmp_path / "w-{epoch}.ckpt"))
     assert best.read_bytes() == b"a run's model"
+
+
+def test_only_litvisions_own_raise_statements_become_usage_errors():
+    from detectors.models import build_detector
+    from train import _own_check
+
+    with pytest.raises(ValueError) as refused:  # an explicit check of a configuration value
+        build_detector("fasterrcnn", "no_such_backbone", num_classes=2)
+    assert _own_check(refused.value) is refused.value
+    try:  # the same refusal, wrapped the way jsonargparse wraps it
+        raise ValueError("Does not validate against any of the Union subtypes") from refused.value
+    except ValueError as wrapped:
+        assert _own_check(wrapped) is refused.value
+    with pytest.raises(ValueError) as bug:  # a bug in litvision's code, not a raise statement: keeps its traceback
+        exec(compile("a, b = (1, 2, 3)", str(REPO / "detectors" / "models.py"), "exec"))
+    assert _own_check(bug.value) is None
+    with pytest.raises(ValueError) as foreign:  # raised by another library
+        int("abc")
+    assert _own_check(foreign.value) is None

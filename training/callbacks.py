@@ -245,8 +245,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
         self._fs = get_filesystem(self.dirpath)
         use_atomic_checkpoint_io(trainer)
-        if stage == "fit" and trainer.is_global_zero:
-            remove_stale_temp_files(self.dirpath)  # left by a run killed while saving
+        if stage == "fit" and trainer.is_global_zero and not trainer.fast_dev_run:
+            # left by a run killed while saving (a fast_dev_run saves nothing and may share a live run's folder)
+            remove_stale_temp_files(self.dirpath)
         if stage == "fit" and self.save_best_only and self.mode_requested == "auto":
             rank_zero_info(
                 f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'"
@@ -363,11 +364,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
             return self.format_checkpoint_name(values)
         try:
             path, error = self.format_checkpoint_name(values), None
-        except FilepathKeyError as e:
-            path, error = None, str(e)
+        except (FilepathKeyError, ValueError) as e:  # raised on every process, not only where it happened
+            path, error = None, (isinstance(e, FilepathKeyError), str(e))
         path, error = trainer.strategy.broadcast((path, error))
         if error is not None:
-            raise FilepathKeyError(error)
+            raise (FilepathKeyError if error[0] else ValueError)(error[1])
         return path
 
     def _keras_save(self, trainer: Trainer, batch: int | None = None) -> None:
