@@ -522,11 +522,15 @@ def test_evaluator_flat_float_output_with_voc_and_iou_keys():
     assert out["map_50"] == pytest.approx(((34 + 33 * 2 / 3 + 34 * 0.6) / 101 + 1.0) / 2, abs=1e-6)
 
 
-def test_evaluator_batches_and_reset(tmp_path):
-    gt, dets = synthetic(6)
-    gt_data, preds = load_dicts(tmp_path, gt, dets)
+def _model_like(tmp_path, seed: int):
+    """The synthetic set's ground truth and ``(preds, targets)`` in float32, what a model produces."""
+    gt_data, preds = load_dicts(tmp_path, *synthetic(seed))
     f32 = lambda ds: [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in ds]  # noqa: E731
-    preds, targets = f32(preds), f32(gt_data.targets)  # what a model produces
+    return gt_data, f32(preds), f32(gt_data.targets)
+
+
+def test_evaluator_batches_and_reset(tmp_path):
+    gt_data, preds, targets = _model_like(tmp_path, 6)
     evaluator = DetectionEvaluator(gt_data.class_names)
     evaluator.update(preds[:1], targets[:1])  # a first epoch that reset() must forget
     evaluator.compute()
@@ -547,10 +551,7 @@ def test_evaluator_batches_and_reset(tmp_path):
 def test_evaluator_update_without_images_adds_typed_empty_states(tmp_path):
     # What a DDP process whose batches were all unreadable does, so it can join the gather: no image is added,
     # and every state has the dtype and rank of a real update's (gloo gathers need both to match).
-    gt, dets = synthetic(6)
-    gt_data, preds = load_dicts(tmp_path, gt, dets)
-    f32 = lambda ds: [{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in ds]  # noqa: E731
-    preds, targets = f32(preds), f32(gt_data.targets)  # what a model produces
+    gt_data, preds, targets = _model_like(tmp_path, 6)
     evaluator = DetectionEvaluator(gt_data.class_names)
     evaluator.update([], [])
     empty = {name: getattr(evaluator, name)[0] for name in evaluator._defaults}

@@ -90,6 +90,11 @@ NAN_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _on_rank_1() -> bool:
+    """In the process of rank 1 of a 2-process run (the one these datasets starve or poison)."""
+    return torch.distributed.is_initialized() and torch.distributed.get_rank() == 1
+
+
 class HalfUnreadable(torch.utils.data.Dataset):
     """8 samples, all unreadable (None, as ``on_bad_sample="skip"`` gives) in the process of rank 1."""
 
@@ -97,7 +102,7 @@ class HalfUnreadable(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, i: int):
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+        if _on_rank_1():
             return None
         return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i % 3
 
@@ -109,7 +114,7 @@ class HalfUnreadableDetection(torch.utils.data.Dataset):
         return 4
 
     def __getitem__(self, i: int):
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+        if _on_rank_1():
             return None
         g = torch.Generator().manual_seed(i)
         boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]])[: 1 + i % 2]
@@ -118,11 +123,13 @@ class HalfUnreadableDetection(torch.utils.data.Dataset):
         return torch.rand(3, 64, 64, generator=g), target
 
 
+# RetinaNet: its loss samples no anchors or ROIs, so it does not depend on each process' RNG state
+TINY_DETECTOR = dict(class_names=["a", "b", "c"], backbone="resnet18_fpn", min_size=64, max_size=64)
+
+
 def tiny_detector() -> RetinaNetModule:
-    # RetinaNet: its loss samples no anchors or ROIs, so it does not depend on each process' RNG state
     torch.manual_seed(0)
-    return RetinaNetModule(class_names=["a", "b", "c"], backbone="resnet18_fpn", min_size=64, max_size=64,
-                           score_thresh=0.0)  # fmt: skip
+    return RetinaNetModule(**TINY_DETECTOR, score_thresh=0.0)
 
 
 class NaNOnRank1(torch.utils.data.Dataset):
@@ -132,8 +139,7 @@ class NaNOnRank1(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, i: int):
-        rank1 = torch.distributed.is_initialized() and torch.distributed.get_rank() == 1
-        image = torch.full((3, 64, 64), float("nan")) if rank1 else torch.rand(3, 64, 64)
+        image = torch.full((3, 64, 64), float("nan")) if _on_rank_1() else torch.rand(3, 64, 64)
         return image, {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1]), "image_id": i}
 
 
@@ -142,7 +148,7 @@ class RecordingDetector(RetinaNetModule):
 
     def __init__(self, out: Path):
         torch.manual_seed(0)
-        super().__init__(class_names=["a", "b", "c"], backbone="resnet18_fpn", min_size=64, max_size=64)
+        super().__init__(**TINY_DETECTOR)
         self.out = out
 
     def training_step(self, batch, batch_idx: int):
