@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import dis
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +36,11 @@ from training.saving import checkpoint_logger_version, offline_model_config, res
 LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+# Every run's default callbacks besides the Keras-style ones (the demo's background runs swap in tqdm's bar).
+RICH_PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.RichProgressBar"}
+TQDM_PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}
+LR_MONITOR = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+              "init_args": {"logging_interval": "epoch"}}  # fmt: skip
 EXTRA_COMMANDS = {
     "evaluate": "score a COCO results file against COCO ground truth (pycocotools-exact)",
     "shapes": "generate the embedded shapes dataset (COCO, VOC and classification layouts)",
@@ -67,11 +74,7 @@ class LitvisionCLI(LightningCLI):
                 "lr_plateau.patience": 3,
                 "lr_plateau.factor": 0.5,
                 "lr_plateau.min_lr": 1e-6,
-                "trainer.callbacks": [
-                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-                    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                     "init_args": {"logging_interval": "epoch"}},
-                ],  # fmt: skip
+                "trainer.callbacks": [RICH_PROGRESS_BAR, LR_MONITOR],
             }
         )
         # The model learns its classes from the data (detectors and classifier alike).
@@ -281,6 +284,7 @@ def demo(
     detector_minutes: float = 5.0,
     classifier_minutes: float = 1.5,
     seed: int = 0,
+    detectors_together: bool = True,
 ) -> None:
     """The main job on the embedded data: shapes -> a MobileNetV3 pretrained on the shapes crops -> Faster R-CNN
     and RetinaNet from that backbone on the same schedule -> their comparison -> a frozen-backbone classifier
@@ -292,6 +296,8 @@ def demo(
         pretrain_minutes, detector_minutes, classifier_minutes: time caps of the pretraining, of each
             detector and of the classifier (the configs' max_epochs normally end first).
         seed: seed of the dataset and of training.
+        detectors_together: train the two detectors at the same time, each in its own process on half the
+            CPU threads (their logs go to OUT/runs/NAME/demo.log); false trains one after the other.
     """
     data_root = os.path.join(out, "shapes")
     runs_dir = os.path.join(out, "runs")
@@ -305,9 +311,12 @@ def demo(
                  "--data.init_args.val_root", os.path.join(crops, "val")]  # fmt: skip
     pretrained = _demo_fit("pretrain", runs_dir, pretrain_minutes, seed, crop_data)
     data = ["--data.init_args.root", data_root, "--data.init_args.generate", "false"]
-    ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed,
-                            [*data, "--model.init_args.backbone_checkpoint", pretrained])
-            for name in ("faster_rcnn", "retinanet")}  # fmt: skip
+    detectors = {name: [*data, "--model.init_args.backbone_checkpoint", pretrained]
+                 for name in ("faster_rcnn", "retinanet")}  # fmt: skip
+    if detectors_together:
+        ckpt = _demo_fit_together(detectors, runs_dir, detector_minutes, seed)
+    else:
+        ckpt = {name: _demo_fit(name, runs_dir, detector_minutes, seed, args) for name, args in detectors.items()}
     report = os.path.join(out, "comparison")
     done = os.path.join(report, "comparison.json")
     if not os.path.isfile(done) or os.path.getmtime(done) < max(map(os.path.getmtime, ckpt.values())):
@@ -323,28 +332,124 @@ def demo(
         print(f"  {what:30s} {where}")
 
 
-def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: list[str]) -> str:
-    """Train configs/<name>.yaml (its epochs, capped at ``minutes``) unless done; returns the checkpoint."""
+def _demo_fit_args(name: str, runs_dir: str, minutes: float, seed: int, overrides: list[str]) -> list[str] | None:
+    """fit's arguments for configs/<name>.yaml (its epochs, capped at ``minutes``); None when that step is done.
+
+    An interrupted step continues from its last.ckpt; one killed between its first best and last saves
+    starts over, its lone best.ckpt set aside as best.interrupted.ckpt (a new fit refuses to overwrite it)."""
     ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
     best, last = os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, LAST)
-    done = os.path.join(runs_dir, name, "demo-finished")
-    if not os.path.isfile(done):
-        budget = int(minutes * 60)
-        args = ["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--runs_dir", runs_dir,
-                "--seed_everything", str(seed),
-                "--trainer.max_time", f"00:00:{budget // 60:02d}:{budget % 60:02d}", *overrides]  # fmt: skip
-        if os.path.isfile(last):
-            args += ["--ckpt_path", "last"]  # an interrupted demo continues where it stopped
-        elif os.path.isfile(best):  # killed between its first best and last saves: this step starts over
-            os.replace(best, os.path.join(ckpt_dir, "best.interrupted.ckpt"))
+    if os.path.isfile(os.path.join(runs_dir, name, "demo-finished")):
+        return None
+    budget = int(minutes * 60)
+    args = ["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--runs_dir", runs_dir,
+            "--seed_everything", str(seed),
+            "--trainer.max_time", f"00:00:{budget // 60:02d}:{budget % 60:02d}", *overrides]  # fmt: skip
+    if os.path.isfile(last):
+        args += ["--ckpt_path", "last"]
+    elif os.path.isfile(best):
+        os.replace(best, os.path.join(ckpt_dir, "best.interrupted.ckpt"))
+    return args
+
+
+def _demo_finished(name: str, runs_dir: str) -> str:
+    """Mark the step done; returns its checkpoint."""
+    ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
+    Path(runs_dir, name, "demo-finished").touch()
+    best = os.path.join(ckpt_dir, "best.ckpt")
+    return best if os.path.isfile(best) else os.path.join(ckpt_dir, LAST)
+
+
+def _demo_stopped(name: str, log: str | None = None) -> SystemExit:
+    where = f"its log: {log}" if log else "error above"
+    return SystemExit(f"train.py demo: the {name!r} step stopped (configs/{name}.yaml; {where})")
+
+
+def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: list[str]) -> str:
+    """Train configs/<name>.yaml in this process unless done; returns the checkpoint."""
+    args = _demo_fit_args(name, runs_dir, minutes, seed, overrides)
+    if args is not None:
         try:
             _cli(args)
         except SystemExit as e:  # a usage error, printed above with fit's usage line: say which step
             if e.code:
-                raise SystemExit(f"train.py demo: the {name!r} step stopped (configs/{name}.yaml; error above)") from e
+                raise _demo_stopped(name) from e
             raise
-        Path(done).touch()
-    return best if os.path.isfile(best) else last
+    return _demo_finished(name, runs_dir)
+
+
+def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: float, seed: int) -> dict[str, str]:
+    """Train several configs at once, one child process each on an equal share of the CPU threads, showing
+    each child's progress bar (tqdm, written to RUNS_DIR/NAME/demo.log) on a line of its own.
+
+    Why: a detector step at batch 4 on a CPU is bound by per-operator overhead more than by arithmetic
+    (Faster R-CNN steps as fast on one thread as on two, docs/benchmarks.md), so two detectors side by side
+    take little longer than one."""
+    import json
+    import subprocess
+
+    import torch
+    from rich.live import Live
+    from rich.table import Table
+    from rich.text import Text
+
+    threads = str(max(1, torch.get_num_threads() // len(steps)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    bars = ["--trainer.callbacks", json.dumps([TQDM_PROGRESS_BAR, LR_MONITOR])]  # a log file cannot show rich's
+    children: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for name, overrides in steps.items():
+            args = _demo_fit_args(name, runs_dir, minutes, seed, [*overrides, *bars])
+            if args is None:
+                continue
+            log = os.path.join(runs_dir, name, "demo.log")
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "ab") as f:  # appended: a resumed step keeps the interrupted attempt's log
+                child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+            children[name] = (child, log)
+
+        def progress() -> Table:
+            table = Table.grid(padding=(0, 2))
+            for name, (child, log) in children.items():
+                latest = (_last_lines(log, 1) or ["starting"])[0]
+                state = {None: latest, 0: "done"}.get(child.poll(), f"stopped (exit {child.returncode})")
+                # Text: a bar's "[00:20<00:40, ...]" is not rich markup; one line per run, however narrow
+                table.add_row(name, Text(state, no_wrap=True, overflow="ellipsis"))
+            return table
+
+        if children:
+            print(f"training {' and '.join(children)} side by side, {threads} CPU thread(s) each; logs: "
+                  + ", ".join(log for _, log in children.values()))
+            with Live(progress(), refresh_per_second=2) as live:
+                while any(child.poll() is None for child, _ in children.values()):
+                    time.sleep(0.5)
+                    live.update(progress())
+    except BaseException as e:  # Ctrl-C reached the children too: give Lightning time to stop them gracefully
+        for child, _ in children.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=60 if isinstance(e, KeyboardInterrupt) else 0)
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+        raise
+    failed = {name: log for name, (child, log) in children.items() if child.returncode}
+    for log in failed.values():  # the error is in the log: show its end here
+        print(f"\n--- end of {log} ---", *_last_lines(log, 15), sep="\n", file=sys.stderr)
+    finished = {name: _demo_finished(name, runs_dir) for name in steps if name not in failed}  # kept for a re-run
+    if failed:
+        raise SystemExit("\n".join(str(_demo_stopped(name, log)) for name, log in failed.items()))
+    return finished
+
+
+def _last_lines(path: str, n: int) -> list[str]:
+    """The last ``n`` lines of a log as a terminal shows them (a tqdm bar redraws itself after a carriage
+    return; its cursor movements are dropped)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 16384))
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", f.read().decode(errors="replace"))
+    lines = [next((part.rstrip() for part in reversed(line.split("\r")) if part.strip()), "") for line in text.split("\n")]
+    return [line for line in lines if line][-n:]
 
 
 def layers(backbone: str = "resnet50", freeze: str | int | list[str] | None = None) -> None:

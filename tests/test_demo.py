@@ -26,3 +26,40 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Epoch" not in second.stdout  # nothing retrained
     assert (out / "comparison" / "comparison.json").stat().st_mtime_ns == stamp  # report reused
+
+
+def test_last_lines_show_a_logged_tqdm_bar_as_a_terminal_would(tmp_path):
+    import train
+
+    log = tmp_path / "demo.log"
+    log.write_bytes(b"Seed set to 0\nEpoch 0:  10%|#   | 25/250 [00:08<01:12]\rEpoch 0:  11%|#   | 26/250 [00:08<01:10]"
+                    b"\n\x1b[AValidation DataLoader 0:  40%|####  | 6/15\r\x1b[A\r\n\n")  # fmt: skip
+    assert train._last_lines(str(log), 2) == ["Epoch 0:  11%|#   | 26/250 [00:08<01:10]",
+                                              "Validation DataLoader 0:  40%|####  | 6/15"]  # fmt: skip
+    log.write_bytes(b"")
+    assert train._last_lines(str(log), 1) == []
+
+
+def test_detectors_side_by_side_a_failing_one_names_itself_and_the_other_is_kept(shapes_dir, tmp_path, capsys):
+    import train
+
+    runs = tmp_path / "runs"
+    data = ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false",
+            "--data.init_args.num_workers", "0", "--model.init_args.backbone_checkpoint", "null",
+            "--model.init_args.min_size", "64", "--model.init_args.max_size", "64"]  # fmt: skip
+    steps = {"faster_rcnn": [*data, "--model.init_args.backbone", "no_such_backbone"],
+             "retinanet": [*data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                           "--trainer.limit_val_batches", "1"]}  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        train._demo_fit_together(steps, str(runs), minutes=2, seed=0)
+    log = runs / "faster_rcnn" / "demo.log"
+    assert str(stop.value) == f"train.py demo: the 'faster_rcnn' step stopped (configs/faster_rcnn.yaml; its log: {log})"
+    assert "no_such_backbone" in log.read_text() and "no_such_backbone" in capsys.readouterr().err  # log's end shown
+    # The step that finished is kept for the re-run (its checkpoint, the finished mark); the failed one is not.
+    assert (runs / "retinanet" / "demo-finished").is_file() and (runs / "retinanet" / "checkpoints" / "best.ckpt").is_file()
+    assert not (runs / "faster_rcnn" / "demo-finished").exists()
+    assert "Epoch 0: 100%" in (runs / "retinanet" / "demo.log").read_text()  # its tqdm bar went to the log
+    # A re-run starts only the unfinished step (the other's arguments are never built, so a bad one is not seen).
+    steps["retinanet"] = ["--model.init_args.backbone", "also_not_a_backbone"]
+    with pytest.raises(SystemExit, match="'faster_rcnn' step"):
+        train._demo_fit_together(steps, str(runs), minutes=2, seed=0)
