@@ -370,12 +370,23 @@ def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: li
     args = _demo_fit_args(name, runs_dir, minutes, seed, overrides)
     if args is not None:
         try:
-            _cli(args)
+            with _only_argv0():  # LightningCLI warns when given args while sys.argv has the demo's own
+                _cli(args)
         except SystemExit as e:  # a usage error, printed above with fit's usage line: say which step
             if e.code:
                 raise _demo_stopped(name) from e
             raise
     return _demo_finished(name, runs_dir)
+
+
+@contextlib.contextmanager
+def _only_argv0():
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: float, seed: int) -> dict[str, str]:
@@ -394,7 +405,8 @@ def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: floa
     from rich.text import Text
 
     threads = str(max(1, torch.get_num_threads() // len(steps)))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    # Unbuffered: a tqdm bar redraws after "\r", which a line-buffered log file would hold back.
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     bars = ["--trainer.callbacks", json.dumps([TQDM_PROGRESS_BAR, LR_MONITOR])]  # a log file cannot show rich's
     children: dict[str, tuple[subprocess.Popen, str]] = {}
     try:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from training.distributed import any_process, distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
+from training.optim import build_optimizer
 from training.saving import SavableModule, copy_backbone
 
 from .backbones import build_backbone, leaf_layers, select_layers
@@ -228,6 +229,5 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        precision = getattr(self._trainer, "precision", None)
+        return build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay, precision)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from training.distributed import any_process, distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
+from training.optim import build_optimizer
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
@@ -319,10 +320,8 @@ class DetectionModule(SavableModule, L.LightningModule):
                        "name": "backbone"},
                       {"params": [p for p in params if id(p) not in body], "name": "heads"}]  # fmt: skip
             params = [g for g in params if g["params"]]
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        precision = getattr(self._trainer, "precision", None)
+        opt = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay, precision)
         # Chainable schedulers multiply the current LR, so reductions made by the Keras-style
         # ReduceLROnPlateau callback compose with them instead of being overwritten.
         schedulers = []
