@@ -460,8 +460,9 @@ def _last_lines(path: str, n: int) -> list[str]:
     with open(path, "rb") as f:
         f.seek(max(0, os.path.getsize(path) - 16384))
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", f.read().decode(errors="replace"))
-    lines = [next((part.rstrip() for part in reversed(line.split("\r")) if part.strip()), "") for line in text.split("\n")]
-    return [line for line in lines if line][-n:]
+    shown = [next((part.rstrip() for part in reversed(line.split("\r")) if part.strip()), "")
+             for line in text.split("\n")]  # fmt: skip
+    return [line for line in shown if line][-n:]
 
 
 def layers(backbone: str = "resnet50", freeze: str | int | list[str] | None = None) -> None:
