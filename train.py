@@ -38,7 +38,8 @@ LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 # Every run's default callbacks besides the Keras-style ones (the demo's background runs swap in tqdm's bar).
 RICH_PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.RichProgressBar"}
-TQDM_PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}
+# refresh_rate explicit: replacing the rich bar from a config would carry over its refresh_rate of 100.
+TQDM_PROGRESS_BAR = {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 1}}
 LR_MONITOR = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
               "init_args": {"logging_interval": "epoch"}}  # fmt: skip
 EXTRA_COMMANDS = {
@@ -284,7 +285,7 @@ def demo(
     detector_minutes: float = 5.0,
     classifier_minutes: float = 1.5,
     seed: int = 0,
-    detectors_together: bool = True,
+    detectors_together: bool | None = None,
 ) -> None:
     """The main job on the embedded data: shapes -> a MobileNetV3 pretrained on the shapes crops -> Faster R-CNN
     and RetinaNet from that backbone on the same schedule -> their comparison -> a frozen-backbone classifier
@@ -297,7 +298,9 @@ def demo(
             detector and of the classifier (the configs' max_epochs normally end first).
         seed: seed of the dataset and of training.
         detectors_together: train the two detectors at the same time, each in its own process on half the
-            CPU threads (their logs go to OUT/runs/NAME/demo.log); false trains one after the other.
+            CPU threads, or on a GPU of its own (their logs go to OUT/runs/NAME/demo.log); false trains one
+            after the other. None (default): together on a CPU with 2 or more threads, or with a GPU per
+            detector; with one GPU, one after the other.
     """
     data_root = os.path.join(out, "shapes")
     runs_dir = os.path.join(out, "runs")
@@ -313,6 +316,8 @@ def demo(
     data = ["--data.init_args.root", data_root, "--data.init_args.generate", "false"]
     detectors = {name: [*data, "--model.init_args.backbone_checkpoint", pretrained]
                  for name in ("faster_rcnn", "retinanet")}  # fmt: skip
+    if detectors_together is None:
+        detectors_together = _side_by_side_helps(len(detectors))
     if detectors_together:
         ckpt = _demo_fit_together(detectors, runs_dir, detector_minutes, seed)
     else:
@@ -389,15 +394,28 @@ def _only_argv0():
         sys.argv = argv
 
 
+def _side_by_side_helps(runs: int) -> bool:
+    """Whether ``runs`` trainings at once beat one after the other: on a CPU (measured, docs/benchmarks.md) or
+    with a GPU each; sharing one GPU is not measured."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count() >= runs
+    return torch.get_num_threads() >= runs
+
+
 def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: float, seed: int) -> dict[str, str]:
-    """Train several configs at once, one child process each on an equal share of the CPU threads, showing
-    each child's progress bar (tqdm, written to RUNS_DIR/NAME/demo.log) on a line of its own.
+    """Train several configs at once, one child process each on an equal share of the CPU threads (and a GPU
+    each when there are enough), showing each child's progress bar (tqdm, written to RUNS_DIR/NAME/demo.log)
+    on a line of its own.
 
     Why: a detector step at batch 4 on a CPU is bound by per-operator overhead more than by arithmetic
     (Faster R-CNN steps as fast on one thread as on two, docs/benchmarks.md), so two detectors side by side
     take little longer than one."""
     import json
+    import signal
     import subprocess
+    import threading
 
     import torch
     from rich.live import Live
@@ -407,13 +425,22 @@ def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: floa
     threads = str(max(1, torch.get_num_threads() // len(steps)))
     # Unbuffered: a tqdm bar redraws after "\r", which a line-buffered log file would hold back.
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if torch.cuda.is_available() else []
+    gpus = [g for g in gpus if g.strip()] or [str(k) for k in range(torch.cuda.device_count())]
     bars = ["--trainer.callbacks", json.dumps([TQDM_PROGRESS_BAR, LR_MONITOR])]  # a log file cannot show rich's
     children: dict[str, tuple[subprocess.Popen, str]] = {}
+    # A SIGTERM/SIGHUP sent to this process alone must not leave the children training: stop them below.
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            handlers[sig] = signal.signal(sig, lambda number, frame: sys.exit(128 + number))
     try:
-        for name, overrides in steps.items():
+        for i, (name, overrides) in enumerate(steps.items()):
             args = _demo_fit_args(name, runs_dir, minutes, seed, [*overrides, *bars])
             if args is None:
                 continue
+            if len(gpus) >= len(steps):  # a GPU each; otherwise they share what there is
+                env = {**env, "CUDA_VISIBLE_DEVICES": gpus[i]}
             log = os.path.join(runs_dir, name, "demo.log")
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "ab") as f:  # appended: a resumed step keeps the interrupted attempt's log
@@ -438,13 +465,20 @@ def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: floa
                     time.sleep(0.5)
                     live.update(progress())
     except BaseException as e:  # Ctrl-C reached the children too: give Lightning time to stop them gracefully
+        # Decided before stopping the others: Lightning exits with 0 when SIGTERM stops it.
+        done = [name for name, (child, _) in children.items() if child.poll() == 0]
         for child, _ in children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=60 if isinstance(e, KeyboardInterrupt) else 0)
             if child.poll() is None:
                 child.terminate()
                 child.wait()
+        for name in done:  # one that had finished before the interruption is kept
+            _demo_finished(name, runs_dir)
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     failed = {name: log for name, (child, log) in children.items() if child.returncode}
     for log in failed.values():  # the error is in the log: show its end here
         print(f"\n--- end of {log} ---", *_last_lines(log, 15), sep="\n", file=sys.stderr)

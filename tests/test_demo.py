@@ -1,6 +1,7 @@
 """`make demo`'s job, with tiny time budgets: every stage runs, and a re-run reuses what is done."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,60 @@ def test_detectors_side_by_side_a_failing_one_names_itself_and_the_other_is_kept
     # The step that finished is kept for the re-run (its checkpoint, the finished mark); the failed one is not.
     assert (runs / "retinanet" / "demo-finished").is_file() and (runs / "retinanet" / "checkpoints" / "best.ckpt").is_file()
     assert not (runs / "faster_rcnn" / "demo-finished").exists()
-    assert "Epoch 0: 100%" in (runs / "retinanet" / "demo.log").read_text()  # its tqdm bar went to the log
+    bar = (runs / "retinanet" / "demo.log").read_text()
+    assert "Epoch 0: 100%" in bar and "| 1/2 [" in bar  # its tqdm bar went to the log, redrawn every step
     # A re-run starts only the unfinished step (the other's arguments are never built, so a bad one is not seen).
     steps["retinanet"] = ["--model.init_args.backbone", "also_not_a_backbone"]
     with pytest.raises(SystemExit, match="'faster_rcnn' step"):
         train._demo_fit_together(steps, str(runs), minutes=2, seed=0)
+
+
+def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(shapes_dir, tmp_path):
+    """`kill PID` reaches only the demo process: its children must not train on unsupervised, and a detector
+    that had already finished keeps its mark (the re-run does not train it again)."""
+    import signal
+    import threading
+    import time
+
+    import train
+
+    runs = tmp_path / "runs"
+    data = ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false",
+            "--data.init_args.num_workers", "0", "--model.init_args.backbone_checkpoint", "null",
+            "--model.init_args.min_size", "64", "--model.init_args.max_size", "64",
+            "--trainer.limit_val_batches", "1"]  # fmt: skip
+    steps = {"faster_rcnn": [*data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"],
+             "retinanet": [*data, "--trainer.max_epochs", "1000"]}  # runs until stopped  # fmt: skip
+
+    def signal_when_the_short_one_is_done():
+        log = runs / "faster_rcnn" / "demo.log"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "max_epochs=1` reached" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.2)
+        time.sleep(3)  # its process exits after the message
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=signal_when_the_short_one_is_done, daemon=True).start()
+    with pytest.raises(SystemExit) as stop:
+        train._demo_fit_together(steps, str(runs), minutes=2, seed=0)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert (runs / "faster_rcnn" / "demo-finished").is_file() and not (runs / "retinanet" / "demo-finished").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(runs) not in ps  # no child left training
+    assert signal.getsignal(signal.SIGTERM) is handler  # the demo's own handler is gone again
+
+
+def test_side_by_side_only_where_it_was_measured_to_help(monkeypatch):
+    import torch
+
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for threads, expected in ((1, False), (2, True), (16, True)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert train._side_by_side_helps(2) is expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpus, expected in ((1, False), (2, True)):  # one GPU shared by two runs: not measured, one at a time
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        assert train._side_by_side_helps(2) is expected

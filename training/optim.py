@@ -7,7 +7,8 @@ from typing import Literal
 
 import torch
 
-# Devices with PyTorch's fused SGD/AdamW kernels (CPU since torch 2.4; older versions refuse and fall back).
+# Devices with PyTorch's fused SGD/AdamW kernels (CPU since torch 2.4; older versions refuse or lack the
+# argument, and the loop implementation is used).
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
@@ -41,6 +42,6 @@ def build_optimizer(
     if fused:
         try:
             return cls(params, fused=True, **options)
-        except RuntimeError:  # a torch without fused kernels for this device
+        except (RuntimeError, TypeError):  # a torch without fused kernels for this device, or at all
             pass
     return cls(params, **options)
