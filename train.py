@@ -342,8 +342,7 @@ def _demo_fit_args(name: str, runs_dir: str, minutes: float, seed: int, override
 
     An interrupted step continues from its last.ckpt; one killed between its first best and last saves
     starts over, its lone best.ckpt set aside as best.interrupted.ckpt (a new fit refuses to overwrite it)."""
-    ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
-    best, last = os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, LAST)
+    best, last = _demo_checkpoints(name, runs_dir)
     if os.path.isfile(os.path.join(runs_dir, name, "demo-finished")):
         return None
     budget = int(minutes * 60)
@@ -353,16 +352,21 @@ def _demo_fit_args(name: str, runs_dir: str, minutes: float, seed: int, override
     if os.path.isfile(last):
         args += ["--ckpt_path", "last"]
     elif os.path.isfile(best):
-        os.replace(best, os.path.join(ckpt_dir, "best.interrupted.ckpt"))
+        os.replace(best, os.path.join(os.path.dirname(best), "best.interrupted.ckpt"))
     return args
+
+
+def _demo_checkpoints(name: str, runs_dir: str) -> tuple[str, str]:
+    """The step's best.ckpt and last.ckpt paths (the configs' checkpoint file name, Lightning's last)."""
+    ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
+    return os.path.join(ckpt_dir, "best.ckpt"), os.path.join(ckpt_dir, LAST)
 
 
 def _demo_finished(name: str, runs_dir: str) -> str:
     """Mark the step done; returns its checkpoint."""
-    ckpt_dir = os.path.join(runs_dir, name, "checkpoints")
     Path(runs_dir, name, "demo-finished").touch()
-    best = os.path.join(ckpt_dir, "best.ckpt")
-    return best if os.path.isfile(best) else os.path.join(ckpt_dir, LAST)
+    best, last = _demo_checkpoints(name, runs_dir)
+    return best if os.path.isfile(best) else last
 
 
 def _demo_stopped(name: str, log: str | None = None) -> SystemExit:

@@ -90,15 +90,20 @@ def _full_precision(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _rcnn_losses(model: GeneralizedRCNN, image_list, features, targets) -> dict[str, Tensor]:
+    """GeneralizedRCNN.forward's loss part: the RPN's, then the box heads' on the RPN's proposals."""
+    proposals, rpn_losses = model.rpn(image_list, features, targets)
+    _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
+    return {**det_losses, **rpn_losses}
+
+
 def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
     image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
     losses: dict[str, Tensor] = {}
     with _full_precision(image_list.tensors.device):
         if with_loss:
             with loss_mode(model):
-                proposals, rpn_losses = model.rpn(image_list, features, targets)
-                _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
-            losses = {**det_losses, **rpn_losses}
+                losses = _rcnn_losses(model, image_list, features, targets)
         proposals, _ = model.rpn(image_list, features)
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
@@ -151,9 +156,7 @@ def training_losses(model: nn.Module, images: list[Tensor], targets: list[dict])
         if retina:
             anchors = model.anchor_generator(image_list, [_float32_like(f) for f in levels])
             return model.compute_loss(targets, head_outputs, anchors)
-        proposals, rpn_losses = model.rpn(image_list, features, targets)
-        _, det_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
-    return {**det_losses, **rpn_losses}
+        return _rcnn_losses(model, image_list, features, targets)
 
 
 @torch.no_grad()

@@ -29,6 +29,13 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert (out / "comparison" / "comparison.json").stat().st_mtime_ns == stamp  # report reused
 
 
+def tiny_detector_args(shapes_dir) -> list[str]:
+    """Overrides of a demo detector config: the session's tiny shapes set, 64 px, no pretrained backbone."""
+    return ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false",
+            "--data.init_args.num_workers", "0", "--model.init_args.backbone_checkpoint", "null",
+            "--model.init_args.min_size", "64", "--model.init_args.max_size", "64"]  # fmt: skip
+
+
 def test_last_lines_show_a_logged_tqdm_bar_as_a_terminal_would(tmp_path):
     import train
 
@@ -45,9 +52,7 @@ def test_detectors_side_by_side_a_failing_one_names_itself_and_the_other_is_kept
     import train
 
     runs = tmp_path / "runs"
-    data = ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false",
-            "--data.init_args.num_workers", "0", "--model.init_args.backbone_checkpoint", "null",
-            "--model.init_args.min_size", "64", "--model.init_args.max_size", "64"]  # fmt: skip
+    data = tiny_detector_args(shapes_dir)
     steps = {"faster_rcnn": [*data, "--model.init_args.backbone", "no_such_backbone"],
              "retinanet": [*data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
                            "--trainer.limit_val_batches", "1"]}  # fmt: skip
@@ -78,10 +83,7 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
     import train
 
     runs = tmp_path / "runs"
-    data = ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false",
-            "--data.init_args.num_workers", "0", "--model.init_args.backbone_checkpoint", "null",
-            "--model.init_args.min_size", "64", "--model.init_args.max_size", "64",
-            "--trainer.limit_val_batches", "1"]  # fmt: skip
+    data = [*tiny_detector_args(shapes_dir), "--trainer.limit_val_batches", "1"]
     steps = {"faster_rcnn": [*data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"],
              "retinanet": [*data, "--trainer.max_epochs", "1000"]}  # runs until stopped  # fmt: skip
 
