@@ -18,6 +18,7 @@ import contextlib
 import dis
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from detectors.data.shapes import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
@@ -214,16 +216,21 @@ def _refuse_to_overwrite(filepath: str, resume_from: str | None = None) -> None:
 
 
 def _cli(argv: list[str] | None = None) -> LitvisionCLI:
-    return LitvisionCLI(
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={
-            "allow_abbrev": False,  # argparse would take a typo'd --trainer.max_step for --trainer.max_steps
-            "epilog": "more commands: "
-            + "; ".join(f"{name}: {what}" for name, what in EXTRA_COMMANDS.items())
-            + " (python train.py COMMAND --help)",
-        },
-    )
+    try:
+        return LitvisionCLI(
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "allow_abbrev": False,  # argparse would take a typo'd --trainer.max_step for --trainer.max_steps
+                "epilog": "more commands: "
+                + "; ".join(f"{name}: {what}" for name, what in EXTRA_COMMANDS.items())
+                + " (python train.py COMMAND --help)",
+            },
+        )
+    except SIGTERMException as e:
+        # Lightning stops gracefully on SIGTERM, then exits with status 0, as if the run had finished: a job
+        # script, a scheduler or the side-by-side demo would take the interrupted run for a complete one.
+        raise SystemExit(128 + signal.SIGTERM) from e
 
 
 # -- extra subcommands ------------------------------------------------------------------------------------
@@ -382,7 +389,7 @@ def _demo_fit(name: str, runs_dir: str, minutes: float, seed: int, overrides: li
             with _only_argv0():  # LightningCLI warns when given args while sys.argv has the demo's own
                 _cli(args)
         except SystemExit as e:  # a usage error, printed above with fit's usage line: say which step
-            if e.code:
+            if e.code and e.code != 128 + signal.SIGTERM:
                 raise _demo_stopped(name) from e
             raise
     return _demo_finished(name, runs_dir)
@@ -417,7 +424,6 @@ def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: floa
     (Faster R-CNN steps as fast on one thread as on two, docs/benchmarks.md), so two detectors side by side
     take little longer than one."""
     import json
-    import signal
     import subprocess
     import threading
 
@@ -469,7 +475,7 @@ def _demo_fit_together(steps: dict[str, list[str]], runs_dir: str, minutes: floa
                     time.sleep(0.5)
                     live.update(progress())
     except BaseException as e:  # Ctrl-C reached the children too: give Lightning time to stop them gracefully
-        # Decided before stopping the others: Lightning exits with 0 when SIGTERM stops it.
+        # Decided before stopping the others, which then exit with 128 + SIGTERM (or 1 after Ctrl-C).
         done = [name for name, (child, _) in children.items() if child.poll() == 0]
         for child, _ in children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):

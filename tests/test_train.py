@@ -4,8 +4,10 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,7 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
     assert {"train_loss_step", "val_loss", "val_map", "val_map_50", "val_ap/triangle"} <= logged
     # The config's backbone_lr_scale gives the body its own, named parameter group.
     assert {"lr-AdamW/backbone", "lr-AdamW/heads"} <= logged
+    assert not any(k.startswith("lr-AdamW-") for k in logged)  # one optimiser, not one name per scheduler
     lrs = [(float(r["lr-AdamW/backbone"]), float(r["lr-AdamW/heads"])) for r in rows if r["lr-AdamW/heads"]]
     assert lrs and all(b == pytest.approx(0.3 * h) for b, h in lrs)
     assert any(p.name.startswith("events.out.tfevents") for p in version.iterdir())
@@ -90,6 +93,27 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
     proc = run("validate", "--config", REPO / "configs" / "retinanet.yaml", "--runs_dir", runs,
                "--data.init_args.root", shapes_dir, "--ckpt_path", ckpts / "best.ckpt", cwd=tmp_path, check=False)  # fmt: skip
     assert proc.returncode != 0 and "holds a FasterRCNNModule but the config's model is RetinaNetModule" in proc.stderr
+
+
+def test_a_run_stopped_by_sigterm_does_not_exit_as_finished(shapes_dir, tmp_path):
+    """Lightning stops gracefully on SIGTERM but would exit 0; a job script must see 128 + SIGTERM."""
+    runs = tmp_path / "runs"
+    args = [*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1000", "--trainer.limit_train_batches", "1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with (tmp_path / "log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            last = runs / "faster_rcnn" / "checkpoints" / "last.ckpt"
+            deadline = time.monotonic() + 300
+            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # the first epoch's end: inside Lightning's loop, its SIGTERM handler set
+            assert last.exists(), (tmp_path / "log").read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        finally:
+            proc.kill()
+    assert "Traceback" not in (tmp_path / "log").read_text()
 
 
 @pytest.mark.parametrize("config", ["faster_rcnn", "retinanet"])
