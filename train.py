@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from detectors.data.shapes import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.loggers import ResumableCSVLogger
-from training.saving import checkpoint_logger_version, offline_model_config, resolve_ckpt_path
+from training.saving import checkpoint_log_position, offline_model_config, resolve_ckpt_path
 
 LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
 
@@ -157,12 +157,15 @@ class LitvisionCLI(LightningCLI):
             config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, LearningRateMonitor)]
         sub = self._sub()
         ckpt = sub.get("ckpt_path") if self.subcommand == "fit" else None
-        version = checkpoint_logger_version(ckpt) if ckpt else None  # a resumed run continues its version
+        version, step = checkpoint_log_position(ckpt) if ckpt else (None, 0)  # a resumed run continues its version
         if config.get("logger") in (True, None):
+            # TensorBoard hides the events a resumed run logs again (steps after the checkpoint, run before the
+            # interruption) when told where it resumed: SummaryWriter's purge_step. The CSV logger drops them.
+            tensorboard = {"purge_step": step} if version is not None else {}
             if version is None:
                 version = TensorBoardLogger(sub["runs_dir"], sub["name"]).version
             config["logger"] = [
-                TensorBoardLogger(sub["runs_dir"], sub["name"], version=version),
+                TensorBoardLogger(sub["runs_dir"], sub["name"], version=version, **tensorboard),
                 ResumableCSVLogger(sub["runs_dir"], sub["name"], version=version),
             ]
         return super()._instantiate_trainer(config, callbacks)

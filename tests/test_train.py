@@ -95,6 +95,27 @@ def test_fit_resume_validate(shapes_dir, tmp_path):
     assert proc.returncode != 0 and "holds a FasterRCNNModule but the config's model is RetinaNetModule" in proc.stderr
 
 
+def test_resumed_run_logs_each_step_once_in_tensorboard_and_csv(shapes_dir, tmp_path):
+    """Resuming from an earlier checkpoint runs its later steps again: TensorBoard and the CSV show them once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "runs"
+    every_epoch = ["--checkpoint.filepath", "e{epoch}.ckpt", "--checkpoint.save_best_only", "false"]
+    run(*tiny_fit_args(shapes_dir, runs), *every_epoch, "--trainer.max_epochs", "2", cwd=tmp_path)
+    ckpts = runs / "faster_rcnn" / "checkpoints"
+    run(*tiny_fit_args(shapes_dir, runs), *every_epoch, "--trainer.max_epochs", "2", "--ckpt_path", ckpts / "e1.ckpt",
+        cwd=tmp_path)  # fmt: skip
+    version = runs / "faster_rcnn" / "version_0"
+    assert len(list(version.glob("events.out.tfevents*"))) == 2  # the resumed run wrote to the same version
+    events = EventAccumulator(str(version))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train_loss_step")]
+    assert steps == [0, 1, 2, 3]  # steps 2 and 3 ran twice
+    assert [e.step for e in events.Scalars("val_loss")] == [1, 3]
+    rows = [r for r in csv.DictReader((version / "metrics.csv").open()) if r["train_loss_step"]]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+
+
 def test_a_run_stopped_by_sigterm_does_not_exit_as_finished(shapes_dir, tmp_path):
     """Lightning stops gracefully on SIGTERM but would exit 0; a job script must see 128 + SIGTERM."""
     runs = tmp_path / "runs"

@@ -256,8 +256,15 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, dirpath: str | os.Pat
 
 def checkpoint_logger_version(path: str | os.PathLike) -> int | str | None:
     """The logger version the run that wrote ``path`` used (to continue logging in the same version)."""
-    info = load_checkpoint_file(path).get(LITVISION_KEY)
-    return info.get("logger_version") if isinstance(info, dict) else None
+    return checkpoint_log_position(path)[0]
+
+
+def checkpoint_log_position(path: str | os.PathLike) -> tuple[int | str | None, int]:
+    """(logger version, global step) of the run that wrote ``path``: a resumed run logs on in that version
+    from that step, and whatever was logged at or after the step came from the steps it runs again."""
+    checkpoint = load_checkpoint_file(path)
+    info = checkpoint.get(LITVISION_KEY)
+    return (info.get("logger_version") if isinstance(info, dict) else None), int(checkpoint.get("global_step", 0))
 
 
 # ----------------------------------------------------------------------------------------- plain data
