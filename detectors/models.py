@@ -152,14 +152,17 @@ def _fasterrcnn(backbone_name: str, **defaults: Any) -> Callable[..., nn.Module]
 
 def _retinanet(backbone_name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, group_norm_head: bool = False, fpn_channels: int | None = None,
-              returned_layers: list[int] | None = None, **kwargs: Any) -> nn.Module:
+              returned_layers: list[int] | None = None, p6p7: bool = True, **kwargs: Any) -> nn.Module:
         # P3-P5 from the body, P6-P7 from P5 (LastLevelP6P7) as in retinanet_resnet50_fpn; MobileNetV3's
         # default is its stride 8, 16 and 32 stages.
         channels = fpn_channels or 256
         if returned_layers is None:
             returned_layers = [2, 3, 4] if backbone_name.startswith("resnet") else [2, 3, 5]
-        backbone = _fpn_backbone(backbone_name, returned_layers, channels, LastLevelP6P7(channels, channels))
-        n = len(returned_layers) + 2
+        extra = LastLevelP6P7(channels, channels) if p6p7 else None
+        backbone = _fpn_backbone(backbone_name, returned_layers, channels, extra)
+        if not p6p7:
+            backbone.fpn.extra_blocks = None  # BackboneWithFPN would add a max-pool level in their place
+        n = len(returned_layers) + (2 if p6p7 else 0)
         anchors = AnchorGenerator(_octave_sizes([32 * 2**i for i in range(n)]), ((0.5, 1.0, 2.0),) * n)
         # GroupNorm(32) in the head towers, as retinanet_resnet50_fpn_v2: trains far better from scratch.
         norm = partial(nn.GroupNorm, 32) if group_norm_head else None
@@ -495,6 +498,7 @@ def build_detector(
     nms_thresh: float | None = None,
     detections_per_img: int = 100,
     group_norm_head: bool = False,
+    p6p7: bool = True,
     fpn_channels: int | None = None,
     returned_layers: list[int] | None = None,
     box_representation_size: int | None = None,
@@ -536,6 +540,9 @@ def build_detector(
             so both are scored under COCO's maxDets=100.
         group_norm_head: RetinaNet on a composed backbone (resnet18/34, mobilenet): GroupNorm(32) in the head
             towers as ``retinanet_resnet50_fpn_v2`` has.
+        p6p7: RetinaNet: the paper's and torchvision's two extra levels, P6 and P7 computed from P5 (strides 64
+            and 128). False (composed backbones only): the body's maps alone, e.g. for small images, where P6 and
+            P7 are 3 x 3 and 2 x 2 maps (docs/benchmarks.md: 15% of a demo step, no accuracy).
         fpn_channels, returned_layers: width of the FPN (and so of the heads; torchvision: 256) and the body
             stages feeding it (see ``_fpn_backbone``: ResNet 1..4, MobileNetV3 0..5). Variants composed here
             only (every one except the ``resnet50`` ones); the head and the default anchors follow the number
@@ -553,7 +560,7 @@ def build_detector(
     _check_num_classes(num_classes)
     if weights_path is not None and (weights is not None or weights_backbone is not None):
         raise ValueError("weights_path loads a whole detector: give it alone, without weights/weights_backbone")
-    options = _constructor_options(variant, kwargs, group_norm_head=group_norm_head, min_size=min_size,
+    options = _constructor_options(variant, kwargs, group_norm_head=group_norm_head, p6p7=p6p7, min_size=min_size,
                                    max_size=max_size, rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
                                    rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
                                    rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
@@ -671,8 +678,11 @@ def _constructor_options(variant: _Variant, kwargs: dict[str, Any], **args: Any)
     options = {tv: args[ours] for ours, tv in names.items() if args[ours] is not None}
     options.update(structure)
     options.update({k: args[k] for k in ("min_size", "max_size") if args[k] is not None})
+    if not args["p6p7"] and (variant.arch != "retinanet" or not variant.composed):
+        raise ValueError(f"p6p7=False: a RetinaNet option of the composed backbones; {variant.name} has fixed levels")
     if variant.custom and variant.arch == "retinanet":
         options["group_norm_head"] = args["group_norm_head"]
+        options["p6p7"] = args["p6p7"]
     elif args["group_norm_head"] and variant.name != "retinanet_resnet50_fpn_v2":
         raise ValueError(f"group_norm_head: {variant.name} has a fixed torchvision head; "
                          "retinanet_resnet50_fpn_v2 is the GroupNorm one")

@@ -417,7 +417,9 @@ class RetinaNetModule(DetectionModule):
     """One-stage detector: torchvision RetinaNet (dense anchors, focal loss).
 
     Takes :class:`DetectionModule`'s arguments, plus ``group_norm_head``: GroupNorm in the head towers
-    (as torchvision's ``_v2`` has) for the composed backbones; it trains markedly better from scratch.
+    (as torchvision's ``_v2`` has) for the composed backbones; it trains markedly better from scratch; and
+    ``p6p7``: the two extra pyramid levels computed from P5 (the paper's, default); False keeps the body's
+    maps only (composed backbones), e.g. for small images (``detectors.models.build_detector``).
     ``detections_per_img`` defaults to 100 (torchvision: 300) so both detector types are scored under
     COCO's maxDets=100.
     """
@@ -425,5 +427,5 @@ class RetinaNetModule(DetectionModule):
     arch = "retinanet"
     loss_names = ("classification", "bbox_regression")
 
-    def __init__(self, group_norm_head: bool = False, **kwargs: Any):
-        super().__init__(group_norm_head=group_norm_head, **kwargs)
+    def __init__(self, group_norm_head: bool = False, p6p7: bool = True, **kwargs: Any):
+        super().__init__(group_norm_head=group_norm_head, p6p7=p6p7, **kwargs)

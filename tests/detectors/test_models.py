@@ -494,6 +494,11 @@ def test_option_errors():
         build_detector("fasterrcnn", "resnet18_fpn", 3, group_norm_head=True)
     with pytest.raises(ValueError, match="group_norm_head.*retinanet_resnet50_fpn_v2"):
         build_detector("retinanet", "resnet50_fpn", 3, group_norm_head=True)
+    for arch, backbone in (("retinanet", "resnet50_fpn"), ("fasterrcnn", "resnet18_fpn")):
+        with pytest.raises(ValueError, match="p6p7=False: a RetinaNet option of the composed backbones"):
+            build_detector(arch, backbone, 3, p6p7=False)
+    with pytest.raises(ValueError, match="3 feature maps"):  # P3-P5 without P6, P7: three levels of sizes
+        build_detector("retinanet", "resnet18_fpn", 3, p6p7=False, anchor_sizes=[16, 32, 64, 128, 256])
     with pytest.raises(ValueError, match="5 feature maps"):
         build_detector("fasterrcnn", "resnet18_fpn", 3, anchor_sizes=[32, 64])
     with pytest.raises(ValueError, match="anchor_sizes"):
@@ -534,14 +539,16 @@ def test_composed_mobilenet_faster_rcnn_is_torchvisions(name, torchvision_builde
     assert set(bn) == {(1e-5, 0.1)}  # torchvision's detection BatchNorm, not the classifier's (1e-3, 0.01)
 
 
-@pytest.mark.parametrize("arch, backbone, layers, strides", [
-    ("fasterrcnn", "mobilenet_v3_large_fpn", [2, 3, 5], [8, 16, 32, 64]),  # + max-pool level
-    ("fasterrcnn", "resnet18_fpn", [2, 3, 4], [8, 16, 32, 64]),
-    ("retinanet", "mobilenet_v3_large_fpn", [3, 5], [16, 32, 64, 128]),  # + P6, P7
-    ("retinanet", "resnet18_fpn", [1, 2, 3, 4], [4, 8, 16, 32, 64, 128]),
+@pytest.mark.parametrize("arch, backbone, layers, strides, options", [
+    ("fasterrcnn", "mobilenet_v3_large_fpn", [2, 3, 5], [8, 16, 32, 64], {}),  # + max-pool level
+    ("fasterrcnn", "resnet18_fpn", [2, 3, 4], [8, 16, 32, 64], {}),
+    ("retinanet", "mobilenet_v3_large_fpn", [3, 5], [16, 32, 64, 128], {}),  # + P6, P7
+    ("retinanet", "resnet18_fpn", [1, 2, 3, 4], [4, 8, 16, 32, 64, 128], {}),
+    ("retinanet", "mobilenet_v3_large_fpn", [2, 3, 5], [8, 16, 32], {"p6p7": False}),  # the body's maps only
 ])
-def test_returned_layers_and_fpn_channels(arch, backbone, layers, strides):
-    model = build_detector(arch, backbone, 3, returned_layers=layers, fpn_channels=32, **tiny(arch)).eval()
+def test_returned_layers_and_fpn_channels(arch, backbone, layers, strides, options):
+    model = build_detector(arch, backbone, 3, returned_layers=layers, fpn_channels=32, **options,
+                           **tiny(arch)).eval()  # fmt: skip
     with torch.no_grad():
         features = model.backbone(torch.rand(1, 3, 256, 256))
     assert [256 // f.shape[-1] for f in features.values()] == strides

@@ -190,7 +190,7 @@ def test_checkpoint_with_unchained_schedulers_resumes_on_the_same_schedule():
     sched = torch.optim.lr_scheduler
     old = [sched.LinearLR(old_opt, f, 1.0, total_iters=warm), sched.MultiStepLR(old_opt, [1], 0.1),
            sched.CosineAnnealingLR(old_opt, T_max=total, eta_min=0.0)]  # fmt: skip
-    for t in range(6):
+    for _ in range(6):
         old_opt.step()
         old[0].step(), old[2].step()
     old[1].step()

@@ -97,7 +97,9 @@ FACTORIES = [
     pytest.param(_pretrained_frozen_regressor, id="TinyRegressor-pretrained-frozen"),
     pytest.param(_cli_built_regressor, id="TinyRegressor-LightningCLI"),
     _project_model("detectors.module", "FasterRCNNModule", _DETECTOR, _images),
-    _project_model("detectors.module", "RetinaNetModule", _DETECTOR, _images),
+    # The non-default structure must come back from the saved hyperparameters (no P6/P7 modules).
+    _project_model("detectors.module", "RetinaNetModule", {**_DETECTOR, "p6p7": False, "group_norm_head": True},
+                   _images),
     _project_model("detectors.module", "FasterRCNNModule", _DETECTOR, _images, pretrained=True),
     _project_model(
         "classifiers.module",
