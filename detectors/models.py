@@ -678,7 +678,7 @@ def _constructor_options(variant: _Variant, kwargs: dict[str, Any], **args: Any)
     options = {tv: args[ours] for ours, tv in names.items() if args[ours] is not None}
     options.update(structure)
     options.update({k: args[k] for k in ("min_size", "max_size") if args[k] is not None})
-    if not args["p6p7"] and (variant.arch != "retinanet" or not variant.composed):
+    if not args["p6p7"] and not (variant.arch == "retinanet" and variant.custom):  # where it is passed on below
         raise ValueError(f"p6p7=False: a RetinaNet option of the composed backbones; {variant.name} has fixed levels")
     if variant.custom and variant.arch == "retinanet":
         options["group_norm_head"] = args["group_norm_head"]

@@ -50,25 +50,6 @@ def without_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Te
     return out
 
 
-def _scheduler_states_as_configured(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Scheduler states of a checkpoint saved before the per-step schedulers were chained (warm-up, milestones,
-    cosine as three schedulers) in ``configure_optimizers``' order: one chained per-step state, then milestones.
-    Checkpoints in the current layout come back unchanged."""
-    if any("_schedulers" in s for s in states):
-        return states
-    kind = {"start_factor": "warmup", "T_max": "cosine", "milestones": "milestones"}
-    by_kind = {next((v for k, v in kind.items() if k in s), "other"): s for s in states}
-    if len(by_kind) != len(states) or "other" in by_kind:
-        return states  # not a layout this module wrote: Lightning's own checks report the mismatch
-    per_step = [by_kind[k] for k in ("warmup", "cosine") if k in by_kind]
-    out = []
-    if len(per_step) == 1:
-        out.append(per_step[0])
-    elif per_step:  # ChainedScheduler's state: its own last LRs + its schedulers' states
-        out.append({"_last_lr": per_step[-1].get("_last_lr"), "_schedulers": per_step})
-    return out + ([by_kind["milestones"]] if "milestones" in by_kind else [])
-
-
 class DetectionModule(SavableModule, L.LightningModule):
     """Shared training/evaluation logic; subclasses implement :meth:`build_model`.
 
@@ -343,9 +324,13 @@ class DetectionModule(SavableModule, L.LightningModule):
         opt = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay, precision)
         # Chainable schedulers multiply the current LR, so reductions made by the Keras-style
         # ReduceLROnPlateau callback compose with them instead of being overwritten.
-        per_step, schedulers = [], []
+        schedulers = []
         if hp.warmup_iters > 0 and hp.warmup_factor < 1:
-            per_step.append(torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters))
+            warmup = torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters)
+            schedulers.append({"scheduler": warmup, "interval": "step"})
+        if hp.lr_milestones:
+            steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
+            schedulers.append({"scheduler": steps, "interval": "epoch"})
         if hp.cosine_decay:
             total = self.trainer.estimated_stepping_batches
             if not 0 < total < float("inf"):
@@ -353,21 +338,13 @@ class DetectionModule(SavableModule, L.LightningModule):
                                  f"(estimated optimiser steps: {total})")
             # The closed form is never used: stepping applies the recursive (multiplicative) form, so the
             # warm-up and plateau factors carry through. eta_min=0 keeps it purely multiplicative.
-            per_step.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.0))
-        if per_step:
-            # One scheduler per interval: LearningRateMonitor logs each scheduler of an optimiser under a name of
-            # its own ("lr-AdamW", "lr-AdamW-1"), which reads as two optimisers with the same curve.
-            chained = per_step[0] if len(per_step) == 1 else torch.optim.lr_scheduler.ChainedScheduler(per_step)
-            schedulers.append({"scheduler": chained, "interval": "step"})
-        if hp.lr_milestones:
-            steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
-            schedulers.append({"scheduler": steps, "interval": "epoch"})
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.0)
+            schedulers.append({"scheduler": cosine, "interval": "step"})
+        # One name for all of them: LearningRateMonitor would log the same LR once per scheduler, as
+        # "lr-AdamW", "lr-AdamW-1", ..., which reads as several optimisers.
+        for config in schedulers:
+            config["name"] = f"lr-{type(opt).__name__}"
         return [opt], schedulers
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if checkpoint.get("lr_schedulers"):
-            checkpoint["lr_schedulers"] = _scheduler_states_as_configured(checkpoint["lr_schedulers"])
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable) parameters of the detector."""

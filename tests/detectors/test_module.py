@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from detectors.data.datamodule import DetectionDataModule
-from detectors.module import FasterRCNNModule, RetinaNetModule, _scheduler_states_as_configured
+from detectors.module import FasterRCNNModule, RetinaNetModule
 from detectors.val_loss import VAL_LOSS_SEED, losses_and_detections, training_losses
 
 CLASSES = ["rectangle", "ellipse", "triangle"]
@@ -162,7 +162,7 @@ def test_cosine_decay_times_warmup_follows_the_hand_computed_schedule():
     module = tiny(FasterRCNNModule, lr=lr, warmup_iters=warm, warmup_factor=f, cosine_decay=True)
     module.trainer = _StubTrainer(total)
     [opt], scheds = module.configure_optimizers()
-    assert [s["interval"] for s in scheds] == ["step"]  # one per interval: LearningRateMonitor logs each
+    assert [s["interval"] for s in scheds] == ["step", "step"]
 
     def expected(t):
         return lr * (f + (1 - f) * min(t, warm) / warm) * (1 + math.cos(math.pi * t / total)) / 2
@@ -180,37 +180,13 @@ def test_cosine_decay_times_warmup_follows_the_hand_computed_schedule():
     assert seen[-1] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_checkpoint_with_unchained_schedulers_resumes_on_the_same_schedule():
-    """A checkpoint saved when warm-up, milestones and cosine were three schedulers resumes the same LRs."""
-    lr, f, warm, total = 0.1, 0.1, 4, 20
-    module = tiny(FasterRCNNModule, lr=lr, warmup_iters=warm, warmup_factor=f, cosine_decay=True, lr_milestones=[1])
-    module.trainer = _StubTrainer(total)
-    # The former layout, built by hand: three schedulers on one optimiser, stepped for 6 steps and one epoch.
-    [old_opt], _ = module.configure_optimizers()
-    sched = torch.optim.lr_scheduler
-    old = [sched.LinearLR(old_opt, f, 1.0, total_iters=warm), sched.MultiStepLR(old_opt, [1], 0.1),
-           sched.CosineAnnealingLR(old_opt, T_max=total, eta_min=0.0)]  # fmt: skip
-    for _ in range(6):
-        old_opt.step()
-        old[0].step(), old[2].step()
-    old[1].step()
-    checkpoint = {"lr_schedulers": [s.state_dict() for s in old]}
-    checkpoint["lr_schedulers"] = _scheduler_states_as_configured(checkpoint["lr_schedulers"])  # on_load_checkpoint
-
+def test_every_scheduler_logs_under_the_optimisers_name():
+    """LearningRateMonitor names each scheduler of one optimiser apart (lr-SGD, lr-SGD-1, ...) unless named."""
+    module = tiny(FasterRCNNModule, warmup_iters=4, warmup_factor=0.1, cosine_decay=True, lr_milestones=[1])
+    module.trainer = _StubTrainer(20)
     [opt], scheds = module.configure_optimizers()
-    opt.load_state_dict(old_opt.state_dict())
-    assert len(checkpoint["lr_schedulers"]) == len(scheds) == 2
-    for config, state in zip(scheds, checkpoint["lr_schedulers"], strict=True):
-        config["scheduler"].load_state_dict(state)
-    for _ in range(5):
-        old_opt.step(), opt.step()
-        old[0].step(), old[2].step()
-        scheds[0]["scheduler"].step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(old_opt.param_groups[0]["lr"], abs=1e-15)
-    assert 0 < opt.param_groups[0]["lr"] < lr * 0.1
-    # A checkpoint in the current layout is left alone.
-    current = [c["scheduler"].state_dict() for c in scheds]
-    assert _scheduler_states_as_configured(current) is current
+    assert [s["interval"] for s in scheds] == ["step", "epoch", "step"]
+    assert {s["name"] for s in scheds} == {"lr-SGD"}
 
 
 def test_cosine_decay_needs_a_finite_run():
