@@ -55,7 +55,8 @@ EXTRA_COMMANDS = {
 
 class LitvisionCLI(LightningCLI):
     """LightningCLI with the Keras-style callbacks, TensorBoard + CSV logs in ``<runs_dir>/<name>/version_N``,
-    and a ``--ckpt_path last`` that fails instead of silently starting over."""
+    a ``--ckpt_path last`` that fails instead of silently starting over, and ``--ckpt_path auto``: resume from
+    last.ckpt when there is one, else start (a job script that is requeued after a preemption)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str, default="litvision", help="run name: logs go to RUNS_DIR/NAME")
@@ -89,6 +90,9 @@ class LitvisionCLI(LightningCLI):
         training time is not fetched again, and unsafe or truncated files get litvision's clear errors."""
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if sub == "fit" and ckpt_path in ("last", "auto"):  # resolved here, so the model is rebuilt as saved too
+            with self._usage_errors():
+                ckpt_path = self.config[sub]["ckpt_path"] = resolve_ckpt_path(ckpt_path, self._checkpoint_dir(sub))
         if not ckpt_path or not os.path.isfile(ckpt_path):
             return
         with self._usage_errors():
@@ -105,18 +109,22 @@ class LitvisionCLI(LightningCLI):
     def _sub(self):
         return self.config.get(self.subcommand) if self.subcommand else self.config
 
-    def run_dir(self) -> str:
-        sub = self._sub()
+    def run_dir(self, subcommand: str | None = None) -> str:
+        sub = self.config[subcommand] if subcommand else self._sub()
         return os.path.join(sub["runs_dir"], sub["name"])
+
+    def _checkpoint_dir(self, subcommand: str | None = None) -> str:
+        """Where the checkpoint callback writes: its filepath's folder, RUNS_DIR/NAME/checkpoints for a bare name."""
+        sub = self.config[subcommand] if subcommand else self._sub()
+        return os.path.dirname(sub["checkpoint"]["filepath"]) or os.path.join(self.run_dir(subcommand), "checkpoints")
 
     def before_instantiate_classes(self) -> None:
         sub = self._sub()
         self.plateau_disabled = sub.get("lr_plateau", False) is None
         if self.plateau_disabled:  # `lr_plateau: null`: another LR schedule owns the LR
             del sub["lr_plateau"]
-        if not os.path.dirname(sub["checkpoint"]["filepath"]):
-            sub["checkpoint"]["filepath"] = os.path.join(self.run_dir(), "checkpoints", sub["checkpoint"]["filepath"])
-        ckpt_dir = os.path.dirname(sub["checkpoint"]["filepath"])
+        ckpt_dir = self._checkpoint_dir()
+        sub["checkpoint"]["filepath"] = os.path.join(ckpt_dir, os.path.basename(sub["checkpoint"]["filepath"]))
         with self._usage_errors():
             if self.subcommand == "fit" and sub.get("ckpt_path"):
                 sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)

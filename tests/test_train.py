@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 COCO100 = Path(os.environ.get("LITVISION_COCO100", REPO.parent / "shared" / "data" / "coco-val2014-100"))
@@ -114,6 +115,23 @@ def test_resumed_run_logs_each_step_once_in_tensorboard_and_csv(shapes_dir, tmp_
     assert [e.step for e in events.Scalars("val_loss")] == [1, 3]
     rows = [r for r in csv.DictReader((version / "metrics.csv").open()) if r["train_loss_step"]]
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+
+
+def test_ckpt_path_auto_starts_then_resumes_with_one_command(shapes_dir, tmp_path):
+    """A requeued job repeats its command: the first start finds nothing, the second resumes. The resumed model is
+    the checkpoint's, not the config's (here told to use a box head of another width)."""
+    runs = tmp_path / "runs"
+    command = [*tiny_fit_args(shapes_dir, runs), "--ckpt_path", "auto"]
+    first = run(*command, "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert "Epoch 1: val_loss improved from inf" in first.stdout
+    second = run(*command, "--trainer.max_epochs", "2", "--model.init_args.box_representation_size", "128",
+                 cwd=tmp_path)  # fmt: skip
+    assert "Epoch 2:" in second.stdout and "Epoch 1:" not in second.stdout
+    version = runs / "faster_rcnn" / "version_0"
+    assert {r["epoch"] for r in csv.DictReader((version / "metrics.csv").open())} - {""} == {"0", "1"}
+    assert not (runs / "faster_rcnn" / "version_1").exists()
+    hparams = torch.load(runs / "faster_rcnn" / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["box_representation_size"] == 256  # configs/faster_rcnn.yaml's, kept from the checkpoint
 
 
 def test_a_run_stopped_by_sigterm_does_not_exit_as_finished(shapes_dir, tmp_path):

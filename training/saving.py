@@ -231,13 +231,19 @@ def check_resumable(checkpoint: Mapping[str, Any], path: Any) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, dirpath: str | os.PathLike | None) -> str | None:
-    """Resolve ``--ckpt_path`` for resuming: ``None`` -> ``None``; ``"last"`` -> ``dirpath/last.ckpt``.
+    """Resolve ``--ckpt_path`` for resuming: ``None`` -> ``None``; ``"last"`` -> ``dirpath/last.ckpt``;
+    ``"auto"`` -> ``dirpath/last.ckpt`` if it exists, else ``None`` (a new run).
 
     Unlike Lightning (which only warns and starts from scratch), a missing file is an error:
-    ``FileNotFoundError`` naming the path or directory.
+    ``FileNotFoundError`` naming the path or directory. ``"auto"`` is the explicit way to accept either.
     """
     if ckpt_path is None:
         return None
+    if os.fspath(ckpt_path) == "auto":
+        if dirpath is None:
+            raise FileNotFoundError("--ckpt_path auto: no checkpoint directory is configured to look in")
+        last = os.path.join(os.fspath(dirpath), "last.ckpt")
+        return last if os.path.isfile(last) else None
     if os.fspath(ckpt_path) == "last":
         if dirpath is None:
             raise FileNotFoundError("--ckpt_path last: no checkpoint directory is configured to look in")

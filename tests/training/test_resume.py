@@ -118,10 +118,12 @@ def test_ckpt_path_last_without_checkpoint_is_an_error(tmp_path):
     assert resolve_ckpt_path(None, ckpt_dir) is None
     with pytest.raises(FileNotFoundError, match="last.ckpt does not exist"):
         resolve_ckpt_path("last", ckpt_dir)
+    assert resolve_ckpt_path("auto", ckpt_dir) is None  # nothing to resume: a new run
     with pytest.raises(FileNotFoundError, match="other.ckpt"):
         resolve_ckpt_path(str(tmp_path / "other.ckpt"), ckpt_dir)
     quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(ckpt_dir / "m.ckpt"))]).fit(ScriptedModule(script=[1.0]))
     assert resolve_ckpt_path("last", ckpt_dir) == str(ckpt_dir / "last.ckpt")
+    assert resolve_ckpt_path("auto", ckpt_dir) == str(ckpt_dir / "last.ckpt")
     assert resolve_ckpt_path(str(ckpt_dir / "m.ckpt"), None) == str(ckpt_dir / "m.ckpt")
 
 
