@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,25 +135,42 @@ def test_ckpt_path_auto_starts_then_resumes_with_one_command(shapes_dir, tmp_pat
     assert hparams["box_representation_size"] == 256  # configs/faster_rcnn.yaml's, kept from the checkpoint
 
 
-def test_a_run_stopped_by_sigterm_does_not_exit_as_finished(shapes_dir, tmp_path):
-    """Lightning stops gracefully on SIGTERM but would exit 0; a job script must see 128 + SIGTERM."""
+def test_a_run_stopped_by_sigterm_exits_143_and_resumes_from_that_step(tmp_path):
+    """Lightning stops gracefully on SIGTERM but would exit 0 (a job script must see 128 + SIGTERM) and would keep
+    only the last epoch end's last.ckpt: the step it stopped at is saved, and the resumed run finishes the epoch."""
+    from detectors.data.shapes import generate_shapes
+
+    shapes_dir = tmp_path / "shapes"  # an epoch of 200 one-image steps: the signal lands inside it
+    generate_shapes(shapes_dir, num_train=200, num_val=4, image_size=(160, 160), seed=0, voc=False,
+                    classification=False)  # fmt: skip
     runs = tmp_path / "runs"
-    args = [*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1000", "--trainer.limit_train_batches", "1"]
+    bar = ["--trainer.enable_progress_bar", "true", "--trainer.callbacks",
+           json.dumps([{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}])]  # fmt: skip
+    args = [*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "200",
+            "--data.init_args.batch_size", "1", *bar]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    with (tmp_path / "log").open("w") as log:
+    log_path = tmp_path / "log"
+    with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=tmp_path, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            last = runs / "faster_rcnn" / "checkpoints" / "last.ckpt"
             deadline = time.monotonic() + 300
-            while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)  # the first epoch's end: inside Lightning's loop, its SIGTERM handler set
-            assert last.exists(), (tmp_path / "log").read_text()[-3000:]
+            while proc.poll() is None and time.monotonic() < deadline:  # a few batches in: Lightning's handler set
+                if any(int(n) >= 3 for n in re.findall(r"\| *(\d+)/200", log_path.read_text(errors="replace"))):
+                    break
+                time.sleep(0.1)
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log_path.read_text()[-3000:]
         finally:
             proc.kill()
-    assert "Traceback" not in (tmp_path / "log").read_text()
+    assert "Traceback" not in log_path.read_text()
+    ckpts = runs / "faster_rcnn" / "checkpoints"
+    assert not (ckpts / "best.ckpt").exists()  # the Keras file: only an epoch end's monitor value writes it
+    stopped_at = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+    assert 3 <= stopped_at < 200
+    run(*args, "--ckpt_path", "last", cwd=tmp_path)
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 200  # the epoch, finished
+    assert (ckpts / "best.ckpt").exists()
 
 
 @pytest.mark.parametrize("config", ["faster_rcnn", "retinanet"])

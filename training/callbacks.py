@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from training.saving import check_resumable, remove_stale_temp_files, use_atomic_checkpoint_io
@@ -171,7 +173,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
         save_freq: ``"epoch"`` or an int N: save every N training batches (optimizer steps; equal to
             batches without gradient accumulation) instead of at epoch end.
         initial_value_threshold: initial "best" value for ``save_best_only``.
-        save_last: also keep ``last.ckpt`` (full state) up to date at every save and epoch end.
+        save_last: also keep ``last.ckpt`` (full state) up to date at every save and epoch end, and when a SIGTERM
+            stops training between batches.
     """
 
     def __init__(
@@ -303,6 +306,15 @@ class ModelCheckpoint(LightningModelCheckpoint):
         super().load_state_dict(state_dict)
         self.best = float(state_dict.get("keras_best", self.best))
         self._pending_rng = state_dict.get("rng_states")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning stops after the current batch on SIGTERM (a scheduler's preemption): keep that progress in
+        # last.ckpt, so `--ckpt_path last|auto` continues from this step, not from the last epoch end. Only
+        # between training batches (a half-run validation is not resumable), and never the Keras-named file,
+        # which only save_best_only's rule writes.
+        if (isinstance(exception, SIGTERMException) and not self._skip(trainer)
+                and trainer.state.stage == RunningStage.TRAINING):  # fmt: skip
+            self._save_last_checkpoint(trainer, {})
 
     # --- Lightning internals redirected to Keras behaviour
 
