@@ -140,13 +140,13 @@ def test_a_run_stopped_by_sigterm_exits_143_and_resumes_from_that_step(tmp_path)
     only the last epoch end's last.ckpt: the step it stopped at is saved, and the resumed run finishes the epoch."""
     from detectors.data.shapes import generate_shapes
 
-    shapes_dir = tmp_path / "shapes"  # an epoch of 200 one-image steps: the signal lands inside it
-    generate_shapes(shapes_dir, num_train=200, num_val=4, image_size=(160, 160), seed=0, voc=False,
+    shapes_dir = tmp_path / "shapes"  # an epoch of 60 one-image steps: the signal lands inside it
+    generate_shapes(shapes_dir, num_train=60, num_val=4, image_size=(160, 160), seed=0, voc=False,
                     classification=False)  # fmt: skip
     runs = tmp_path / "runs"
     bar = ["--trainer.enable_progress_bar", "true", "--trainer.callbacks",
            json.dumps([{"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"}])]  # fmt: skip
-    args = [*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "200",
+    args = [*tiny_fit_args(shapes_dir, runs), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "60",
             "--data.init_args.batch_size", "1", *bar]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     log_path = tmp_path / "log"
@@ -156,7 +156,7 @@ def test_a_run_stopped_by_sigterm_exits_143_and_resumes_from_that_step(tmp_path)
         try:
             deadline = time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:  # a few batches in: Lightning's handler set
-                if any(int(n) >= 3 for n in re.findall(r"\| *(\d+)/200", log_path.read_text(errors="replace"))):
+                if any(int(n) >= 3 for n in re.findall(r"\| *(\d+)/60", log_path.read_text(errors="replace"))):
                     break
                 time.sleep(0.1)
             proc.send_signal(signal.SIGTERM)
@@ -167,9 +167,9 @@ def test_a_run_stopped_by_sigterm_exits_143_and_resumes_from_that_step(tmp_path)
     ckpts = runs / "faster_rcnn" / "checkpoints"
     assert not (ckpts / "best.ckpt").exists()  # the Keras file: only an epoch end's monitor value writes it
     stopped_at = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
-    assert 3 <= stopped_at < 200
+    assert 3 <= stopped_at < 60
     run(*args, "--ckpt_path", "last", cwd=tmp_path)
-    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 200  # the epoch, finished
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 60  # the epoch, finished
     assert (ckpts / "best.ckpt").exists()
 
 
