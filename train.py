@@ -106,17 +106,19 @@ class LitvisionCLI(LightningCLI):
             update = {sub: {"model": {"class_path": class_path, "dict_kwargs": hparams}}}
             self.config = self.parser.parse_object(update, self.config)
 
-    def _sub(self):
-        return self.config.get(self.subcommand) if self.subcommand else self.config
+    def _sub(self, subcommand: str | None = None):
+        """The subcommand's config (``subcommand`` before LightningCLI sets ``self.subcommand``)."""
+        subcommand = subcommand or self.subcommand
+        return self.config.get(subcommand) if subcommand else self.config
 
     def run_dir(self, subcommand: str | None = None) -> str:
-        sub = self.config[subcommand] if subcommand else self._sub()
+        sub = self._sub(subcommand)
         return os.path.join(sub["runs_dir"], sub["name"])
 
     def _checkpoint_dir(self, subcommand: str | None = None) -> str:
         """Where the checkpoint callback writes: its filepath's folder, RUNS_DIR/NAME/checkpoints for a bare name."""
-        sub = self.config[subcommand] if subcommand else self._sub()
-        return os.path.dirname(sub["checkpoint"]["filepath"]) or os.path.join(self.run_dir(subcommand), "checkpoints")
+        filepath = self._sub(subcommand)["checkpoint"]["filepath"]
+        return os.path.dirname(filepath) or os.path.join(self.run_dir(subcommand), "checkpoints")
 
     def before_instantiate_classes(self) -> None:
         sub = self._sub()

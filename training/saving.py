@@ -239,30 +239,22 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, dirpath: str | os.Pat
     """
     if ckpt_path is None:
         return None
-    if os.fspath(ckpt_path) == "auto":
+    name = os.fspath(ckpt_path)
+    if name in ("last", "auto"):
         if dirpath is None:
-            raise FileNotFoundError("--ckpt_path auto: no checkpoint directory is configured to look in")
+            raise FileNotFoundError(f"--ckpt_path {name}: no checkpoint directory is configured to look in")
         last = os.path.join(os.fspath(dirpath), "last.ckpt")
-        return last if os.path.isfile(last) else None
-    if os.fspath(ckpt_path) == "last":
-        if dirpath is None:
-            raise FileNotFoundError("--ckpt_path last: no checkpoint directory is configured to look in")
-        last = os.path.join(os.fspath(dirpath), "last.ckpt")
-        if not os.path.isfile(last):
-            raise FileNotFoundError(
-                f"--ckpt_path last: no last checkpoint to resume from: {last} does not exist. "
-                "Run without --ckpt_path to start a new training run."
-            )
-        return last
-    path = os.fspath(ckpt_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--ckpt_path: checkpoint file not found: {path}")
-    return path
-
-
-def checkpoint_logger_version(path: str | os.PathLike) -> int | str | None:
-    """The logger version the run that wrote ``path`` used (to continue logging in the same version)."""
-    return checkpoint_log_position(path)[0]
+        if os.path.isfile(last):
+            return last
+        if name == "auto":
+            return None  # nothing to resume: a new run
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last checkpoint to resume from: {last} does not exist. "
+            "Run without --ckpt_path to start a new training run."
+        )
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"--ckpt_path: checkpoint file not found: {name}")
+    return name
 
 
 def checkpoint_log_position(path: str | os.PathLike) -> tuple[int | str | None, int]:

@@ -18,7 +18,7 @@ from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.saving import (
     CheckpointFileError,
     WeightsOnlyCheckpointError,
-    checkpoint_logger_version,
+    checkpoint_log_position,
     load_checkpoint_file,
     load_model,
     resolve_ckpt_path,
@@ -143,8 +143,8 @@ def test_checkpoint_records_logger_version(tmp_path):
     quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))], logger=logger).fit(
         ScriptedModule(script=[1.0])
     )
-    assert checkpoint_logger_version(tmp_path / "last.ckpt") == 7
-    assert checkpoint_logger_version(tmp_path / "m.ckpt") == 7
+    assert checkpoint_log_position(tmp_path / "last.ckpt")[0] == 7
+    assert checkpoint_log_position(tmp_path / "m.ckpt")[0] == 7
 
 
 KILLED_RUN = """
