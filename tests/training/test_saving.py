@@ -20,6 +20,7 @@ from training.saving import (
     AtomicCheckpointIO,
     CheckpointFileError,
     atomic_torch_save,
+    checkpoint_log_position,
     load_checkpoint_file,
     load_model,
     save_model,
@@ -265,6 +266,31 @@ def test_truncated_or_corrupt_file_errors_clearly(tmp_path, damage):
     with pytest.raises(CheckpointFileError, match="truncated or corrupt") as info:
         load_model(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
+def test_mapped_read_of_a_damaged_file_errors_clearly(tmp_path, damage):
+    """The hyperparameter/step lookups map the file (mmap=True): the same named error as a plain read."""
+    path = tmp_path / "m.ckpt"
+    save_model(TinyRegressor(hidden=8), path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": random.Random(0).randbytes(4096)}[damage])
+    with pytest.raises(CheckpointFileError, match="truncated or corrupt") as info:
+        load_checkpoint_file(path, mmap=True)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_mapped_read_equals_plain_read(tmp_path, zip_format):
+    """torch cannot map its pre-1.6 (non-zip) format: that file is read whole instead, with the same result."""
+    path = tmp_path / "m.ckpt"
+    saved = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "global_step": 12,
+             "litvision": {"logger_version": 3}, "hyper_parameters": {"hidden": 8}}  # fmt: skip
+    torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
+    mapped = load_checkpoint_file(path, mmap=True)
+    assert torch.equal(mapped["state_dict"]["w"], saved["state_dict"]["w"])
+    assert mapped["hyper_parameters"] == {"hidden": 8}
+    assert checkpoint_log_position(path) == (3, 12)
 
 
 def test_random_bytes_always_get_the_clear_error(tmp_path):
