@@ -14,9 +14,10 @@ from typing import Literal
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision.transforms import v2
 
+from training.distributed import evaluation_sampler
 from training.images import BadImageError, find_images, is_image_file, load_image
 
 
@@ -183,7 +184,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
         hp = self.hparams
-        return DataLoader(ds, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+        sampler = RandomSampler(ds) if shuffle else evaluation_sampler(self, ds)  # each image once under DDP
+        return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, num_workers=hp.num_workers,
                           persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available(),
                           collate_fn=collate_classification)  # fmt: skip
 

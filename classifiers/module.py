@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from training.distributed import any_process, distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
+from training.distributed import (
+    any_process,
+    distributed,
+    epoch_means,
+    log_epoch_means,
+    refuse_skip_with_sync_batchnorm,
+    skipped_batch_loss,
+)
 from training.optim import build_optimizer
 from training.saving import SavableModule, copy_backbone
 
@@ -127,6 +134,7 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         self.frozen: set[str] = set()
         self.freeze_layers(select_layers(self.backbone, freeze))
         self.criterion = nn.CrossEntropyLoss()
+        self.loss_means = epoch_means(["train_loss", "val_loss"])  # exact under DDP: training.distributed.EpochMean
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_per_class = MulticlassAccuracy(num_classes, average="none")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
@@ -180,16 +188,15 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
             loss = skipped_batch_loss(self)
             if loss is not None:  # DDP: take part, with weight 0, in the epoch values synced across processes
-                self.log("train_loss", torch.zeros((), device=self.device), on_step=False, on_epoch=True,
-                         batch_size=0, sync_dist=True)
+                log_epoch_means(self, self.loss_means, {"train_loss": torch.zeros((), device=self.device)}, 0)
                 self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=0)
             return loss
         logits = self(images)
         loss = self.criterion(logits, labels)
         self.train_acc(logits, labels)
-        # The epoch value is synced across processes: callbacks monitoring train_loss must agree on every rank.
+        # The epoch value is gathered across processes: callbacks monitoring train_loss must agree on every rank.
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
+        log_epoch_means(self, self.loss_means, {"train_loss": loss}, len(labels))
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
@@ -197,11 +204,11 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
             if distributed(self):  # the epoch's val_loss sync needs every process, this one with weight 0
-                self.log("val_loss", torch.zeros((), device=self.device), prog_bar=True, batch_size=0,
-                         sync_dist=True)  # fmt: skip
+                log_epoch_means(self, self.loss_means, {"val_loss": torch.zeros((), device=self.device)}, 0,
+                                prog_bar=True)  # fmt: skip
             return
         logits = self(images)
-        self.log("val_loss", self.criterion(logits, labels), prog_bar=True, batch_size=len(labels), sync_dist=True)
+        log_epoch_means(self, self.loss_means, {"val_loss": self.criterion(logits, labels)}, len(labels), prog_bar=True)
         self.val_acc.update(logits, labels)
         self.val_acc_per_class.update(logits, labels)
         self.val_confusion.update(logits, labels)

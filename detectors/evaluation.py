@@ -575,8 +575,9 @@ class DetectionEvaluator(Metric):
     the wrong shape and dtype). After a sync the images are ordered by rank.
 
     An ``image_id`` (target key, a non-negative integer) seen again is scored once, at its first occurrence:
-    under DDP, Lightning's ``DistributedSampler`` pads the last processes' validation shares with repeats of
-    the first images so that every process gets as many batches, and those repeats would count twice.
+    the litvision DataModules split evaluation data without repeats (``training.distributed.evaluation_sampler``),
+    but under DDP a loader of other origin gets Lightning's ``DistributedSampler``, which pads the last processes'
+    shares with repeats of the first images so that every process gets as many batches.
     Targets without such an ``image_id`` are never merged.
     """
 

@@ -20,7 +20,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from training.distributed import any_process, distributed, refuse_skip_with_sync_batchnorm, skipped_batch_loss
+from training.distributed import (
+    any_process,
+    distributed,
+    epoch_means,
+    log_epoch_means,
+    refuse_skip_with_sync_batchnorm,
+    skipped_batch_loss,
+)
 from training.optim import build_optimizer
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
@@ -148,6 +155,9 @@ class DetectionModule(SavableModule, L.LightningModule):
         if not backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
                              f"got {backbone_lr_scale}")
+        # Epoch means of the losses (training, validation, test), exact under DDP: training.distributed.EpochMean.
+        self.loss_means = epoch_means([f"{stage}_{k}" for stage in ("train", "val", "test")
+                                       for k in ("loss", *self.loss_names)])  # fmt: skip
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, num_classes)]
         self.model = self.build_model(
@@ -236,11 +246,9 @@ class DetectionModule(SavableModule, L.LightningModule):
                                         "is in its log)")
 
     def _log_training(self, loss: Tensor, losses: dict[str, Tensor], n: int) -> None:
-        # Epoch values synced across processes (callbacks monitoring them must agree on every rank). Every
-        # process logs every name, in the same order, or the epoch-end syncs would not pair up.
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log_dict({f"train_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True, batch_size=n,
-                      sync_dist=True)  # fmt: skip
+        # Epoch values gathered across processes (callbacks monitoring them must agree on every rank). Every
+        # process logs every name, in the same order, or the epoch-end gathers would not pair up.
+        log_epoch_means(self, self.loss_means, {"train_loss": loss, **{f"train_{k}": v for k, v in losses.items()}}, n)
 
     # -- validation / test -------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: DetectionEvaluator, prefix: str) -> None:
@@ -261,10 +269,8 @@ class DetectionModule(SavableModule, L.LightningModule):
             self._log_losses(prefix, losses, len(images))
 
     def _log_losses(self, prefix: str, losses: dict[str, Tensor], n: int) -> None:
-        self.log(f"{prefix}_loss", sum(losses.values()), prog_bar=True, on_epoch=True, batch_size=n,
-                 sync_dist=True)  # fmt: skip
-        self.log_dict({f"{prefix}_{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=n,
-                      sync_dist=True)  # fmt: skip
+        log_epoch_means(self, self.loss_means, {f"{prefix}_loss": sum(losses.values())}, n, prog_bar=True)
+        log_epoch_means(self, self.loss_means, {f"{prefix}_{k}": v for k, v in losses.items()}, n)
 
     def _log_metrics(self, metrics: DetectionEvaluator, prefix: str) -> None:
         # compute() gathers across processes: all compute, or none (no process scored an image: a sanity

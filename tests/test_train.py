@@ -1,4 +1,5 @@
-"""train.py end to end, in subprocesses, on tiny data: help, fit, resume, validate, evaluate, layers, shapes."""
+"""train.py end to end on tiny data (in subprocesses, as a user runs it; in-process where no Trainer is built): help,
+fit, resume, validate, evaluate, layers, shapes."""
 
 import csv
 import json
@@ -212,18 +213,24 @@ def test_evaluate_matches_pycocotools(tmp_path):
         assert metrics[key] == pytest.approx(expected, abs=1e-6), key
 
 
-def test_layers_and_shapes_commands(tmp_path):
-    out = run("layers", "--model.backbone", "mobilenet_v3_small", "--model.freeze", "3", cwd=tmp_path).stdout
+def test_layers_and_shapes_commands(tmp_path, capsys):
+    # In this process (train.main, as the console script calls it): these commands build no Trainer, and three
+    # interpreter start-ups cost ~25 s of the suite.
+    from train import main
+
+    main(["layers", "--model.backbone", "mobilenet_v3_small", "--model.freeze", "3"])
+    out = capsys.readouterr().out
     assert "features.0.0" not in out and "0.0" in out and "freeze=N freezes indices 0..N-1" in out
-    run("shapes", "--out", tmp_path / "s", "--num_train", "4", "--num_val", "4", "--height", "160", "--width", "160",
-        "--voc", "false", "--classification", "false", cwd=tmp_path)  # fmt: skip
+    main(["shapes", "--out", str(tmp_path / "s"), "--num_train", "4", "--num_val", "4", "--height", "160",
+          "--width", "160", "--voc", "false", "--classification", "false"])  # fmt: skip
     assert (tmp_path / "s" / "annotations" / "instances_val.json").is_file()
     assert not (tmp_path / "s" / "voc").exists()
     # A demo directory whose dataset has other parameters (an older default) is refused, saying what to do.
     (tmp_path / "demo").mkdir()
     os.replace(tmp_path / "s", tmp_path / "demo" / "shapes")
-    proc = run("demo", "--out", tmp_path / "demo", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "delete" in proc.stderr and "another --out" in proc.stderr
+    with pytest.raises(FileExistsError, match="delete .* or choose another --out"):
+        main(["demo", "--out", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo" / "runs").exists()  # refused before any training
 
 
 def test_validate_rebuilds_a_pretrained_checkpoint_offline(shapes_dir, tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
+from training.distributed import evaluation_sampler
 from training.images import DEFAULT_MAX_PIXELS
 
 from .coco import CocoDetection, read_coco_categories
@@ -217,7 +218,7 @@ class DetectionDataModule(L.LightningDataModule):
             groups = [int(r >= 1.0) for r in ds.aspect_ratios()]
             sampler = GroupedBatchSampler(RandomSampler(ds), groups, hp.batch_size)
             return DataLoader(ds, batch_sampler=sampler, **workers)
-        sampler = RandomSampler(ds) if train else SequentialSampler(ds)
+        sampler = RandomSampler(ds) if train else evaluation_sampler(self, ds)  # each image once under DDP
         return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, **workers)
 
     def train_dataloader(self) -> DataLoader:

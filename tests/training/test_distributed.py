@@ -1,6 +1,7 @@
 """training.distributed: a process whose whole batch (or whole validation share) was skipped as unreadable
 still joins DDP's collective operations: the gradient all-reduce, the epoch-end metric and loss syncs."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -252,3 +253,101 @@ def test_a_detector_process_with_an_empty_batch_joins_the_loss_syncs(tmp_path):
     assert float(got["train_loss"]) == pytest.approx(float(sum(expected.values())), rel=1e-5)
     for k, v in expected.items():  # rank 0's values alone: rank 1 took part with weight 0
         assert float(got[f"train_{k}"]) == pytest.approx(float(v), rel=1e-5), k
+
+
+# ----------------------------------------------------------------------------------------- each image once
+
+# Validation of both module families on their DataModules, 2 processes and Lightning's default
+# use_distributed_sampler=True: 5 detection images and an odd number of crops, which a padding
+# DistributedSampler would score as 6 and N + 1. Each process writes what it scored to <family>-<rank>.json.
+EACH_ONCE_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from tests.training.test_distributed import validate_on_datamodules
+
+    if __name__ == "__main__":
+        out, root = Path(sys.argv[-2]), Path(sys.argv[-1])
+        torch.save(validate_on_datamodules(root, out, devices=2), out / "metrics.pt")
+""")
+
+
+class _RecordsScored:
+    """Writes OUT/<family>-<rank>.json: the image ids (detector) or the number of images (classifier) that
+    this process scored in the validation epoch."""
+
+    def on_validation_epoch_start(self) -> None:
+        self.scored = []
+        return super().on_validation_epoch_start()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        self.scored += [int(t["image_id"]) for t in targets] if isinstance(targets, (list, tuple)) else [len(images)]
+        return super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        (self.out / f"{self.family}-{self.global_rank}.json").write_text(json.dumps(self.scored))
+        return super().on_validation_epoch_end()
+
+
+class RecordingRetinaNet(_RecordsScored, RetinaNetModule):
+    family = "detector"
+
+    def __init__(self, out: Path):
+        torch.manual_seed(0)
+        super().__init__(**TINY_DETECTOR, score_thresh=0.0)
+        self.out = out
+
+
+class RecordingClassifier(_RecordsScored, FrozenBackboneClassifier):
+    family = "classifier"
+
+    def __init__(self, out: Path):
+        torch.manual_seed(0)
+        super().__init__(backbone="resnet18", num_classes=3, weights=None, freeze="all")
+        self.out = out
+
+
+def validate_on_datamodules(root: Path, out: Path, devices: int) -> dict[str, dict[str, float]]:
+    from classifiers.data import ImageFolderDataModule
+    from detectors.data.datamodule import DetectionDataModule
+
+    runs = {"detector": (RecordingRetinaNet, DetectionDataModule(str(root), batch_size=2, num_workers=0)),
+            "classifier": (RecordingClassifier, ImageFolderDataModule(
+                str(root / "classification" / "train"), val_root=str(root / "classification" / "val"),
+                augment=False, batch_size=2, num_workers=0))}  # fmt: skip
+    metrics = {}
+    for family, (cls, data) in runs.items():
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.validate(cls(out), datamodule=data)
+        metrics[family] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics
+
+
+def test_ddp_validation_scores_each_image_once(tmp_path):
+    from detectors.data.shapes import generate_shapes
+
+    root = tmp_path / "shapes"
+    generate_shapes(root, num_train=4, num_val=5, image_size=(160, 160), seed=0, voc=False)
+    crops = sorted((root / "classification" / "val").rglob("*.png"))
+    if len(crops) % 2 == 0:  # odd, so that two processes cannot split it evenly
+        crops.pop().unlink()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    expected = validate_on_datamodules(root, one, devices=1)
+    subprocess.run([sys.executable, "-c", EACH_ONCE_SCRIPT, str(two), str(root)], cwd=REPO, check=True, timeout=300)
+    got = torch.load(two / "metrics.pt", weights_only=True)
+
+    ids = [i for rank in (0, 1) for i in json.loads((two / f"detector-{rank}.json").read_text())]
+    assert sorted(ids) == sorted(json.loads((one / "detector-0.json").read_text())) and len(ids) == 5
+    counts = [n for rank in (0, 1) for n in json.loads((two / f"classifier-{rank}.json").read_text())]
+    assert sum(counts) == len(crops)
+    for family in ("detector", "classifier"):
+        keys = ["val_loss", "val_map", "val_map_50", "val_mar_100"] if family == "detector" else ["val_loss", "val_acc"]
+        for key in keys:  # one process' numbers: per-image weighted losses, the metrics gathered once each
+            assert got[family][key] == pytest.approx(expected[family][key], rel=1e-5, abs=1e-6), (family, key)
+    assert expected["detector"]["val_loss"] > 0
