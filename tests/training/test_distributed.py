@@ -2,6 +2,7 @@
 still joins DDP's collective operations: the gradient all-reduce, the epoch-end metric and loss syncs."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -351,3 +352,31 @@ def test_ddp_validation_scores_each_image_once(tmp_path):
         for key in keys:  # one process' numbers: per-image weighted losses, the metrics gathered once each
             assert got[family][key] == pytest.approx(expected[family][key], rel=1e-5, abs=1e-6), (family, key)
     assert expected["detector"]["val_loss"] > 0
+
+
+def test_epoch_mean_weights_each_batch_by_its_size():
+    from training.distributed import EpochMean
+
+    mean = EpochMean()
+    for value, n in [(2.0, 3), (1.0, 1), (5.0, 0)]:  # the last: a process that took part with nothing
+        mean.update(torch.tensor(value), n)
+    assert float(mean.compute()) == pytest.approx((2.0 * 3 + 1.0) / 4)
+    assert math.isnan(float(EpochMean().compute()))  # nothing scored anywhere: NaN, not 0
+
+
+@pytest.mark.parametrize(("world_size", "use_distributed_sampler", "items", "expected"), [
+    (2, True, 5, [[0, 2, 4], [1, 3]]),  # no repeats: shares one apart
+    (1, True, 5, [[0, 1, 2, 3, 4]]),
+    (2, False, 5, [[0, 1, 2, 3, 4]] * 2),  # the user's choice: each process reads what its loader gives
+    (3, True, 2, [[0, 1]] * 3),  # a process would get nothing: Lightning's (padding) sampler takes over
+])  # fmt: skip
+def test_evaluation_sampler(world_size, use_distributed_sampler, items, expected):
+    from training.distributed import evaluation_sampler
+
+    shares = []
+    for rank in range(world_size):
+        trainer = SimpleNamespace(world_size=world_size, global_rank=rank,
+                                  _accelerator_connector=SimpleNamespace(use_distributed_sampler=use_distributed_sampler))  # fmt: skip
+        shares.append(list(evaluation_sampler(SimpleNamespace(trainer=trainer), list(range(items)))))
+    assert shares == expected
+    assert list(evaluation_sampler(SimpleNamespace(trainer=None), [7, 8])) == [0, 1]  # outside a Trainer
