@@ -176,9 +176,9 @@ def _is_remote(path: Any) -> bool:
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint dict with ``torch.load(weights_only=True)``; every failure names the file.
 
-    ``mmap=True`` maps the file instead of reading it: tensors are read only when touched, so looking up a
-    checkpoint's hyperparameters or step costs kilobytes, not the whole file (a ResNet-50 detector's is
-    ~160 MB, on a network file system more so). Files in torch's pre-1.6 format are read whole.
+    ``mmap=True`` maps the file instead of reading it: tensors are read only when touched, for lookups of a
+    checkpoint's hyperparameters or step (half the time of a whole read on a 479 MB ResNet-50 ``last.ckpt``,
+    docs/benchmarks.md). Files in torch's pre-1.6 format cannot be mapped and are read whole.
 
     Raises ``FileNotFoundError`` (missing), ``CheckpointFileError`` (unsafe pickled objects, truncated
     or corrupt data, not a dict).
