@@ -1,5 +1,6 @@
 """training.distributed: a process whose whole batch (or whole validation share) was skipped as unreadable
-still joins DDP's collective operations: the gradient all-reduce, the epoch-end metric and loss syncs."""
+still joins DDP's collective operations: the gradient all-reduce, the epoch-end metric and loss syncs; and a
+multi-process evaluation scores each image once, with the losses' epoch means of one process."""
 
 import json
 import math
