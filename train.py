@@ -598,7 +598,7 @@ def _parse_compare(argv: list[str]) -> dict:
     parser = ArgumentParser(prog="train.py compare", description=_summary(compare))
     parser.add_function_arguments(compare, skip={"checkpoints", "data"})
     parser.add_argument("--checkpoints", nargs="+", required=True, help="model files to compare")
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True, help="data config file "
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True, help="required: a data config file "
                                   "(class_path + init_args, e.g. configs/data/shapes.yaml) or class path")
     return parser.instantiate(parser.parse_args(argv)).as_dict()  # builds the DataModule
 

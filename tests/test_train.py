@@ -213,6 +213,24 @@ def test_evaluate_matches_pycocotools(tmp_path):
         assert metrics[key] == pytest.approx(expected, abs=1e-6), key
 
 
+@pytest.mark.parametrize(("command", "words"), [
+    ("compare", ["--checkpoints", "required: a data config file", "--resamples", "--seed"]),
+    ("evaluate", ["--gt", "--predictions", "--out"]),
+    ("layers", ["--model.backbone", "--model.freeze"]),
+    ("shapes", ["--out", "--num_train", "--voc"]),
+    ("demo", ["--out", "--detectors_together"]),
+])
+def test_extra_commands_explain_their_arguments(command, words, capsys):
+    from train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"usage: train.py {command}")
+    for word in words:
+        assert word in out, word
+
+
 def test_layers_and_shapes_commands(tmp_path, capsys):
     # In this process (train.main, as the console script calls it): these commands build no Trainer, and three
     # interpreter start-ups cost ~25 s of the suite.
