@@ -208,6 +208,15 @@ class DetectionModule(SavableModule, L.LightningModule):
             raise RuntimeError("forward() returns detections: call .eval() first (training_step computes losses)")
         return without_background(losses_and_detections(self.model, list(images))[1])
 
+    def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", ""))
+        if precision in ("16-true", "bf16-true"):
+            # Every weight in half precision leaves no float32 heads: torchvision's NMS has no bfloat16 kernel
+            # (CPU, nor CUDA for bf16), and half-precision boxes are rounded to 2-8 px steps (detectors.val_loss).
+            raise ValueError(f"{type(self).__name__}: precision {precision!r} puts the detection heads in half "
+                             f"precision; use {precision.replace('true', 'mixed')!r} (half-precision backbone, "
+                             "float32 heads) or 32")
+
     # -- training ----------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         refuse_skip_with_sync_batchnorm(self)

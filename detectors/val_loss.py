@@ -75,8 +75,11 @@ def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None
         features = OrderedDict([("0", features)])
     if to_float:
         # The heads run in float32 even under bf16/fp16 autocast: boxes and scores in half precision would
-        # be rounded to 2-8 px steps and create score ties, and mAP would score the rounding.
-        features = OrderedDict((k, v.float()) for k, v in features.items())
+        # be rounded to 2-8 px steps and create score ties, and mAP would score the rounding. Their own
+        # dtype, that is: under `bf16-true`/`16-true` their weights are half precision too.
+        head = model.head if isinstance(model, RetinaNet) else model.rpn
+        dtype = next(head.parameters()).dtype
+        features = OrderedDict((k, v.to(dtype)) for k, v in features.items())
     return image_list, targets, features, original_sizes
 
 

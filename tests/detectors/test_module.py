@@ -45,6 +45,20 @@ def test_fast_dev_run(name, shapes_dir):
     assert torch.isfinite(logged["val_loss"])
 
 
+@pytest.mark.parametrize("name", MODULES)
+def test_true_half_precision_is_refused_and_float64_runs(name, shapes_dir):
+    # `bf16-true` casts every weight, the heads' too: refused before any step, naming the mixed alternative.
+    dm = DetectionDataModule(str(shapes_dir), batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match="use 'bf16-mixed'"):
+        _trainer(fast_dev_run=1, precision="bf16-true").fit(MODULES[name](), dm)
+    # 64-true casts every weight to float64: the heads (float32 under autocast) follow the weights' dtype.
+    module = MODULES[name]()
+    trainer = _trainer(fast_dev_run=1, precision="64-true")
+    trainer.fit(module, dm)
+    assert next(module.parameters()).dtype == torch.float64
+    assert torch.isfinite(trainer.callback_metrics["val_loss"]) and "val_map_50" in trainer.callback_metrics
+
+
 def _shapes_batch(shapes_dir, n=2):
     dm = DetectionDataModule(str(shapes_dir), batch_size=n, num_workers=0, photometric=False, hflip_prob=0)
     dm.setup("validate")
