@@ -211,8 +211,8 @@ class DetectionModule(SavableModule, L.LightningModule):
     def setup(self, stage: str) -> None:
         precision = str(getattr(self.trainer, "precision", ""))
         if precision in ("16-true", "bf16-true"):
-            # Every weight in half precision leaves no float32 heads: torchvision's NMS has no bfloat16 kernel
-            # (CPU, nor CUDA for bf16), and half-precision boxes are rounded to 2-8 px steps (detectors.val_loss).
+            # Every weight in half precision leaves no float32 heads: half-precision boxes are rounded to 2-8 px
+            # steps (detectors.val_loss), and torchvision's CPU NMS has no bfloat16 kernel.
             raise ValueError(f"{type(self).__name__}: precision {precision!r} puts the detection heads in half "
                              f"precision; use {precision.replace('true', 'mixed')!r} (half-precision backbone, "
                              "float32 heads) or 32")
