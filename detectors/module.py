@@ -70,6 +70,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         backbone_checkpoint: a litvision checkpoint whose backbone initialises this detector's backbone
             body: a ``FrozenBackboneClassifier`` trained on the same data (the lesson's transfer learning,
             offline) or another detector. Architectures must match (``resnet18`` <-> ``resnet18_fpn``).
+            Every layer of such a body trains (``trainable_backbone_layers`` follows torchvision's weights
+            and is refused here); ``backbone_lr_scale`` slows it.
         min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
         anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
         fpn_channels, returned_layers: FPN width and the body stages feeding it (None: torchvision's; see
@@ -152,6 +154,13 @@ class DetectionModule(SavableModule, L.LightningModule):
             raise ValueError("give num_classes (including background) or class_names")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        torchvision_weights = any(w is not None for w in (weights, weights_backbone, weights_path))
+        if backbone_checkpoint is not None and trainable_backbone_layers is not None and not (
+                torchvision_weights or pretrained_layout):
+            # torchvision would warn that the value "has no effect" and train every layer: say it plainly.
+            raise ValueError("trainable_backbone_layers applies to torchvision weights (weights, weights_backbone, "
+                             "weights_path); a body from backbone_checkpoint trains every layer: slow it with "
+                             "backbone_lr_scale instead")
         if not backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
                              f"got {backbone_lr_scale}")

@@ -222,6 +222,12 @@ def test_missing_backbone_checkpoint_raises_or_warns(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_trainable_layers_with_a_backbone_checkpoint_is_refused_not_ignored(tmp_path):
+    # torchvision would only warn "no effect" and train every layer of a body that is, in fact, pretrained.
+    with pytest.raises(ValueError, match="backbone_lr_scale instead"):
+        tiny(RetinaNetModule, backbone_checkpoint=str(tmp_path / "pretrain.ckpt"), trainable_backbone_layers=2)
+
+
 def test_num_classes_and_class_names_must_agree():
     with pytest.raises(ValueError, match="len\\(class_names\\) \\+ 1 = 4"):
         FasterRCNNModule(num_classes=3, class_names=CLASSES, backbone="resnet18_fpn")
