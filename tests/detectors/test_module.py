@@ -46,17 +46,18 @@ def test_fast_dev_run(name, shapes_dir):
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_true_half_precision_is_refused_and_float64_runs(name, shapes_dir):
+def test_true_half_precision_is_refused_and_float64_runs(name):
     # `bf16-true` casts every weight, the heads' too: refused before any step, naming the mixed alternative.
-    dm = DetectionDataModule(str(shapes_dir), batch_size=2, num_workers=0)
     with pytest.raises(ValueError, match="use 'bf16-mixed'"):
-        _trainer(fast_dev_run=1, precision="bf16-true").fit(MODULES[name](), dm)
-    # 64-true casts every weight to float64: the heads (float32 under autocast) follow the weights' dtype.
-    module = MODULES[name]()
-    trainer = _trainer(fast_dev_run=1, precision="64-true")
-    trainer.fit(module, dm)
-    assert next(module.parameters()).dtype == torch.float64
-    assert torch.isfinite(trainer.callback_metrics["val_loss"]) and "val_map_50" in trainer.callback_metrics
+        _trainer(fast_dev_run=1, precision="bf16-true").validate(MODULES[name](), [])
+    # 64-true casts every weight (and the inputs) to float64: the heads, float32 under autocast, follow the
+    # weights' dtype in validation and training.
+    module = MODULES[name]().double().eval()
+    images = [torch.rand(3, 64, 64, dtype=torch.float64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 30]], dtype=torch.float64), "labels": torch.tensor([1])}]
+    losses, (det,) = losses_and_detections(module.model, images, targets)
+    assert det["boxes"].dtype == torch.float64 and all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(v) for v in training_losses(module.model.train(), images, targets).values())
 
 
 def _shapes_batch(shapes_dir, n=2):
