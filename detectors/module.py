@@ -218,7 +218,7 @@ class DetectionModule(SavableModule, L.LightningModule):
         return without_background(losses_and_detections(self.model, list(images))[1])
 
     def setup(self, stage: str) -> None:
-        precision = str(getattr(self.trainer, "precision", ""))
+        precision = str(getattr(self._trainer, "precision", ""))  # None when called without a Trainer
         if precision in ("16-true", "bf16-true"):
             # Every weight in half precision leaves no float32 heads: half-precision boxes are rounded to 2-8 px
             # steps (detectors.val_loss), and torchvision's CPU NMS has no bfloat16 kernel.
