@@ -76,7 +76,7 @@ def _features(model: nn.Module, images: list[Tensor], targets: list[dict] | None
     if to_float:
         # The heads run in float32 even under bf16/fp16 autocast: boxes and scores in half precision would
         # be rounded to 2-8 px steps and create score ties, and mAP would score the rounding. Their own
-        # dtype, that is: under `bf16-true`/`16-true` their weights are half precision too.
+        # dtype, that is: float64 under `64-true` (DetectionModule refuses `bf16-true`/`16-true`).
         head = model.head if isinstance(model, RetinaNet) else model.rpn
         dtype = next(head.parameters()).dtype
         features = OrderedDict((k, v.to(dtype)) for k, v in features.items())
