@@ -390,6 +390,27 @@ def _freeze_batchnorm(module: nn.Module) -> None:
             _freeze_batchnorm(child)
 
 
+def take_frozen_bn_eps(body: nn.Module, donor: nn.Module) -> float | None:
+    """Give every FrozenBatchNorm2d of ``body`` the eps of the norm layer of the same name in ``donor``, the
+    model its statistics were copied from; returns that eps (None: no FrozenBatchNorm2d).
+
+    The statistics only mean what they meant in training under the same eps: a MobileNetV3 trained with
+    BatchNorm's 1e-3 and frozen with FrozenBatchNorm2d's default 1e-5 scales its low-variance channels
+    several times too much, and a detector on such a body collapses (docs/benchmarks.md, tenth session).
+    The state dict holds no eps, so callers record the value for rebuilding (one per body)."""
+    donors = dict(donor.named_modules())
+    found = set()
+    for name, module in body.named_modules():
+        eps = getattr(donors.get(name), "eps", None)
+        if isinstance(module, FrozenBatchNorm2d) and eps is not None:
+            module.eps = float(eps)
+            found.add(float(eps))
+    if len(found) > 1:
+        raise ValueError(f"the donor body's norm layers use several eps ({sorted(found)}); a frozen copy of it "
+                         "could not be rebuilt from one frozen_bn_eps")
+    return found.pop() if found else None
+
+
 def num_classes_of(model: nn.Module) -> int:
     """Number of classes (background included) the detector predicts."""
     if isinstance(model, FasterRCNN):

@@ -14,6 +14,7 @@ pixels, ``labels`` 1..K, ``iscrowd``, ``area`` (and ``difficult`` for VOC).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import lightning as L
@@ -32,7 +33,14 @@ from training.optim import build_optimizer
 from training.saving import SavableModule, copy_backbone, default_offline_hparams
 
 from .evaluation import DetectionEvaluator
-from .models import backbone_body, build_detector, count_parameters, frozen_bn_eps_of, use_channels_last
+from .models import (
+    backbone_body,
+    build_detector,
+    count_parameters,
+    frozen_bn_eps_of,
+    take_frozen_bn_eps,
+    use_channels_last,
+)
 from .val_loss import losses_and_detections, training_losses
 
 Optimizer = Literal["sgd", "adamw"]
@@ -70,8 +78,11 @@ class DetectionModule(SavableModule, L.LightningModule):
         backbone_checkpoint: a litvision checkpoint whose backbone initialises this detector's backbone
             body: a ``FrozenBackboneClassifier`` trained on the same data (the lesson's transfer learning,
             offline) or another detector. Architectures must match (``resnet18`` <-> ``resnet18_fpn``).
-            Every layer of such a body trains (``trainable_backbone_layers`` follows torchvision's weights
-            and is refused here); ``backbone_lr_scale`` slows it.
+            Without ``trainable_backbone_layers`` every layer of such a body trains (``backbone_lr_scale``
+            slows it). With it, the body takes torchvision's pretrained layout: FrozenBatchNorm2d with the
+            checkpoint's statistics *and eps* (recorded as ``frozen_bn_eps``), and all but the top
+            ``trainable_backbone_layers`` stages frozen. A missing checkpoint under
+            ``if_checkpoint_missing="warn"`` leaves a body with nothing to freeze: every layer trains.
         min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
         anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
         fpn_channels, returned_layers: FPN width and the body stages feeding it (None: torchvision's; see
@@ -155,12 +166,10 @@ class DetectionModule(SavableModule, L.LightningModule):
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         torchvision_weights = any(w is not None for w in (weights, weights_backbone, weights_path))
-        if backbone_checkpoint is not None and trainable_backbone_layers is not None and not (
-                torchvision_weights or pretrained_layout):
-            # torchvision would warn that the value "has no effect" and train every layer: say it plainly.
-            raise ValueError("trainable_backbone_layers applies to torchvision weights (weights, weights_backbone, "
-                             "weights_path); a body from backbone_checkpoint trains every layer: slow it with "
-                             "backbone_lr_scale instead")
+        # torchvision applies trainable_backbone_layers to its own weights only; a body from a litvision
+        # checkpoint is just as pretrained, so it gets the same layout here.
+        freeze_checkpoint_body = (backbone_checkpoint is not None and trainable_backbone_layers is not None
+                                  and not torchvision_weights and os.path.isfile(backbone_checkpoint))
         if not backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
                              f"got {backbone_lr_scale}")
@@ -185,12 +194,17 @@ class DetectionModule(SavableModule, L.LightningModule):
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,
             detections_per_img=detections_per_img,
-            pretrained_layout=pretrained_layout,
+            pretrained_layout=pretrained_layout or freeze_checkpoint_body,
             frozen_bn_eps=frozen_bn_eps,
             **detector_options,
         )
         if backbone_checkpoint is not None:
-            copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
+            donor = copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
+            if freeze_checkpoint_body:
+                # Recorded so that load_model rebuilds this layout without the checkpoint (offline_hparams).
+                self.hparams["pretrained_layout"] = True
+                if frozen_bn_eps is None:
+                    self.hparams["frozen_bn_eps"] = take_frozen_bn_eps(backbone_body(self.model), donor)
         if channels_last:
             use_channels_last(self.model)
         self.val_metrics = DetectionEvaluator(self.class_names)

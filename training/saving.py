@@ -543,18 +543,19 @@ def _construct(
 
 
 def copy_backbone(path: str | os.PathLike, body: torch.nn.Module, target: str,
-                  if_missing: Literal["raise", "warn"] = "raise") -> bool:
+                  if_missing: Literal["raise", "warn"] = "raise") -> torch.nn.Module | None:
     """Copy the backbone of the model saved at ``path`` into ``body``: a detector's ``model.backbone.body``
     or a classifier's ``backbone`` (both carry torchvision's key names). ``target`` names ``body``'s
     architecture in errors. A pretrained detector's FrozenBatchNorm2d has no ``num_batches_tracked``;
     nothing else may differ. A missing file raises, or with ``if_missing="warn"`` (a config that expects
-    an earlier demo step) warns and leaves ``body`` as it is; returns whether anything was copied."""
+    an earlier demo step) warns and leaves ``body`` as it is. Returns the donor body (for what the state
+    dict does not hold, such as BatchNorm's eps), or None when nothing was copied."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         if if_missing == "warn":
             warnings.warn(f"backbone_checkpoint {path} does not exist: training {target} from its initial "
                           "weights instead (run the step that writes it first, e.g. `make demo`)", stacklevel=3)
-            return False
+            return None
         raise FileNotFoundError(f"backbone_checkpoint {path}: no such file")
     source = load_model(path)
     if isinstance(getattr(source, "model", None), torch.nn.Module):  # a detector
@@ -569,4 +570,4 @@ def copy_backbone(path: str | os.PathLike, body: torch.nn.Module, target: str,
     if missing or unexpected:
         raise ValueError(f"backbone_checkpoint {path}: its backbone ({source.hparams.get('backbone')}) does not "
                          f"fit {target}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return True
+    return donor

@@ -223,10 +223,45 @@ def test_missing_backbone_checkpoint_raises_or_warns(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_trainable_layers_with_a_backbone_checkpoint_is_refused_not_ignored(tmp_path):
-    # torchvision would only warn "no effect" and train every layer of a body that is, in fact, pretrained.
-    with pytest.raises(ValueError, match="backbone_lr_scale instead"):
-        tiny(RetinaNetModule, backbone_checkpoint=str(tmp_path / "pretrain.ckpt"), trainable_backbone_layers=2)
+def test_trainable_layers_freeze_a_checkpoint_body_with_its_own_eps(tmp_path):
+    # torchvision applies trainable_backbone_layers to its own weights only (and warns "no effect" otherwise);
+    # a body from a litvision checkpoint is just as pretrained and gets the same layout.
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from classifiers.module import FrozenBackboneClassifier
+    from training.saving import load_model, save_model
+
+    torch.manual_seed(5)
+    clf = FrozenBackboneClassifier("mobilenet_v3_large", class_names=CLASSES, weights=None, freeze="none")
+    with torch.no_grad():  # small variances, where 1e-3 and FrozenBatchNorm2d's default 1e-5 differ (first
+        # block only: 17 blocks of them would overflow float32)
+        clf.backbone[0][1].running_var.uniform_(1e-4, 1e-2)
+    pretrain = tmp_path / "pretrain.ckpt"
+    save_model(clf, pretrain)
+    options = dict(backbone="mobilenet_v3_large_fpn", backbone_checkpoint=str(pretrain), trainable_backbone_layers=3)
+    det = tiny(RetinaNetModule, **options).eval()
+    body = det.model.backbone.body
+    # MobileNetV3-Large's stages start at features 0, 2, 4, 7, 13 and 16: the top three are features 7-16.
+    assert {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad} == {str(i) for i in range(7, 17)}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert {m.eps for m in body.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.001}  # MobileNetV3's BatchNorm
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = list(body(x).values())[-1]
+        torch.testing.assert_close(features, clf.backbone.eval()(x))  # what the classifier computed in eval mode
+
+    # load_model rebuilds the layout and its eps without the pretraining checkpoint.
+    save_model(det, tmp_path / "det.ckpt")
+    pretrain.unlink()
+    rebuilt = load_model(tmp_path / "det.ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(list(rebuilt.model.backbone.body(x).values())[-1], features, rtol=0, atol=0)
+
+    # No checkpoint yet (a demo config before its pretraining step): nothing pretrained, so every layer trains.
+    with pytest.warns(UserWarning, match="does not exist"):
+        plain = tiny(RetinaNetModule, **options, if_checkpoint_missing="warn")
+    assert all(p.requires_grad for p in plain.model.backbone.body.parameters())
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in plain.model.modules())
 
 
 def test_num_classes_and_class_names_must_agree():
