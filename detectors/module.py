@@ -15,6 +15,7 @@ pixels, ``labels`` 1..K, ``iscrowd``, ``area`` (and ``difficult`` for VOC).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -79,10 +80,12 @@ class DetectionModule(SavableModule, L.LightningModule):
             body: a ``FrozenBackboneClassifier`` trained on the same data (the lesson's transfer learning,
             offline) or another detector. Architectures must match (``resnet18`` <-> ``resnet18_fpn``).
             Without ``trainable_backbone_layers`` every layer of such a body trains (``backbone_lr_scale``
-            slows it). With it, the body takes torchvision's pretrained layout: FrozenBatchNorm2d with the
-            checkpoint's statistics *and eps* (recorded as ``frozen_bn_eps``), and all but the top
-            ``trainable_backbone_layers`` stages frozen. A missing checkpoint under
-            ``if_checkpoint_missing="warn"`` leaves a body with nothing to freeze: every layer trains.
+            slows it). With it, the body takes torchvision's pretrained layout: FrozenBatchNorm2d (all but the
+            ``_v2`` variants) and all but the top ``trainable_backbone_layers`` stages frozen. Whenever the
+            body has FrozenBatchNorm2d (this option, torchvision weights, ``pretrained_layout``), the
+            copied statistics keep the checkpoint's eps (recorded as ``frozen_bn_eps``). The layout follows
+            these settings even while the file is missing (``if_checkpoint_missing="warn"``), so a run
+            resumed from its config rebuilds the same model.
         min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
         anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
         fpn_channels, returned_layers: FPN width and the body stages feeding it (None: torchvision's; see
@@ -167,9 +170,15 @@ class DetectionModule(SavableModule, L.LightningModule):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         torchvision_weights = any(w is not None for w in (weights, weights_backbone, weights_path))
         # torchvision applies trainable_backbone_layers to its own weights only; a body from a litvision
-        # checkpoint is just as pretrained, so it gets the same layout here.
+        # checkpoint is just as pretrained, so it gets the same layout here. The layout follows the settings
+        # alone, not whether the file exists yet: a run resumed from the config must rebuild what it saved.
         freeze_checkpoint_body = (backbone_checkpoint is not None and trainable_backbone_layers is not None
-                                  and not torchvision_weights and os.path.isfile(backbone_checkpoint))
+                                  and not torchvision_weights)
+        if freeze_checkpoint_body and not os.path.isfile(backbone_checkpoint) and if_checkpoint_missing == "warn":
+            warnings.warn(f"trainable_backbone_layers={trainable_backbone_layers} with a missing backbone_checkpoint: "
+                          "the body's lower stages stay frozen at their random initial weights and its "
+                          "FrozenBatchNorm2d layers normalise nothing; run the pretraining first, or set "
+                          "trainable_backbone_layers to null to train every layer", stacklevel=2)
         if not backbone_lr_scale > 0:
             raise ValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
                              f"got {backbone_lr_scale}")
@@ -198,13 +207,17 @@ class DetectionModule(SavableModule, L.LightningModule):
             frozen_bn_eps=frozen_bn_eps,
             **detector_options,
         )
+        # Recorded so that load_model rebuilds this layout without the checkpoint (offline_hparams).
+        if freeze_checkpoint_body:
+            self.hparams["pretrained_layout"] = True
         if backbone_checkpoint is not None:
             donor = copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
-            if freeze_checkpoint_body:
-                # Recorded so that load_model rebuilds this layout without the checkpoint (offline_hparams).
-                self.hparams["pretrained_layout"] = True
-                if frozen_bn_eps is None:
-                    self.hparams["frozen_bn_eps"] = take_frozen_bn_eps(backbone_body(self.model), donor)
+            # Frozen statistics from the checkpoint need its eps, whatever made the body frozen (this option,
+            # torchvision weights, pretrained_layout); an explicit frozen_bn_eps wins.
+            if donor is not None and frozen_bn_eps is None:
+                eps = take_frozen_bn_eps(backbone_body(self.model), donor)
+                if eps is not None:
+                    self.hparams["frozen_bn_eps"] = eps
         if channels_last:
             use_channels_last(self.model)
         self.val_metrics = DetectionEvaluator(self.class_names)

@@ -250,6 +250,12 @@ def test_trainable_layers_freeze_a_checkpoint_body_with_its_own_eps(tmp_path):
         features = list(body(x).values())[-1]
         torch.testing.assert_close(features, clf.backbone.eval()(x))  # what the classifier computed in eval mode
 
+    # Frozen statistics take the checkpoint's eps whatever froze them: here a whole-detector weights_path.
+    torch.save(det.model.state_dict(), tmp_path / "detector.pth")
+    with_weights = tiny(RetinaNetModule, backbone="mobilenet_v3_large_fpn", weights_path=str(tmp_path / "detector.pth"),
+                        backbone_checkpoint=str(pretrain))  # fmt: skip
+    assert {m.eps for m in with_weights.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.001}
+
     # load_model rebuilds the layout and its eps without the pretraining checkpoint.
     save_model(det, tmp_path / "det.ckpt")
     pretrain.unlink()
@@ -257,11 +263,13 @@ def test_trainable_layers_freeze_a_checkpoint_body_with_its_own_eps(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(list(rebuilt.model.backbone.body(x).values())[-1], features, rtol=0, atol=0)
 
-    # No checkpoint yet (a demo config before its pretraining step): nothing pretrained, so every layer trains.
-    with pytest.warns(UserWarning, match="does not exist"):
-        plain = tiny(RetinaNetModule, **options, if_checkpoint_missing="warn")
-    assert all(p.requires_grad for p in plain.model.backbone.body.parameters())
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in plain.model.modules())
+    # No checkpoint yet (a demo config before its pretraining step): the same layout, so that a run started now
+    # and resumed from its config once the file exists rebuilds the model (and optimiser groups) it saved.
+    with pytest.warns(UserWarning, match="stay frozen at their random initial weights"):
+        early = tiny(RetinaNetModule, **options, if_checkpoint_missing="warn")
+    trainable = [n for n, p in det.named_parameters() if p.requires_grad]
+    assert [n for n, p in early.named_parameters() if p.requires_grad] == trainable
+    assert early.state_dict().keys() == det.state_dict().keys()
 
 
 def test_num_classes_and_class_names_must_agree():
