@@ -207,13 +207,11 @@ class DetectionModule(SavableModule, L.LightningModule):
             frozen_bn_eps=frozen_bn_eps,
             **detector_options,
         )
-        # Recorded so that load_model rebuilds this layout without the checkpoint (offline_hparams).
-        if freeze_checkpoint_body:
-            self.hparams["pretrained_layout"] = True
         if backbone_checkpoint is not None:
             donor = copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
             # Frozen statistics from the checkpoint need its eps, whatever made the body frozen (this option,
-            # torchvision weights, pretrained_layout); an explicit frozen_bn_eps wins.
+            # torchvision weights, pretrained_layout); an explicit frozen_bn_eps wins. Recorded: the state dict
+            # holds no eps, and load_model rebuilds without the checkpoint (offline_hparams).
             if donor is not None and frozen_bn_eps is None:
                 eps = take_frozen_bn_eps(backbone_body(self.model), donor)
                 if eps is not None:
@@ -232,6 +230,8 @@ class DetectionModule(SavableModule, L.LightningModule):
             hp["pretrained_layout"] = True
             if hp.get("frozen_bn_eps") is None:
                 hp["frozen_bn_eps"] = frozen_bn_eps_of(cls.arch, hp["backbone"], hp.get("weights"), hp.get("weights_path"))
+        elif hp.get("backbone_checkpoint") is not None and hp.get("trainable_backbone_layers") is not None:
+            hp["pretrained_layout"] = True  # the frozen layout __init__ gives a checkpoint body (its eps is recorded)
         return default_offline_hparams(hp)
 
     def build_model(self, **kwargs: Any) -> torch.nn.Module:
