@@ -302,7 +302,7 @@ def shapes(
 def demo(
     out: str = "demo",
     pretrain_minutes: float = 7.5,
-    detector_minutes: float = 5.0,
+    detector_minutes: float = 7.0,
     classifier_minutes: float = 1.5,
     seed: int = 0,
     detectors_together: bool | None = None,

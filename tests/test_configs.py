@@ -62,3 +62,20 @@ def test_disabled_plateau_stays_disabled_in_the_saved_config(shapes_dir, tmp_pat
     assert cli.config["lr_plateau"] is None
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert "ReduceLROnPlateau" not in names and "LearningRateMonitor" not in names  # no logger: no LR monitor
+
+
+def test_demo_detector_configs_differ_only_in_the_detector():
+    # compare's verdict is only about two-stage vs one-stage if body, initialisation, image size, optimiser and
+    # schedule are the same: a change of epochs or LR in one config must reach the other.
+    import yaml
+
+    frcnn, retina = (yaml.safe_load((CONFIGS / f"{n}.yaml").read_text()) for n in ("faster_rcnn", "retinanet"))
+    detector_only = {"class_path", "anchor_sizes", "aspect_ratios", "group_norm_head", "p6p7",
+                     "box_representation_size", "box_batch_size_per_image"}  # fmt: skip
+    a, b = frcnn["model"]["init_args"], retina["model"]["init_args"]
+    shared = {k for k in a.keys() & b.keys() if k not in detector_only}
+    assert {"backbone", "backbone_checkpoint", "returned_layers", "fpn_channels", "min_size", "max_size", "lr",
+            "optimizer", "trainable_backbone_layers", "backbone_lr_scale", "cosine_decay"} <= shared
+    assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
+    for section in ("seed_everything", "data", "trainer", "checkpoint", "lr_plateau"):
+        assert frcnn[section] == retina[section], section
