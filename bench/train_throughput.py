@@ -28,7 +28,8 @@ CONFIGS = {
     "retina_r18_192_nogn": (RetinaNetModule, dict(backbone="resnet18_fpn", min_size=192, max_size=192)),
     "retina_mnv3_192": (RetinaNetModule, dict(backbone="mobilenet_v3_large_fpn", min_size=192, max_size=192,
                                               group_norm_head=True)),
-    # The demo configs (configs/faster_rcnn.yaml, retinanet.yaml): stride 8/16/32 maps, narrow FPN and box head.
+    # The demo configs of the third session (docs/benchmarks.md; configs/ has moved on since): stride 8/16/32
+    # maps, narrow FPN and box head.
     "frcnn_mnv3_p3_256": (FasterRCNNModule, dict(backbone="mobilenet_v3_large_fpn", min_size=192, max_size=192,
                                                  returned_layers=[2, 3, 5], anchor_sizes=[[16], [32], [64], [128]],
                                                  rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
