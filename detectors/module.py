@@ -56,6 +56,21 @@ def _loss_targets(targets) -> list[dict[str, Tensor]]:
     return out
 
 
+def _has_torchvision_weights(hparams: dict[str, Any]) -> bool:
+    return any(hparams.get(k) is not None for k in ("weights", "weights_backbone", "weights_path"))
+
+
+def _freezes_checkpoint_body(hparams: dict[str, Any]) -> bool:
+    """Whether a ``backbone_checkpoint`` body gets torchvision's pretrained layout (``__init__`` and
+    ``offline_hparams`` must agree, or ``load_model`` rebuilds another model than the one saved).
+
+    torchvision applies trainable_backbone_layers to its own weights only; a body from a litvision checkpoint
+    is just as pretrained, so it gets the same layout. The layout follows the settings alone, not whether the
+    file exists yet: a run resumed from the config must rebuild what it saved."""
+    return (hparams.get("backbone_checkpoint") is not None and hparams.get("trainable_backbone_layers") is not None
+            and not _has_torchvision_weights(hparams))
+
+
 def without_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
     """Drop label-0 detections. torchvision counts background in RetinaNet's ``num_classes`` but never trains
     it as a positive class, so early in training its logit can still pass the score threshold."""
@@ -168,12 +183,7 @@ class DetectionModule(SavableModule, L.LightningModule):
             raise ValueError("give num_classes (including background) or class_names")
         if optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-        torchvision_weights = any(w is not None for w in (weights, weights_backbone, weights_path))
-        # torchvision applies trainable_backbone_layers to its own weights only; a body from a litvision
-        # checkpoint is just as pretrained, so it gets the same layout here. The layout follows the settings
-        # alone, not whether the file exists yet: a run resumed from the config must rebuild what it saved.
-        freeze_checkpoint_body = (backbone_checkpoint is not None and trainable_backbone_layers is not None
-                                  and not torchvision_weights)
+        freeze_checkpoint_body = _freezes_checkpoint_body(self.hparams)
         if freeze_checkpoint_body and not os.path.isfile(backbone_checkpoint) and if_checkpoint_missing == "warn":
             warnings.warn(f"trainable_backbone_layers={trainable_backbone_layers} with a missing backbone_checkpoint: "
                           "the body's lower stages stay frozen at their random initial weights and its "
@@ -226,11 +236,11 @@ class DetectionModule(SavableModule, L.LightningModule):
         """Rebuild without fetching weights, but with the layout they imply (FrozenBatchNorm2d, frozen
         stages, legacy eps), so the saved state dict fits exactly."""
         hp = dict(hparams)
-        if any(hp.get(k) is not None for k in ("weights", "weights_backbone", "weights_path")):
+        if _has_torchvision_weights(hp):
             hp["pretrained_layout"] = True
             if hp.get("frozen_bn_eps") is None:
                 hp["frozen_bn_eps"] = frozen_bn_eps_of(cls.arch, hp["backbone"], hp.get("weights"), hp.get("weights_path"))
-        elif hp.get("backbone_checkpoint") is not None and hp.get("trainable_backbone_layers") is not None:
+        elif _freezes_checkpoint_body(hp):
             hp["pretrained_layout"] = True  # the frozen layout __init__ gives a checkpoint body (its eps is recorded)
         return default_offline_hparams(hp)
 
