@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -30,7 +29,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from detectors.data.shapes import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
+from classifiers.backbones import layers_command as layers
+from detectors.compare import compare_command as compare
+from detectors.data.shapes import shapes_command as shapes
+from detectors.evaluation import evaluate_command as evaluate
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.loggers import ResumableCSVLogger
 from training.saving import checkpoint_log_position, offline_model_config, resolve_ckpt_path
@@ -249,54 +251,8 @@ def _cli(argv: list[str] | None = None) -> LitvisionCLI:
 # -- extra subcommands ------------------------------------------------------------------------------------
 
 
-def evaluate(gt: str, predictions: str, out: str | None = None) -> dict:
-    """Score a COCO results file against a COCO ground-truth file and print the metrics.
-
-    Args:
-        gt: COCO ground-truth annotations (instances_*.json).
-        predictions: COCO results file: [{image_id, category_id, bbox [x, y, w, h], score}, ...].
-        out: optional path for a flat JSON of the metrics (torchmetrics key names, per-class entries).
-    """
-    from rich.console import Console
-
-    from detectors.evaluation import evaluate as run_evaluate
-    from detectors.evaluation import format_class_table, format_metrics_table
-
-    metrics = run_evaluate(gt, predictions, out=out)
-    console = Console()
-    console.print(format_metrics_table(metrics))
-    console.print(format_class_table(metrics))
-    if out:
-        console.print(f"metrics written to {out}")
-    return metrics
 
 
-def shapes(
-    out: str,
-    num_train: int = DEFAULT_NUM_TRAIN,
-    num_val: int = DEFAULT_NUM_VAL,
-    height: int = 192,
-    width: int = 192,
-    seed: int = 0,
-    voc: bool = True,
-    classification: bool = True,
-    overwrite: bool = False,
-) -> None:
-    """Generate the embedded shapes dataset: COCO under OUT, VOC under OUT/voc, crops under OUT/classification.
-
-    Args:
-        out: dataset directory.
-        num_train, num_val: images per split.
-        height, width: image size in pixels (>= 160).
-        seed: random seed; the same seed gives the same annotations on any machine.
-        voc, classification: also write the Pascal VOC and the image-folder layouts.
-        overwrite: replace a dataset generated with other parameters.
-    """
-    from detectors.data.shapes import generate_shapes
-
-    paths = generate_shapes(out, num_train, num_val, (height, width), seed, voc, classification, overwrite)
-    for key, path in paths.items():
-        print(f"{key:24s} {path}")
 
 
 def demo(
@@ -522,68 +478,8 @@ def _last_lines(path: str, n: int) -> list[str]:
     return [line for line in shown if line][-n:]
 
 
-def layers(backbone: str = "resnet50", freeze: str | int | list[str] | None = None) -> None:
-    """Print a classifier backbone's layers with the indices ``freeze=N`` counts (Keras' model.layers).
-
-    Args:
-        backbone: resnet18/34/50, mobilenet_v3_small/large, efficientnet_b0, convnext_tiny.
-        freeze: optionally mark what a freeze setting would freeze ("all", N, or name prefixes).
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from classifiers.backbones import build_backbone, describe_layers, select_layers
-
-    body, _, _ = build_backbone(backbone)
-    frozen = set(select_layers(body, int(freeze) if isinstance(freeze, str) and freeze.isdigit() else freeze))
-    table = Table(title=f"{backbone}: layers in freeze=N order")
-    for column in ("index", "name", "type", "params", "frozen"):
-        table.add_column(column, justify="right" if column in ("index", "params") else "left")
-    rows = describe_layers(body, frozen)
-    for index, name, kind, params, is_frozen in rows:
-        table.add_row(str(index), name, kind, f"{params:,}", "yes" if is_frozen else "")
-    Console().print(table)
-    print(f"{len(rows)} layers; freeze=N freezes indices 0..N-1")
 
 
-def compare(
-    checkpoints: list[str],
-    data: object,
-    out: str = "comparison",
-    split: Literal["val", "test"] = "val",
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    precision: Literal["32", "bf16", "16"] = "32",
-    batch_size: int | None = None,
-    resamples: int = 1000,
-    seed: int = 0,
-    warmup: int = 3,
-    repeats: int = 20,
-) -> dict:
-    """Compare detector checkpoints on one split: metrics, bootstrap CIs of mAP differences, speed, plots.
-
-    Writes OUT/comparison.md, .csv, .json and PNG plots (detectors.compare describes the method).
-
-    Args:
-        checkpoints: model files (best.ckpt, last.ckpt, model.save() files) trained on the same classes.
-        data: data config in LightningCLI form (class_path + init_args), e.g. configs/data/shapes.yaml;
-            override fields with --data.init_args.NAME VALUE.
-        out: output folder.
-        split: evaluate on the data's val split or its test split.
-        device: auto (CUDA when available), cpu or cuda.
-        precision: 32, or bf16 / 16 through torch.autocast on CUDA.
-        batch_size: batch size of the throughput measurement (default: the data's batch_size).
-        resamples: bootstrap resamples of the images (0 skips the confidence intervals).
-        seed: seed of the bootstrap resampling.
-        warmup: untimed calls before timing.
-        repeats: timed calls; their median is reported.
-    """
-    from detectors.compare import compare as run_compare
-
-    try:
-        return run_compare(checkpoints, data, out, split, device, precision, batch_size, resamples, seed,
-                           warmup, repeats)  # fmt: skip
-    except ValueError as e:  # bad input: the message names the file and what is wrong, no traceback
-        sys.exit(f"train.py compare: error: {e}")
 
 
 def _summary(function) -> str:

@@ -161,3 +161,25 @@ def builder(name: str) -> Callable[..., nn.Module]:
     """The torchvision builder behind a backbone name (for documentation and tests)."""
     _check_name(name)
     return getattr(torchvision.models, BACKBONES[name][0])
+
+
+def layers_command(backbone: str = "resnet50", freeze: str | int | list[str] | None = None) -> None:
+    """Print a classifier backbone's layers with the indices ``freeze=N`` counts (Keras' model.layers).
+
+    Args:
+        backbone: resnet18/34/50, mobilenet_v3_small/large, efficientnet_b0, convnext_tiny.
+        freeze: optionally mark what a freeze setting would freeze ("all", N, or name prefixes).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    body, _, _ = build_backbone(backbone)
+    frozen = set(select_layers(body, int(freeze) if isinstance(freeze, str) and freeze.isdigit() else freeze))
+    table = Table(title=f"{backbone}: layers in freeze=N order")
+    for column in ("index", "name", "type", "params", "frozen"):
+        table.add_column(column, justify="right" if column in ("index", "params") else "left")
+    rows = describe_layers(body, frozen)
+    for index, name, kind, params, is_frozen in rows:
+        table.add_row(str(index), name, kind, f"{params:,}", "yes" if is_frozen else "")
+    Console().print(table)
+    print(f"{len(rows)} layers; freeze=N freezes indices 0..N-1")

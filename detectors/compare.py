@@ -556,3 +556,41 @@ def compare(
                      "difference is unlikely to come from which images happen to be in the split.",
     }  # fmt: skip
     return write_report(Path(out), entries, pairs, settings, class_names, console)
+
+
+def compare_command(
+    checkpoints: list[str],
+    data: object,
+    out: str = "comparison",
+    split: Literal["val", "test"] = "val",
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    precision: Literal["32", "bf16", "16"] = "32",
+    batch_size: int | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> dict:
+    """Compare detector checkpoints on one split: metrics, bootstrap CIs of mAP differences, speed, plots.
+
+    Writes OUT/comparison.md, .csv, .json and PNG plots (detectors.compare describes the method).
+
+    Args:
+        checkpoints: model files (best.ckpt, last.ckpt, model.save() files) trained on the same classes.
+        data: data config in LightningCLI form (class_path + init_args), e.g. configs/data/shapes.yaml;
+            override fields with --data.init_args.NAME VALUE.
+        out: output folder.
+        split: evaluate on the data's val split or its test split.
+        device: auto (CUDA when available), cpu or cuda.
+        precision: 32, or bf16 / 16 through torch.autocast on CUDA.
+        batch_size: batch size of the throughput measurement (default: the data's batch_size).
+        resamples: bootstrap resamples of the images (0 skips the confidence intervals).
+        seed: seed of the bootstrap resampling.
+        warmup: untimed calls before timing.
+        repeats: timed calls; their median is reported.
+    """
+    try:
+        return compare(checkpoints, data, out, split, device, precision, batch_size, resamples, seed,
+                           warmup, repeats)  # fmt: skip
+    except ValueError as e:  # bad input: the message names the file and what is wrong, no traceback
+        raise SystemExit(f"train.py compare: error: {e}") from None

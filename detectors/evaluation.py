@@ -889,3 +889,22 @@ def format_class_table(metrics: dict[str, float], title: str = "Per class") -> T
             name, *(_fmt(metrics.get(f"{p}/{name}")) for p in ("ap", "voc07_ap50", "voc10_ap50", "iou"))
         )
     return table
+
+
+def evaluate_command(gt: str, predictions: str, out: str | None = None) -> dict:
+    """Score a COCO results file against a COCO ground-truth file and print the metrics.
+
+    Args:
+        gt: COCO ground-truth annotations (instances_*.json).
+        predictions: COCO results file: [{image_id, category_id, bbox [x, y, w, h], score}, ...].
+        out: optional path for a flat JSON of the metrics (torchmetrics key names, per-class entries).
+    """
+    from rich.console import Console
+
+    metrics = evaluate(gt, predictions, out=out)
+    console = Console()
+    console.print(format_metrics_table(metrics))
+    console.print(format_class_table(metrics))
+    if out:
+        console.print(f"metrics written to {out}")
+    return metrics

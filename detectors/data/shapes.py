@@ -630,3 +630,29 @@ def main(argv: list[str] | None = None) -> int:
         crops = sum(manifest["counts"][s]["crops"] for s in SPLITS)
         print(f"  classification {paths['classification']} ({crops} crops)")
     return 0
+
+
+def shapes_command(
+    out: str,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    height: int = 192,
+    width: int = 192,
+    seed: int = 0,
+    voc: bool = True,
+    classification: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """Generate the embedded shapes dataset: COCO under OUT, VOC under OUT/voc, crops under OUT/classification.
+
+    Args:
+        out: dataset directory.
+        num_train, num_val: images per split.
+        height, width: image size in pixels (>= 160).
+        seed: random seed; the same seed gives the same annotations on any machine.
+        voc, classification: also write the Pascal VOC and the image-folder layouts.
+        overwrite: replace a dataset generated with other parameters.
+    """
+    paths = generate_shapes(out, num_train, num_val, (height, width), seed, voc, classification, overwrite)
+    for key, path in paths.items():
+        print(f"{key:24s} {path}")
