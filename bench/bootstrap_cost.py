@@ -4,7 +4,7 @@
     python bench/bootstrap_cost.py --images 60 --detections 100 --classes 3 --resamples 20
 
 Synthetic detections (noisy copies of random ground truth plus false positives) stand in for a model's;
-results are recorded in docs/benchmarks.md.
+results: docs/benchmarks.md, "Bootstrap cost of compare".
 """
 
 import argparse

@@ -7,7 +7,7 @@ Writes a resumable checkpoint of Faster R-CNN ResNet-50-FPN (torchvision's archi
 download) with its AdamW state, then times a whole read against a mapped one (``mmap=True``: tensors read only
 when touched), median of the repeats: with the file in the page cache ("warm"), and with its pages dropped
 before each read ("cold", ``posix_fadvise(DONTNEED)``: as a first read from disk or a network file system would
-be). Results are recorded in docs/benchmarks.md.
+be). Results: docs/benchmarks.md, "Reading a checkpoint before resuming".
 """
 
 import argparse

@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python bench/optimizer_step.py [--steps 30]
 
-Gradients are random (the step's cost does not depend on them). Results are recorded in docs/benchmarks.md.
+Gradients are random (the step's cost does not depend on them). Results: docs/benchmarks.md,
+"Detector training speed".
 """
 
 import argparse

@@ -3,7 +3,7 @@
     python bench/train_throughput.py --root data/shapes [NAME ...]
 
 One warm-up step, then the mean over ``--steps`` steps on fixed batches (data loading excluded).
-Results are recorded in docs/benchmarks.md.
+Results: docs/benchmarks.md, "Detector training speed".
 """
 
 import argparse
@@ -28,8 +28,8 @@ CONFIGS = {
     "retina_r18_192_nogn": (RetinaNetModule, dict(backbone="resnet18_fpn", min_size=192, max_size=192)),
     "retina_mnv3_192": (RetinaNetModule, dict(backbone="mobilenet_v3_large_fpn", min_size=192, max_size=192,
                                               group_norm_head=True)),
-    # The demo configs of the third session (docs/benchmarks.md; configs/ has moved on since): stride 8/16/32
-    # maps, narrow FPN and box head.
+    # The demo architectures as docs/benchmarks.md times them: stride 8/16/32 maps, narrow FPN and box head.
+    # configs/ differ: Faster R-CNN samples half these proposals and ROIs, RetinaNet has 1 anchor, no P6/P7.
     "frcnn_mnv3_p3_256": (FasterRCNNModule, dict(backbone="mobilenet_v3_large_fpn", min_size=192, max_size=192,
                                                  returned_layers=[2, 3, 5], anchor_sizes=[[16], [32], [64], [128]],
                                                  rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,

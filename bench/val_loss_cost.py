@@ -3,7 +3,8 @@ and against the naive alternative of a second full forward pass in train mode.
 
     python bench/val_loss_cost.py --root data/shapes --images 32
 
-Writes one line per detector type; results are recorded in docs/benchmarks.md.
+Writes one line per detector type; results: docs/benchmarks.md,
+"Validation loss cost".
 """
 
 import argparse

@@ -4,6 +4,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +18,17 @@ def _load_example():
     return module
 
 
-def test_keras_flow_trains_saves_reloads_and_predicts(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the shrunk run is overhead-bound, and two threads on a busy machine spin-wait
+    for each other (8 s on one thread, 80 s on two beside other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_keras_flow_trains_saves_reloads_and_predicts(tmp_path, monkeypatch, one_thread):
     flow = _load_example()
     shrunk = dict(DATA=str(tmp_path / "shapes"), OUT=str(tmp_path / "run"), NUM_TRAIN=8, NUM_VAL=4,
                   IMAGE_SIZE=64, EPOCHS=2, STEPS_PER_EPOCH=2)  # fmt: skip
