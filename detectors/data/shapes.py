@@ -47,8 +47,8 @@ __all__ = ["SHAPES_CATEGORIES", "generate_shapes", "shapes_command"]
 MIN_SPLIT_IMAGES = 4  # images 0..2 carry the forced anchors, the 4th leaves room for an empty image
 MIN_SIDE = 160  # a never-occluded triangle with area > 96**2 needs a bounding box of about 140 x 140
 # 1000 training images (~3,200 crops): with 300, pretraining on the crops plateaued at ~85% validation
-# accuracy and the detectors with it (docs/benchmarks.md, "Detector quality on the embedded data");
-# generating them takes ~20 s.
+# accuracy and the detectors with it (docs/benchmarks.md, "Pretraining on the crops"); generating them
+# takes ~20 s.
 DEFAULT_NUM_TRAIN = 1000
 DEFAULT_NUM_VAL = 60
 
