@@ -1,25 +1,25 @@
 """Detection data: COCO and VOC readers, the shapes generator, box-aware transforms, the DataModule.
 
-Names are imported on first use so that ``python -m detectors.shapes`` does not pay for importing
-torch and Lightning before it writes a single file.
+- ``samples``: ``ImageRecord`` (one image's boxes, parsed), ``DetectionDataset`` (records -> samples),
+  ``collate_detection``; the format readers ``coco`` and ``voc`` build the records.
+- ``transforms``: train/eval augmentation that keeps boxes, labels and flags together.
+- ``datamodule``: ``DetectionDataModule``, COCO or VOC splits on disk -> batched dataloaders.
+- ``shapes`` (drawn by ``shapes_scene``, written by ``shapes_files``): the synthetic dataset and its command.
 """
 
-import importlib
+from .coco import CocoDetection
+from .datamodule import DetectionDataModule
+from .samples import DetectionDataset, ImageRecord, collate_detection
+from .transforms import detection_transforms
+from .voc import VOC_CLASSES, VOCDetection
 
-_EXPORTS = {
-    "CocoDetection": ".coco",
-    "DetectionDataModule": ".datamodule",
-    "DetectionDataset": ".samples",
-    "ImageRecord": ".samples",
-    "collate_detection": ".samples",
-    "detection_transforms": ".transforms",
-    "VOCDetection": ".voc",
-    "VOC_CLASSES": ".voc",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "CocoDetection",
+    "DetectionDataModule",
+    "DetectionDataset",
+    "ImageRecord",
+    "collate_detection",
+    "detection_transforms",
+    "VOCDetection",
+    "VOC_CLASSES",
+]

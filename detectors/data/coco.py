@@ -18,6 +18,7 @@ from numbers import Number
 import numpy as np
 from pycocotools.coco import COCO
 
+from training.errors import BadValueError, MissingFileError
 from training.images import DEFAULT_MAX_PIXELS
 
 from .samples import BadSamplePolicy, BoxRepairLog, DetectionDataset, ImageRecord, check_inside_root
@@ -30,20 +31,20 @@ def read_json(path: str | os.PathLike) -> object:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: file not found") from e
+        raise MissingFileError(f"{path}: file not found") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise BadValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+        raise BadValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _require(entry: dict, keys: dict[str, type | tuple], where: str) -> None:
     for key, kind in keys.items():
         if key not in entry:
-            raise ValueError(f"{where}: missing key {key!r}")
+            raise BadValueError(f"{where}: missing key {key!r}")
         value = entry[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            raise BadValueError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
 def read_coco_categories(annotation_file: str | os.PathLike, data: object = None) -> list[dict]:
@@ -52,17 +53,17 @@ def read_coco_categories(annotation_file: str | os.PathLike, data: object = None
     path = os.fspath(annotation_file)
     data = read_json(path) if data is None else data
     if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
-        raise ValueError(f"{path}: expected a JSON object with a 'categories' list")
+        raise BadValueError(f"{path}: expected a JSON object with a 'categories' list")
     cats = []
     for i, cat in enumerate(data["categories"]):
         where = f"{path}: categories[{i}]"
         if not isinstance(cat, dict):
-            raise ValueError(f"{where}: expected an object, got {cat!r}")
+            raise BadValueError(f"{where}: expected an object, got {cat!r}")
         _require(cat, {"id": int, "name": str}, where)
         cats.append({"id": cat["id"], "name": cat["name"]})
     ids = [c["id"] for c in cats]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate category ids in 'categories': {sorted(ids)}")
+        raise BadValueError(f"{path}: duplicate category ids in 'categories': {sorted(ids)}")
     return sorted(cats, key=lambda c: c["id"])
 
 
@@ -98,7 +99,8 @@ class CocoDetection(DetectionDataset):
         self.cat_id_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
         records = self._parse(data, strict)
-        super().__init__(records, [c["name"] for c in categories], transforms, on_bad_sample, max_image_pixels)
+        class_names = [c["name"] for c in categories]
+        super().__init__(records, class_names, transforms, on_bad_sample, max_image_pixels)
         self._coco: COCO | None = None
 
     @property
@@ -111,63 +113,71 @@ class CocoDetection(DetectionDataset):
         return self._coco
 
     def _parse(self, data: dict, strict: bool) -> list[ImageRecord]:
+        """One record per declared image, in file order, with its annotations' boxes repaired (or refused)."""
         path = self.annotation_file
         for key in ("images", "annotations"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"{path}: expected a list under {key!r}")
-        images: dict[int, dict] = {}
-        for i, img in enumerate(data["images"]):
-            where = f"{path}: images[{i}]"
-            if not isinstance(img, dict):
-                raise ValueError(f"{where}: expected an object, got {img!r}")
-            _require(img, {"id": int, "file_name": str, "width": int, "height": int}, where)
-            where = f"{path}: image id {img['id']}"
-            if img["id"] in images:
-                raise ValueError(f"{where}: duplicate image id")
-            if img["width"] <= 0 or img["height"] <= 0:
-                raise ValueError(f"{where}: width and height must be positive, got {img['width']}x{img['height']}")
-            check_inside_root(self.image_root, img["file_name"], where)
-            images[img["id"]] = img
-
+                raise BadValueError(f"{path}: expected a list under {key!r}")
+        images = self._check_images(data["images"])
         per_image: dict[int, list[dict]] = {iid: [] for iid in images}
         for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict):
-                raise ValueError(f"{path}: annotations[{i}]: expected an object, got {ann!r}")
-            where = f"{path}: annotation id {ann.get('id', f'at index {i}')}"
-            _require(ann, {"id": int, "image_id": int, "category_id": int, "bbox": list}, where)
-            if ann["image_id"] not in images:
-                raise ValueError(f"{where}: image_id {ann['image_id']} is not declared in 'images'")
-            if ann["category_id"] not in self.cat_id_to_label:
-                raise ValueError(
-                    f"{where}: category_id {ann['category_id']} is not declared in 'categories' "
-                    f"(declared: {self.cat_ids})"
-                )
-            bbox = ann["bbox"]
-            if len(bbox) != 4 or not all(isinstance(v, Number) and math.isfinite(v) for v in bbox):
-                raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            self._check_annotation(i, ann, images)
             per_image[ann["image_id"]].append(ann)
-
         repairs = BoxRepairLog(path, strict)
-        records = []
-        for iid, img in images.items():
-            anns = per_image[iid]
-            xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-            keep = repairs.repair(boxes, img["width"], img["height"], [f"annotation id {a['id']}" for a in anns])
-            kept = [a for a, k in zip(anns, keep, strict=True) if k]
-            records.append(
-                ImageRecord(
-                    path=check_inside_root(self.image_root, img["file_name"], path),
-                    image_id=iid,
-                    width=img["width"],
-                    height=img["height"],
-                    boxes=boxes[keep].astype(np.float32),
-                    labels=np.array([self.cat_id_to_label[a["category_id"]] for a in kept], np.int64),
-                    area=np.array(
-                        [a.get("area", a["bbox"][2] * a["bbox"][3]) for a in kept], np.float32
-                    ),
-                    iscrowd=np.array([int(a.get("iscrowd", 0)) for a in kept], np.int64),
-                )
-            )
+        records = [self._record(img, per_image[iid], repairs) for iid, img in images.items()]
         repairs.report()
         return records
+
+    def _check_images(self, entries: list) -> dict[int, dict]:
+        """The ``images`` entries by id, each checked: id, file name inside ``image_root``, positive size."""
+        images: dict[int, dict] = {}
+        for i, img in enumerate(entries):
+            where = f"{self.annotation_file}: images[{i}]"
+            if not isinstance(img, dict):
+                raise BadValueError(f"{where}: expected an object, got {img!r}")
+            _require(img, {"id": int, "file_name": str, "width": int, "height": int}, where)
+            where = f"{self.annotation_file}: image id {img['id']}"
+            if img["id"] in images:
+                raise BadValueError(f"{where}: duplicate image id")
+            if img["width"] <= 0 or img["height"] <= 0:
+                size = f"{img['width']}x{img['height']}"
+                raise BadValueError(f"{where}: width and height must be positive, got {size}")
+            check_inside_root(self.image_root, img["file_name"], where)
+            images[img["id"]] = img
+        return images
+
+    def _check_annotation(self, index: int, ann: object, images: dict[int, dict]) -> None:
+        """Refuse annotation ``index`` unless it names a declared image and category and has a finite bbox."""
+        where = f"{self.annotation_file}: annotations[{index}]"
+        if not isinstance(ann, dict):
+            raise BadValueError(f"{where}: expected an object, got {ann!r}")
+        where = f"{self.annotation_file}: annotation id {ann.get('id', f'at index {index}')}"
+        _require(ann, {"id": int, "image_id": int, "category_id": int, "bbox": list}, where)
+        if ann["image_id"] not in images:
+            raise BadValueError(f"{where}: image_id {ann['image_id']} is not declared in 'images'")
+        if ann["category_id"] not in self.cat_id_to_label:
+            raise BadValueError(
+                f"{where}: category_id {ann['category_id']} is not declared in 'categories' "
+                f"(declared: {self.cat_ids})"
+            )
+        bbox = ann["bbox"]
+        if len(bbox) != 4 or not all(isinstance(v, Number) and math.isfinite(v) for v in bbox):
+            raise BadValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+
+    def _record(self, img: dict, anns: list[dict], repairs: BoxRepairLog) -> ImageRecord:
+        """One image's record: COCO ``[x, y, w, h]`` boxes become XYXY, repaired; dropped boxes take their
+        label, area and crowd flag with them."""
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        keep = repairs.repair(boxes, img["width"], img["height"], [f"annotation id {a['id']}" for a in anns])
+        kept = [a for a, k in zip(anns, keep, strict=True) if k]
+        return ImageRecord(
+            path=check_inside_root(self.image_root, img["file_name"], self.annotation_file),
+            image_id=img["id"],
+            width=img["width"],
+            height=img["height"],
+            boxes=boxes[keep].astype(np.float32),
+            labels=np.array([self.cat_id_to_label[a["category_id"]] for a in kept], np.int64),
+            area=np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in kept], np.float32),
+            iscrowd=np.array([int(a.get("iscrowd", 0)) for a in kept], np.int64),
+        )

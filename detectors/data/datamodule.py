@@ -17,10 +17,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from training.distributed import evaluation_sampler
+from training.errors import BadValueError
 from training.images import DEFAULT_MAX_PIXELS
 
 from .coco import CocoDetection, read_coco_categories
 from .samples import BadSamplePolicy, DetectionDataset, collate_detection
+from .shapes import MANIFEST_NAME, generate_shapes
 from .transforms import detection_transforms
 from .voc import VOC_CLASSES, VOCDetection
 
@@ -116,7 +118,7 @@ class DetectionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if format not in _LAYOUT_DEFAULTS:
-            raise ValueError(f"format must be 'coco' or 'voc', got {format!r}")
+            raise BadValueError(f"format must be 'coco' or 'voc', got {format!r}")
         self.save_hyperparameters()
         default_images, default_annotations = _LAYOUT_DEFAULTS[format]
         self.images_dir = images_dir or default_images
@@ -136,7 +138,8 @@ class DetectionDataModule(L.LightningDataModule):
                 self._class_names = list(VOC_CLASSES)
             else:
                 self.prepare_data()
-                self._class_names = [c["name"] for c in read_coco_categories(self._annotation_path(hp.val_split))]
+                categories = read_coco_categories(self._annotation_path(hp.val_split))
+                self._class_names = [c["name"] for c in categories]
         return self._class_names
 
     @property
@@ -149,12 +152,11 @@ class DetectionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         hp = self.hparams
-        if hp.generate and not os.path.exists(os.path.join(hp.root, "shapes.json")):
-            from .shapes import generate_shapes
-
+        if hp.generate and not os.path.exists(os.path.join(hp.root, MANIFEST_NAME)):
             # Said out loud: a mistyped root of one's own data would otherwise train on shapes without a word.
-            rank_zero_info(f"generating the embedded shapes dataset in {os.path.abspath(hp.root)} (data "
-                           "generate: true; not your data? check data.init_args.root, or set generate: false)")
+            root = os.path.abspath(hp.root)
+            rank_zero_info(f"generating the embedded shapes dataset in {root} (data generate: true; not your "
+                           "data? check data.init_args.root, or set generate: false)")  # fmt: skip
             generate_shapes(hp.root, seed=hp.seed)
 
     def make_dataset(self, split: str, train: bool) -> DetectionDataset:
@@ -168,7 +170,7 @@ class DetectionDataModule(L.LightningDataModule):
             os.path.join(hp.root, self.images_dir.format(split=split)), self._annotation_path(split), **common
         )
         if ds.class_names != self.class_names:
-            raise ValueError(
+            raise BadValueError(
                 f"{ds.annotation_file}: categories {ds.class_names} differ from the "
                 f"{hp.val_split} split's {self.class_names}; all splits must declare the same categories"
             )
@@ -183,8 +185,8 @@ class DetectionDataModule(L.LightningDataModule):
             "predict": [("predict", hp.test_split or hp.val_split, False)],
         }
         if stage == "test" and hp.test_split is None and "test" not in self.datasets:
-            rank_zero_info(f"no data test_split set: testing on the {hp.val_split!r} split (test_* metrics are "
-                           "validation-split numbers)")
+            rank_zero_info(f"no data test_split set: testing on the {hp.val_split!r} split (test_* metrics "
+                           "are validation-split numbers)")  # fmt: skip
         for key, split, train in wanted.get(stage, []) if stage else sum(wanted.values(), []):
             if key not in self.datasets:
                 is_files = key == "predict" and hp.predict_images
@@ -200,7 +202,7 @@ class DetectionDataModule(L.LightningDataModule):
         if hp.format == "coco" and os.path.isfile(annotations):
             categories = read_coco_categories(annotations)
             if [c["name"] for c in categories] != self.class_names:
-                raise ValueError(f"{annotations}: categories differ from classes={self.class_names}")
+                raise BadValueError(f"{annotations}: categories differ from classes={self.class_names}")
             label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, start=1)}
         return ImageFileDataset(hp.predict_images, self.class_names, label_to_cat_id, hp.on_bad_sample,
                                 hp.max_image_pixels)  # fmt: skip

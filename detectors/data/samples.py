@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from training.errors import BadValueError
 from training.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 
 log = logging.getLogger("litvision")
@@ -69,19 +70,22 @@ class BoxRepairLog:
         if self.strict and (self.dropped or self.clamped):
             bad = self.dropped or self.clamped
             what = "has non-positive width or height" if self.dropped else "extends outside the image"
-            raise ValueError(f"{self.source}: {bad[0]} {what} (strict=True; use strict=False to repair)")
+            raise BadValueError(f"{self.source}: {bad[0]} {what} (strict=True; use strict=False to repair)")
         boxes[:] = clamped
         return keep
 
     def report(self) -> None:
-        if not (self.clamped or self.dropped):
-            return
+        """One warning for every repair so far (naming the first five boxes of each kind), if any."""
         parts = []
         if self.dropped:
-            parts.append(f"dropped {len(self.dropped)} degenerate boxes (first: {', '.join(self.dropped[:5])})")
+            first = ", ".join(self.dropped[:5])
+            parts.append(f"dropped {len(self.dropped)} degenerate boxes (first: {first})")
         if self.clamped:
-            parts.append(f"clamped {len(self.clamped)} boxes to the image (first: {', '.join(self.clamped[:5])})")
-        warnings.warn(f"{self.source}: " + "; ".join(parts) + " (strict=True makes these errors)", stacklevel=3)
+            first = ", ".join(self.clamped[:5])
+            parts.append(f"clamped {len(self.clamped)} boxes to the image (first: {first})")
+        if parts:
+            message = f"{self.source}: " + "; ".join(parts) + " (strict=True makes these errors)"
+            warnings.warn(message, stacklevel=3)
 
 
 def check_inside_root(root: str, file_name: str, source: str) -> str:
@@ -90,11 +94,15 @@ def check_inside_root(root: str, file_name: str, source: str) -> str:
     The check is lexical (normpath), so symlinks a user placed inside the root keep working.
     """
     if os.path.isabs(file_name) or file_name.startswith(("/", "\\")):
-        raise ValueError(f"{source}: refusing absolute image path {file_name!r}; file names must be relative")
+        raise BadValueError(
+            f"{source}: refusing absolute image path {file_name!r}; file names must be relative"
+        )
     root_n = os.path.normpath(root)
     full = os.path.normpath(os.path.join(root_n, file_name))
     if os.path.commonpath([os.path.abspath(root_n), os.path.abspath(full)]) != os.path.abspath(root_n):
-        raise ValueError(f"{source}: refusing image file_name {file_name!r}: it resolves outside {root_n}")
+        raise BadValueError(
+            f"{source}: refusing image file_name {file_name!r}: it resolves outside {root_n}"
+        )
     return full
 
 
@@ -118,7 +126,7 @@ class DetectionDataset(Dataset):
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         if on_bad_sample not in ("raise", "skip"):
-            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+            raise BadValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.records = records
         self.class_names = list(class_names)
         self.transforms = transforms
@@ -134,9 +142,12 @@ class DetectionDataset(Dataset):
         return len(self.class_names) + 1
 
     def aspect_ratios(self) -> list[float]:
+        """Width / height of every image, read from the annotations (no image is opened)."""
         return [r.width / r.height for r in self.records]
 
-    def load(self, index: int):
+    def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """Sample ``index`` before ``transforms``: the uint8[3, H, W] image and its target (class docstring);
+        raises BadImageError for a file that cannot be read or whose size differs from the annotations."""
         rec = self.records[index]
         img = open_image(rec.path, self.max_image_pixels)
         if img.size != (rec.width, rec.height):

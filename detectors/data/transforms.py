@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
+from training.errors import BadValueError
+
 # Per-box fields that must be filtered together with the boxes.
 PER_BOX_FIELDS = ("labels", "area", "iscrowd", "difficult")
 
@@ -43,7 +45,9 @@ def detection_transforms(
         if scale_jitter is not None:
             lo, hi = scale_jitter
             if not 0 < lo <= hi:
-                raise ValueError(f"scale_jitter must be (lo, hi) with 0 < lo <= hi, got {scale_jitter}")
+                raise BadValueError(
+                    f"scale_jitter must be (lo, hi) with 0 < lo <= hi, got {scale_jitter}"
+                )
             steps.append(v2.RandomAffine(degrees=0.0, scale=(lo, hi)))
         if hflip_prob > 0:
             steps.append(v2.RandomHorizontalFlip(p=hflip_prob))

@@ -16,20 +16,21 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from training.errors import BadValueError, MissingFileError
 from training.images import DEFAULT_MAX_PIXELS
 
 from .samples import BadSamplePolicy, BoxRepairLog, DetectionDataset, ImageRecord, check_inside_root
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]  # fmt: skip
 
 
 def _text(elem: ET.Element, tag: str, where: str) -> str:
     child = elem.find(tag)
     if child is None or child.text is None or not child.text.strip():
-        raise ValueError(f"{where}: missing <{tag}>")
+        raise BadValueError(f"{where}: missing <{tag}>")
     return child.text.strip()
 
 
@@ -38,16 +39,27 @@ def _number(elem: ET.Element, tag: str, where: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{where}: <{tag}> is not a number: {text!r}") from None
+        raise BadValueError(f"{where}: <{tag}> is not a number: {text!r}") from None
+
+
+def _voc_box(obj: ET.Element, where: str) -> list[float]:
+    """An <object>'s <bndbox> (1-based inclusive corners) as a 0-based pixel-edge XYXY box."""
+    bnd = obj.find("bndbox")
+    if bnd is None:
+        raise BadValueError(f"{where}: missing <bndbox>")
+    xmin, ymin, xmax, ymax = (_number(bnd, t, f"{where} <bndbox>") for t in ("xmin", "ymin", "xmax", "ymax"))
+    return [xmin - 1, ymin - 1, xmax, ymax]
 
 
 def read_split(root: str, split: str) -> list[str]:
+    """The image ids listed in ``ImageSets/Main/<split>.txt`` (first word of each non-empty line)."""
     path = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
     try:
         with open(path, encoding="utf-8") as f:
             return [line.split()[0] for line in f if line.strip()]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: split file not found (VOC layout: ImageSets/Main/<split>.txt)") from None
+        layout = "VOC layout: ImageSets/Main/<split>.txt"
+        raise MissingFileError(f"{path}: split file not found ({layout})") from None
 
 
 class VOCDetection(DetectionDataset):
@@ -75,7 +87,9 @@ class VOCDetection(DetectionDataset):
         self.image_names = read_split(self.root, split)
         label_of = {name: i + 1 for i, name in enumerate(class_names)}
         repairs = BoxRepairLog(os.path.join(self.root, "Annotations"), strict)
-        records = [self._parse(i, name, label_of, keep_difficult, repairs) for i, name in enumerate(self.image_names)]
+        records = [
+            self._parse(i, name, label_of, keep_difficult, repairs) for i, name in enumerate(self.image_names)
+        ]
         repairs.report()
         super().__init__(records, class_names, transforms, on_bad_sample, max_image_pixels)
 
@@ -91,34 +105,31 @@ class VOCDetection(DetectionDataset):
         return default
 
     def _parse(self, index: int, name: str, label_of: dict, keep_difficult: bool, repairs) -> ImageRecord:
+        """The record of split entry ``name`` (image id ``index``) from ``Annotations/<name>.xml``."""
         xml_path = check_inside_root(os.path.join(self.root, "Annotations"), f"{name}.xml", "ImageSets split")
         try:
-            tree = ET.parse(xml_path)
+            ann = ET.parse(xml_path).getroot()
         except FileNotFoundError:
-            raise FileNotFoundError(f"{xml_path}: annotation file not found") from None
+            raise MissingFileError(f"{xml_path}: annotation file not found") from None
         except ET.ParseError as e:
-            raise ValueError(f"{xml_path}: malformed XML ({e})") from None
-        ann = tree.getroot()
+            raise BadValueError(f"{xml_path}: malformed XML ({e})") from None
         size = ann.find("size")
         if size is None:
-            raise ValueError(f"{xml_path}: missing <size>")
-        width, height = int(_number(size, "width", f"{xml_path}: <size>")), int(_number(size, "height", f"{xml_path}: <size>"))
+            raise BadValueError(f"{xml_path}: missing <size>")
+        width = int(_number(size, "width", f"{xml_path}: <size>"))
+        height = int(_number(size, "height", f"{xml_path}: <size>"))
         if width <= 0 or height <= 0:
-            raise ValueError(f"{xml_path}: <size> must be positive, got {width}x{height}")
+            raise BadValueError(f"{xml_path}: <size> must be positive, got {width}x{height}")
         boxes, labels, difficult, ids = [], [], [], []
         for j, obj in enumerate(ann.findall("object")):
             where = f"{xml_path}: <object> #{j + 1}"
             cls = _text(obj, "name", where)
             if cls not in label_of:
-                raise ValueError(f"{where}: class {cls!r} is not in classes {list(label_of)}")
+                raise BadValueError(f"{where}: class {cls!r} is not in classes {list(label_of)}")
             is_difficult = obj.find("difficult") is not None and _text(obj, "difficult", where) == "1"
             if is_difficult and not keep_difficult:
                 continue
-            bnd = obj.find("bndbox")
-            if bnd is None:
-                raise ValueError(f"{where}: missing <bndbox>")
-            xmin, ymin, xmax, ymax = (_number(bnd, t, f"{where} <bndbox>") for t in ("xmin", "ymin", "xmax", "ymax"))
-            boxes.append([xmin - 1, ymin - 1, xmax, ymax])
+            boxes.append(_voc_box(obj, where))
             labels.append(label_of[cls])
             difficult.append(is_difficult)
             ids.append(f"{name}.xml object #{j + 1}")

@@ -8,6 +8,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from detectors.data.coco import CocoDetection
+from training.errors import BadValueError, MissingFileError
 from training.images import BadImageError
 
 from .helpers import coco_dict, write_coco, write_image
@@ -72,7 +73,7 @@ def test_box_anomalies_are_repaired_once_and_reported(tmp_path):
     boxes = ds[0][1]["boxes"].tolist()
     assert [30.0, 25.0, 40.0, 30.0] in boxes and len(boxes) == 3
     assert len(ds[1][1]["boxes"]) == 1
-    with pytest.raises(ValueError, match=r"ann.json: annotation id 7 extends outside the image|annotation id 8"):
+    with pytest.raises(BadValueError, match=r"ann.json: annotation id 7 extends outside the image|annotation id 8"):
         CocoDetection(image_root, ann, strict=True)
 
 
@@ -101,7 +102,7 @@ def test_structural_errors_name_file_and_id(tmp_path, mutate, message):
     data = coco_dict()
     mutate(data)
     image_root, ann = write_coco(tmp_path, data)
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(BadValueError, match=message) as err:
         CocoDetection(image_root, ann)
     assert str(ann) in str(err.value)
 
@@ -109,9 +110,9 @@ def test_structural_errors_name_file_and_id(tmp_path, mutate, message):
 def test_malformed_json_names_file_and_position(tmp_path):
     ann = tmp_path / "broken.json"
     ann.write_text('{"images": [}')
-    with pytest.raises(ValueError, match=r"broken.json: malformed JSON at line 1 column 13"):
+    with pytest.raises(BadValueError, match=r"broken.json: malformed JSON at line 1 column 13"):
         CocoDetection(tmp_path, ann)
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(MissingFileError, match="missing.json"):
         CocoDetection(tmp_path, tmp_path / "missing.json")
 
 
@@ -163,5 +164,5 @@ def test_root_given_as_dot_is_a_valid_root(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert check_inside_root(".", "sub/x.png", "test") == "sub/x.png"
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(BadValueError, match="outside"):
         check_inside_root(".", "../x.png", "test")

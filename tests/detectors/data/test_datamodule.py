@@ -1,3 +1,4 @@
+import functools
 import json
 import logging
 import warnings
@@ -6,7 +7,10 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler
 
+from detectors.data import datamodule
 from detectors.data.datamodule import DetectionDataModule, GroupedBatchSampler
+from detectors.data.shapes import generate_shapes
+from training.errors import BadValueError
 
 from .helpers import coco_dict, write_image, write_voc
 
@@ -105,7 +109,7 @@ def test_splits_must_agree_on_categories(coco_root):
     data["categories"][0]["name"] = "lion"
     path.write_text(json.dumps(data))
     dm = DetectionDataModule(str(coco_root), num_workers=0)
-    with pytest.raises(ValueError, match="instances_train.json: categories .* differ"):
+    with pytest.raises(BadValueError, match="instances_train.json: categories .* differ"):
         dm.setup("fit")
 
 
@@ -119,8 +123,12 @@ def test_voc_format(tmp_path):
     assert all("difficult" in t for t in targets)
 
 
-def test_generate_writes_shapes_once(tmp_path, caplog):
-    pytest.importorskip("detectors.data.shapes")
+def test_generate_writes_shapes_once(tmp_path, caplog, monkeypatch):
+    # The smallest dataset instead of the default 1000 + 60 images (~20 s): what is checked is when and how
+    # prepare_data generates, not the dataset.
+    small = functools.partial(generate_shapes, num_train=4, num_val=4, image_size=(160, 160), voc=False,
+                              classification=False)  # fmt: skip
+    monkeypatch.setattr(datamodule, "generate_shapes", small)
     root = tmp_path / "shapes"
     dm = DetectionDataModule(str(root), generate=True, num_workers=0)
     with warnings.catch_warnings(), caplog.at_level(logging.INFO):

@@ -3,9 +3,6 @@
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -17,12 +14,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detectors.data.shapes import SHAPES_CATEGORIES, generate_shapes, main
+from detectors.data import shapes as shapes_module
+from detectors.data.shapes import SHAPES_CATEGORIES, generate_shapes, shapes_command
+from training.errors import BadValueError, FileTakenError
 
-REPO = Path(__file__).resolve().parents[3]
 NAMES = {1: "rectangle", 3: "ellipse", 7: "triangle"}
 SMALL, LARGE = 32**2, 96**2  # pycocotools' areaRng boundaries
-PARAMS = dict(num_train=24, num_val=8, image_size=(192, 192), seed=0)
+# The smallest splits whose objects still include overlapping boxes, VOC-difficult and too-small-to-crop ones.
+PARAMS = dict(num_train=8, num_val=4, image_size=(192, 192), seed=0)
 # pycocotools' mask.decode still passes copy=False to numpy 2; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -207,7 +206,7 @@ def test_rerun_is_a_no_op_and_other_parameters_raise(dataset):
     before = [p.stat().st_mtime_ns for p in watched]
     assert generate_shapes(dataset["root"], **PARAMS) == dataset
     assert [p.stat().st_mtime_ns for p in watched] == before
-    with pytest.raises(FileExistsError, match="different parameters.*seed"):
+    with pytest.raises(FileTakenError, match="different parameters.*seed"):
         generate_shapes(dataset["root"], **{**PARAMS, "seed": 5})
     with pytest.raises(FileExistsError, match="num_val"):
         generate_shapes(dataset["root"], **{**PARAMS, "num_val": 9})
@@ -218,7 +217,7 @@ def test_unknown_content_raises_and_overwrite_replaces(tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
     (out / "mine.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="not a shapes dataset"):
+    with pytest.raises(FileTakenError, match="not a shapes dataset"):
         generate_shapes(out, num_train=4, num_val=4, voc=False, classification=False)
     paths = generate_shapes(out, num_train=4, num_val=4, voc=False, classification=False, overwrite=True)
     assert not (out / "mine.txt").exists()
@@ -245,52 +244,28 @@ def test_empty_existing_directory_is_used(tmp_path):
     ],
 )
 def test_bad_parameters_raise_clear_errors(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(BadValueError, match=message):
         generate_shapes(tmp_path / "ds", **kwargs)
     assert not (tmp_path / "ds").exists()
 
 
-def test_main_reports_counts_and_no_op(tmp_path, capsys):
-    argv = ["--out", str(tmp_path / "ds"), "--num-train", "4", "--num-val", "4", "--no-voc", "--width", "160"]
-    assert main(argv) == 0
+def test_shapes_command_reports_counts_and_no_op(tmp_path, capsys):
+    kwargs = dict(out=str(tmp_path / "ds"), num_train=4, num_val=4, voc=False, width=160)
+    shapes_command(**kwargs)
     first = capsys.readouterr().out
     assert str(tmp_path / "ds") in first and "generated" in first and "train: 4 images" in first
     assert not (tmp_path / "ds" / "voc").exists() and (tmp_path / "ds" / "classification").is_dir()
-    assert main(argv) == 0
+    shapes_command(**kwargs)
     assert "nothing written" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(argv[:-2] + ["--width", "170"])
-    assert "--overwrite" in capsys.readouterr().err
+    # A UsageError: the command line prints this message alone.
+    with pytest.raises(FileTakenError, match="--overwrite"):
+        shapes_command(**{**kwargs, "width": 170})
 
 
-# Slow only because `import detectors.data` (the package __init__) loads torch and Lightning in the child
-# process (~10-20 s on 2 busy cores); test_main_reports_counts_and_no_op covers the CLI in the fast suite.
-@pytest.mark.slow
-def test_python_dash_m_entry_point_with_minimum_split_size(tmp_path):
+def test_shapes_command_with_minimum_split_size(tmp_path, capsys):
     out = tmp_path / "cli"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "detectors.shapes",
-            "--out",
-            str(out),
-            "--num-train",
-            "4",
-            "--num-val",
-            "4",
-            "--seed",
-            "3",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert str(out) in result.stdout
+    shapes_command(str(out), num_train=4, num_val=4, seed=3)
+    assert str(out) in capsys.readouterr().out
     for split in ("train", "val"):  # the guarantees hold even for the smallest allowed split
         _split_checks(out, split, 4)
     assert (out / "voc" / "ImageSets" / "Main" / "val.txt").is_file()
@@ -298,22 +273,20 @@ def test_python_dash_m_entry_point_with_minimum_split_size(tmp_path):
 
 def test_a_concurrent_generation_keeps_the_dataset_published_first(tmp_path, monkeypatch):
     """Two DDP ranks generating at once: the second finds the first's dataset and leaves it alone."""
-    from detectors.data import shapes as module
-
     out = tmp_path / "race"
     kwargs = dict(num_train=4, num_val=4, image_size=(160, 160), voc=False, classification=False)
-    real_write = module._write_dataset
+    real_write = shapes_module.write_dataset
     raced = []
 
     def write_while_another_rank_finishes(tmp, params):
         real_write(tmp, params)
         if not raced:
             raced.append(None)
-            module.generate_shapes(out, **kwargs)  # the other rank publishes first
+            shapes_module.generate_shapes(out, **kwargs)  # the other rank publishes first
             raced[0] = (out / "shapes.json").stat().st_ino
 
-    monkeypatch.setattr(module, "_write_dataset", write_while_another_rank_finishes)
-    paths = module.generate_shapes(out, **kwargs)
+    monkeypatch.setattr(shapes_module, "write_dataset", write_while_another_rank_finishes)
+    paths = shapes_module.generate_shapes(out, **kwargs)
     assert raced and (out / "shapes.json").stat().st_ino == raced[0]  # the first dataset was not replaced
     assert paths["val_annotations"].is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".race")]  # no temp dirs left behind

@@ -3,6 +3,7 @@ import torch
 from PIL import Image
 
 from detectors.data.voc import VOC_CLASSES, VOCDetection
+from training.errors import BadValueError, MissingFileError
 
 from .helpers import write_voc
 
@@ -39,28 +40,28 @@ def test_boxes_convert_from_one_based_inclusive(voc_root):
 
 def test_default_classes_are_pascal_voc(voc_root):
     assert len(VOC_CLASSES) == 20
-    with pytest.raises(ValueError, match=r"0001.xml: <object> #1: class 'ellipse' is not in classes"):
+    with pytest.raises(BadValueError, match=r"0001.xml: <object> #1: class 'ellipse' is not in classes"):
         VOCDetection(voc_root, "train")
 
 
 def test_malformed_and_missing_files_are_named(voc_root):
     (voc_root / "Annotations" / "0003.xml").write_text("<annotation><size><width>20</width>")
-    with pytest.raises(ValueError, match=r"0003.xml: malformed XML"):
+    with pytest.raises(BadValueError, match=r"0003.xml: malformed XML"):
         VOCDetection(voc_root, "val", classes=CLASSES)
     (voc_root / "Annotations" / "0003.xml").write_text(
         "<annotation><size><width>20</width><height>20</height></size>"
         "<object><name>rectangle</name><bndbox><xmin>1</xmin><ymin>x</ymin><xmax>3</xmax><ymax>4</ymax></bndbox>"
         "</object></annotation>"
     )
-    with pytest.raises(ValueError, match=r"0003.xml: <object> #1 <bndbox>: <ymin> is not a number: 'x'"):
+    with pytest.raises(BadValueError, match=r"0003.xml: <object> #1 <bndbox>: <ymin> is not a number: 'x'"):
         VOCDetection(voc_root, "val", classes=CLASSES)
     (voc_root / "Annotations" / "0003.xml").write_text("<annotation><object><name>rectangle</name></object></annotation>")
-    with pytest.raises(ValueError, match=r"0003.xml: missing <size>"):
+    with pytest.raises(BadValueError, match=r"0003.xml: missing <size>"):
         VOCDetection(voc_root, "val", classes=CLASSES)
     (voc_root / "Annotations" / "0003.xml").unlink()
-    with pytest.raises(FileNotFoundError, match=r"0003.xml: annotation file not found"):
+    with pytest.raises(MissingFileError, match=r"0003.xml: annotation file not found"):
         VOCDetection(voc_root, "val", classes=CLASSES)
-    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/test.txt: split file not found"):
+    with pytest.raises(MissingFileError, match=r"ImageSets/Main/test.txt: split file not found"):
         VOCDetection(voc_root, "test", classes=CLASSES)
 
 
@@ -74,13 +75,13 @@ def test_image_named_by_the_xml_filename_when_not_id_jpg(voc_root):
     red = VOCDetection(voc_root, "val", classes=CLASSES)[0][0]
     assert red.shape == (3, 20, 20) and red[0].min() == 1.0 and red[1:].max() == 0.0  # the PNG
     xml.write_text(xml.read_text().replace("scan_3.png", "../../escape.png"))
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(BadValueError, match="outside"):
         VOCDetection(voc_root, "val", classes=CLASSES)
 
 
 def test_split_entries_cannot_escape_the_root(voc_root):
     (voc_root / "ImageSets" / "Main" / "evil.txt").write_text("../../../etc/passwd\n")
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(BadValueError, match="outside"):
         VOCDetection(voc_root, "evil", classes=CLASSES)
 
 
@@ -90,5 +91,5 @@ def test_out_of_image_boxes_are_clamped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"dropped 1 degenerate boxes \(first: a.xml object #2\); clamped 1"):
         ds = VOCDetection(root, "train", classes=CLASSES)
     assert ds[0][1]["boxes"].tolist() == [[4, 4, 20, 12]]
-    with pytest.raises(ValueError, match="strict=True"):
+    with pytest.raises(BadValueError, match="strict=True"):
         VOCDetection(root, "train", classes=CLASSES, strict=True)
