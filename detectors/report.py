@@ -209,7 +209,11 @@ def write_report(
     folder: Path, entries: Sequence[ModelEntry], pairs: list[dict], settings: dict,
     class_names: Sequence[str], console: Console,
 ) -> dict:  # fmt: skip
-    """comparison.{md,csv,json}, the plots, and the tables on ``console``; returns the JSON content."""
+    """comparison.{md,csv,json}, the plots, and the tables on ``console``; returns the JSON content (NaN where the file has null).
+
+    ``pairs``: one dict per compared pair, keys a, b, map_a, map_b, difference, ci_low, ci_high (NaN: no
+    interval), excludes_zero. ``settings`` are printed first, key by key; it needs device, precision and
+    batch_size (repeated in every CSV row, the conditions of the speed numbers) and bootstrap_resamples."""
     common = {k: settings[k] for k in ("device", "precision", "batch_size")}
     rows = [{**e.info, **{k: e.metrics[k] for k in METRIC_KEYS},
              **{f"ap/{n}": e.metrics[f"ap/{n}"] for n in class_names},
