@@ -76,8 +76,8 @@ def _describe(name: str, path: str, m: torch.nn.Module) -> dict:
 
 
 def _model_names(paths: Sequence[str]) -> list[str]:
-    """File stems; when stems repeat, the path parts that tell the files apart (runs/NAME/checkpoints/best.ckpt
-    -> NAME)."""
+    """File stems; when stems repeat, the path parts that tell the files apart
+    (runs/NAME/checkpoints/best.ckpt -> NAME)."""
     names = [Path(p).stem for p in paths]
     if len(set(names)) < len(names):
         full = [Path(p).resolve().with_suffix("") for p in paths]
@@ -262,8 +262,8 @@ def _settings(
         "device": f"{dev.type} ({where})", "precision": precision, "batch_size": batch_size,
         "image_size": "; ".join(f"{e.name} {e.info['min_size']}/{e.info['max_size']}" for e in entries)
                       + " (each model's resize, min_size/max_size)",
-        "timing": f"median of {repeats} calls after {warmup} warm-up call{'s' * (warmup != 1)}, images already on the device; "
-                  f"latency at batch 1, throughput at batch {batch_size}",
+        "timing": f"median of {repeats} calls after {warmup} warm-up call{'s' * (warmup != 1)}, images already "
+                  f"on the device; latency at batch 1, throughput at batch {batch_size}",
         "bootstrap_resamples": resamples, "bootstrap_seed": seed,
         "bootstrap": f"paired over images: {resamples} resamples of the {images} images with "
                      f"replacement (numpy default_rng({seed})), the same resamples for every model; 95% CI = "

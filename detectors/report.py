@@ -133,7 +133,8 @@ def plot_speed_accuracy(entries: Sequence[ModelEntry], path: Path, setting: str)
 
 
 def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
-    """``write(file)`` through ``training.saving.atomic_write`` (never a half-written report); text is UTF-8."""
+    """``write(file)`` through ``training.saving.atomic_write`` (never a half-written report); text is
+    UTF-8."""
 
     def write_to(f) -> None:
         if binary:
@@ -209,7 +210,8 @@ def write_report(
     folder: Path, entries: Sequence[ModelEntry], pairs: list[dict], settings: dict,
     class_names: Sequence[str], console: Console,
 ) -> dict:  # fmt: skip
-    """comparison.{md,csv,json}, the plots, and the tables on ``console``; returns the JSON content (NaN where the file has null).
+    """comparison.{md,csv,json}, the plots, and the tables on ``console``; returns the JSON content (NaN
+    where the file has null).
 
     ``pairs``: one dict per compared pair, keys a, b, map_a, map_b, difference, ci_low, ci_high (NaN: no
     interval), excludes_zero. ``settings`` are printed first, key by key; it needs device, precision and

@@ -93,8 +93,8 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
         assert np.mean(curve) == pytest.approx(model["map"], abs=1e-6)  # mAP is the mean of the AP-IoU curve
 
     md = (out / "comparison.md").read_text()
-    for text in ("| model |", "| mAP |", "VOC07 AP50", "VOC2010 AP50", "95% CI", "8 resamples", "default_rng(3)",
-                 "frcnn 64/64"):  # fmt: skip
+    for text in ("| model |", "| mAP |", "VOC07 AP50", "VOC2010 AP50", "95% CI", "8 resamples",
+                 "default_rng(3)", "frcnn 64/64"):  # fmt: skip
         assert text in md, text
     assert "95% CI" in stdout and "frcnn" in stdout
     for name in ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.png"):
@@ -121,8 +121,8 @@ def test_models_must_match_the_data_classes(tiny_setup):
 
 
 def test_model_names_tell_checkpoints_apart():
-    assert _model_names(["runs/faster_rcnn/checkpoints/best.ckpt", "runs/retinanet/checkpoints/best.ckpt"]) == [
-        "faster_rcnn", "retinanet"]  # fmt: skip
+    runs = ["runs/faster_rcnn/checkpoints/best.ckpt", "runs/retinanet/checkpoints/best.ckpt"]
+    assert _model_names(runs) == ["faster_rcnn", "retinanet"]
     assert _model_names(["a/best.ckpt", "b/last.ckpt"]) == ["best", "last"]
     assert _model_names(["x/best.ckpt", "x/best.ckpt"]) == ["best#1", "best#2"]
 
