@@ -262,8 +262,8 @@ def _settings(
         "device": f"{dev.type} ({where})", "precision": precision, "batch_size": batch_size,
         "image_size": "; ".join(f"{e.name} {e.info['min_size']}/{e.info['max_size']}" for e in entries)
                       + " (each model's resize, min_size/max_size)",
-        "timing": f"median of {repeats} calls after {warmup} warm-up call{'s' * (warmup != 1)}, images already "
-                  f"on the device; latency at batch 1, throughput at batch {batch_size}",
+        "timing": f"median of {repeats} calls after {warmup} warm-up call{'s' * (warmup != 1)}, images "
+                  f"already on the device; latency at batch 1, throughput at batch {batch_size}",
         "bootstrap_resamples": resamples, "bootstrap_seed": seed,
         "bootstrap": f"paired over images: {resamples} resamples of the {images} images with "
                      f"replacement (numpy default_rng({seed})), the same resamples for every model; 95% CI = "
