@@ -13,7 +13,7 @@ Category ids are the dataset's own: a COCO dataset's ``label_to_cat_id`` maps th
 back (shapes: 1, 3, 7); VOC data and plain image files have none, so the label itself is the id.
 
 Inputs are any predict dataset that yields ``(image, target)`` with ``target["image_id"]``: the COCO/VOC
-splits of ``DetectionDataModule``, or :class:`ImageFileDataset` over a glob of image files
+splits of ``DetectionDataModule``, or ``detectors.data.images.ImageFileDataset`` over a glob of image files
 (``--data.init_args.predict_images 'photos/*.jpg'``), whose image ids are the positions in the sorted list.
 
 Multiple processes (DDP): each rank writes ``predictions.rank{N}.json`` into ``out_dir`` (which must be a
@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,14 +36,13 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.ops import box_convert
-from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes
 
-from training.images import DEFAULT_MAX_PIXELS, BadImageError, find_images, open_image
+from training.errors import BadValueError
 from training.saving import atomic_write_bytes
+
+from .data.images import image_paths_of
 
 PREDICTIONS_FILE = "predictions.json"
 CATEGORIES_FILE = "categories.json"
@@ -85,7 +83,7 @@ def coco_results(
     for box, score, label in zip(xywh, scores.tolist(), labels.tolist(), strict=True):
         label = int(label)
         if label_to_cat_id is not None and label not in label_to_cat_id:
-            raise ValueError(
+            raise BadValueError(
                 f"detection label {label} has no category id in the dataset "
                 f"(labels {sorted(label_to_cat_id)}); "
                 "the model's classes do not match the data's"
@@ -132,72 +130,7 @@ def jpeg_bytes(image: Tensor, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-# -- plain image files ------------------------------------------------------------------------------------
-
-
-class ImageFileDataset(Dataset):
-    """Image files without annotations, for prediction.
-
-    Args:
-        images: a directory (searched recursively), a glob pattern or a list of paths
-            (see ``training.images.find_images``); image ids are positions in the sorted list.
-        class_names: the classes the detections will be named by (optional, informational).
-        label_to_cat_id: category id of each label when the classes come from a COCO file; None: the
-            label is the id.
-        on_bad_sample: "raise" stops at an unreadable file naming it; "skip" warns and yields None
-            (``collate_detection`` drops it).
-
-    ``__getitem__(i)`` returns ``(image, target)``: image ``tv_tensors.Image`` float32 ``[3, H, W]`` in
-    0..1, target ``{"image_id": i, "path": path}``.
-    """
-
-    def __init__(
-        self,
-        images: str | os.PathLike | Sequence[str],
-        class_names: Sequence[str] | None = None,
-        label_to_cat_id: dict[int, int] | None = None,
-        on_bad_sample: str = "raise",
-        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-    ):
-        if on_bad_sample not in ("raise", "skip"):
-            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
-        if isinstance(images, (str, os.PathLike)):
-            self.paths = find_images(images)
-        else:
-            self.paths = [os.fspath(p) for p in images]
-            if not self.paths:
-                raise ValueError("ImageFileDataset: the list of image paths is empty")
-        self.class_names = list(class_names) if class_names is not None else None
-        self.label_to_cat_id = dict(label_to_cat_id) if label_to_cat_id is not None else None
-        self.on_bad_sample = on_bad_sample
-        self.max_image_pixels = max_image_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def image_paths(self) -> dict[int, str]:
-        return dict(enumerate(self.paths))
-
-    def __getitem__(self, index: int):
-        path = self.paths[index]
-        try:
-            img = open_image(path, self.max_image_pixels)
-        except BadImageError as e:
-            if self.on_bad_sample == "raise":
-                raise
-            warnings.warn(f"skipping bad image {index}: {e}", stacklevel=2)
-            return None
-        image = F.to_dtype(tv_tensors.Image(F.pil_to_tensor(img)), torch.float32, scale=True)
-        return image, {"image_id": index, "path": path}
-
-
-def image_paths_of(dataset: Any) -> dict[int, str]:
-    """image id -> file path for the datasets this project has (``records`` or ``image_paths()``)."""
-    if hasattr(dataset, "image_paths"):
-        return dataset.image_paths()
-    if hasattr(dataset, "records"):
-        return {int(r.image_id): r.path for r in dataset.records}
-    return {}
+# -- the writer -------------------------------------------------------------------------------------------
 
 
 def drawing_names(paths: dict[int, str]) -> dict[int, str]:
@@ -206,9 +139,6 @@ def drawing_names(paths: dict[int, str]) -> dict[int, str]:
     stems = {iid: Path(p).stem for iid, p in paths.items()}
     counts = Counter(stems.values())
     return {iid: f"{s}_{iid}.jpg" if counts[s] > 1 else f"{s}.jpg" for iid, s in stems.items()}
-
-
-# -- the writer -------------------------------------------------------------------------------------------
 
 
 class CocoPredictionWriter(BasePredictionWriter):
@@ -251,7 +181,7 @@ class CocoPredictionWriter(BasePredictionWriter):
             names = list(getattr(pl_module, "class_names", None) or [])
             data_names = getattr(dataset, "class_names", None)
             if names and data_names is not None and list(data_names) != names:
-                raise ValueError(
+                raise BadValueError(
                     f"the model's classes {names} differ from the predict dataset's {list(data_names)}; "
                     "its category ids would be wrong"
                 )
@@ -280,7 +210,7 @@ class CocoPredictionWriter(BasePredictionWriter):
         images, targets = batch
         for det, image, target in zip(prediction, images, targets, strict=True):
             if "image_id" not in det:
-                raise ValueError(
+                raise BadValueError(
                     "predict_step returned a detection without 'image_id'; the predict data must yield "
                     "(image, target) with target['image_id']"
                 )

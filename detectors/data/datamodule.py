@@ -88,7 +88,7 @@ class DetectionDataModule(L.LightningDataModule):
         on_bad_sample: "raise" stops at an unreadable image naming it; "skip" warns and drops it.
         generate: write the embedded shapes dataset to ``root`` if it is missing.
         predict_images: a directory, glob pattern or file of images to predict on instead of a split
-            (``detectors.predict.ImageFileDataset``; image ids are positions in the sorted file list).
+            (``detectors.data.images.ImageFileDataset``; image ids are positions in the sorted file list).
     """
 
     def __init__(
@@ -194,7 +194,7 @@ class DetectionDataModule(L.LightningDataModule):
 
     def make_image_files(self):
         """The ``predict_images`` files; a COCO dataset's category ids are kept when its file exists."""
-        from ..predict import ImageFileDataset  # detectors.predict: the one place prediction lives
+        from .images import ImageFileDataset
 
         hp = self.hparams
         label_to_cat_id = None
