@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from detectors.compare import resample_indices
+from detectors.bootstrap import resample_indices
 from detectors.evaluation import ResampledCocoMap, coco_evaluate
 
 
