@@ -87,9 +87,9 @@ class CocoResult:
     """Output of :func:`coco_evaluate`.
 
     ``metrics``: the 12 COCO stats under :data:`COCO_KEYS` plus ``ap/<class name>`` (python floats, -1 where
-    pycocotools gives -1). ``precision``: float64 [T, R, K, A, M] (IoU thresholds x recall thresholds x classes
-    x areas (all, small, medium, large) x maxDets), -1 where a class has no ground truth; class index ``k``
-    is label ``k + 1``. ``recall``: float64 [T, K, A, M].
+    pycocotools gives -1). ``precision``: float64 [T, R, K, A, M] (IoU thresholds x recall thresholds x
+    classes x areas (all, small, medium, large) x maxDets), -1 where a class has no ground truth; class
+    index ``k`` is label ``k + 1``. ``recall``: float64 [T, K, A, M].
     """
 
     metrics: dict[str, float]
@@ -100,7 +100,8 @@ class CocoResult:
     class_names: list[str]
 
     def ap_per_iou(self) -> np.ndarray:
-        """AP per IoU threshold and class, float64 [T, K] (area all, largest maxDets); -1 without ground truth.
+        """AP per IoU threshold and class, float64 [T, K] (area all, largest maxDets); -1 without ground
+        truth.
 
         ``ap_per_iou()[t].mean over classes != -1`` is mAP at ``iou_thresholds[t]``; the mean over ``t`` of a
         column is the class's COCO AP (``metrics["ap/<name>"]``).

@@ -56,8 +56,8 @@ def evaluate_detections(
 
 
 def _image_id(target: dict) -> int:
-    """The target's ``image_id`` if it is a non-negative integer (python, numpy or one-element tensor), else -1:
-    an image that is never merged with another."""
+    """The target's ``image_id`` if it is a non-negative integer (python, numpy or one-element tensor),
+    else -1: an image that is never merged with another."""
     value = target.get("image_id")
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
@@ -78,9 +78,10 @@ class DetectionEvaluator(Metric):
     the wrong shape and dtype). After a sync the images are ordered by rank.
 
     An ``image_id`` (target key, a non-negative integer) seen again is scored once, at its first occurrence:
-    the litvision DataModules split evaluation data without repeats (``training.distributed.evaluation_sampler``),
-    but under DDP a loader of other origin gets Lightning's ``DistributedSampler``, which pads the last processes'
-    shares with repeats of the first images so that every process gets as many batches.
+    the litvision DataModules split evaluation data without repeats
+    (``training.distributed.evaluation_sampler``), but under DDP a loader of other origin gets Lightning's
+    ``DistributedSampler``, which pads the last processes' shares with repeats of the first images so that
+    every process gets as many batches.
     Targets without such an ``image_id`` are never merged.
     """
 

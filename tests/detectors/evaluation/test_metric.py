@@ -1,5 +1,5 @@
-"""detectors.evaluation.metric: DetectionEvaluator's flat output, batching, reset, repeated images, a Lightning
-validation loop and the DDP gather."""
+"""detectors.evaluation.metric: DetectionEvaluator's flat output, batching, reset, repeated images, a
+Lightning validation loop and the DDP gather."""
 
 from __future__ import annotations
 

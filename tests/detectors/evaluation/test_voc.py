@@ -71,8 +71,8 @@ def test_voc_ranking_is_global_across_images():
 
 
 def devkit_match(preds, targets, num_classes, iou_threshold):
-    """The VOC devkit's loop, literally: per class, every detection of every image ranked by score (ties: image
-    order, then input order) takes the ground truth of its class in its image with the highest IoU."""
+    """The VOC devkit's loop, literally: every detection of every image ranked by score (ties: image order,
+    then input order) takes the ground truth of its class in its image with the highest IoU."""
     ranked = sorted(
         ((float(s), i, int(c), b) for i, p in enumerate(preds)
          for b, s, c in zip(p["boxes"].double(), p["scores"], p["labels"], strict=True)),
