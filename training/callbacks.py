@@ -344,6 +344,7 @@ class ReduceLROnPlateau(Callback):
                 )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keras' ``on_epoch_end``, run after each real validation (epochs without one do not count)."""
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         current = same_on_every_process(trainer, trainer.callback_metrics.get(self.monitor))
