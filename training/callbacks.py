@@ -61,7 +61,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
     Args:
         filepath: Keras-style template, e.g. ``ckpt/weights.{epoch:02d}-{val_loss:.2f}.ckpt``: ``epoch``
             is 1-based, ``batch`` (1-based, in the epoch) exists for step saves, ``step`` is the global
-            step, and any logged metric may appear; a key that is not logged raises ``FilepathKeyError``.
+            step, and any logged metric may appear; a key that is not logged raises
+            ``training.callback_utils.FilepathKeyError``.
             Only the file name may contain ``{}`` fields; ``last.ckpt`` goes to the same directory.
         monitor: metric compared by ``save_best_only``.
         verbose: 1 prints tf-keras' messages.
