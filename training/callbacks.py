@@ -3,8 +3,8 @@
 ``ModelCheckpoint`` subclasses Lightning's (file handling, ``last.ckpt``, resume lookup stay Lightning's)
 but decides what to save and prints what tf-keras prints: 1-based epochs in file names and messages,
 ``save_best_only`` on strict improvement, the missing-monitor warning. It also makes resuming exact:
-it installs :class:`~training.saving.AtomicCheckpointIO`, stores the RNG states (Python, NumPy, torch)
-in its checkpoint state and restores them before the first resumed epoch, refuses to resume from a
+it installs :class:`~training.checkpoint_io.AtomicCheckpointIO`, stores the RNG states (Python, NumPy,
+torch) in its checkpoint state and restores them before the first resumed epoch, refuses to resume from a
 weights-only file, and turns ``ckpt_path="last"`` without a last checkpoint into an error.
 
 ``ReduceLROnPlateau`` is tf-keras' algorithm (absolute ``min_delta``, reduction on the epoch where
@@ -18,139 +18,28 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import re
-import string
 from typing import Any, Literal
 from weakref import proxy
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from training.saving import check_resumable, remove_stale_temp_files, use_atomic_checkpoint_io
-
-# Name tokens of metrics where larger is better (mode="auto"), besides tf-keras' own "acc" substring.
-_MAX_TOKEN = re.compile(r"m?ap\d*|mar\d*|f1|precision|recall|m?iou")
-
-
-def resolve_mode(mode: str, monitor: str) -> Literal["min", "max"]:
-    """``"min"``/``"max"`` as given; ``"auto"``: max for accuracy/mAP/mAR/AP/F1/precision/recall/IoU.
-
-    "auto" follows tf-keras (name contains "acc" or starts with "fmeasure") and also treats as max a name
-    token (split at ``_ / - .``) that is map/mar/ap/f1/precision/recall/iou, optionally followed by
-    digits (``val_map_50``, ``val_ap/cat``, ``map50``, ``val_mar_100``); anything else is min.
-    """
-    if mode in ("min", "max"):
-        return mode  # type: ignore[return-value]
-    if mode != "auto":
-        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-    name = monitor.lower()
-    if "acc" in name or name.startswith("fmeasure"):
-        return "max"
-    tokens = [t for t in re.split(r"[^a-z0-9]+", name) if t]
-    return "max" if any(_MAX_TOKEN.fullmatch(t) for t in tokens) else "min"
-
-
-def _same_on_every_process(trainer: Trainer, value: Any) -> float | None:
-    """Process 0's value of a monitored metric (None if it has none), on every process. Under DDP a metric
-    logged without ``sync_dist`` differs between processes; decisions taken on it must not: a checkpoint
-    saved by some processes only deadlocks in its barrier, and per-process LR reductions make the replicas
-    drift apart."""
-    value = None if value is None else float(value)
-    return trainer.strategy.broadcast(value) if trainer.world_size > 1 else value
-
-
-def _say(trainer: Trainer, message: str) -> None:
-    """Print like tf-keras' print_msg, without breaking a tqdm progress bar."""
-    if not trainer.is_global_zero:
-        return
-    if isinstance(trainer.progress_bar_callback, TQDMProgressBar):
-        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-
-        Tqdm.write(message)
-    else:  # no bar, or rich (whose live display redirects stdout above the bar)
-        print(message, flush=True)
-
-
-# ----------------------------------------------------------------------------------------- file names
-
-
-class FilepathKeyError(KeyError):
-    """A ``{key}`` of the checkpoint filepath template that was not logged."""
-
-    def __str__(self) -> str:  # KeyError would show the message quoted
-        return str(self.args[0])
-
-
-def _template_keys(template: str) -> list[str]:
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise ValueError(f"ModelCheckpoint filepath {template!r} is not a valid template: {e}") from None
-    keys = [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]
-    if "" in keys:
-        raise ValueError(
-            f"ModelCheckpoint filepath {template!r}: use named fields like {{epoch:02d}}, not {{}}"
-        )
-    return keys
-
-
-def format_filepath(template: str, values: dict[str, Any]) -> str:
-    """Keras ``filepath.format(epoch=..., **logs)``, but a missing key is an error naming it and the
-    available keys (Lightning would silently write 0)."""
-    values = {
-        k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in values.items()
-    }
-    for key in _template_keys(template):
-        if key not in values:
-            raise FilepathKeyError(
-                f"ModelCheckpoint filepath {template!r} uses {{{key}}}, which is not logged"
-                f" at epoch {values.get('epoch', '?')}; available keys: {', '.join(sorted(values))}"
-            )
-    try:
-        return template.format(**values)
-    except (ValueError, TypeError, IndexError, AttributeError) as e:
-        raise ValueError(
-            f"ModelCheckpoint filepath {template!r} cannot be formatted with {values}: {e}"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------- RNG state
-
-
-def capture_rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU, CUDA) RNG states as plain data + tensors (weights_only-loadable)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    states: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [
-            np_name,
-            torch.from_numpy(np_keys.astype(np.int64)),
-            int(np_pos),
-            int(np_has_gauss),
-            float(np_gauss),
-        ],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
-
+from training.callback_utils import (
+    capture_rng_states,
+    filepath_of_process_0,
+    format_filepath,
+    resolve_mode,
+    restore_rng_states,
+    same_on_every_process,
+    say,
+    split_filepath,
+)
+from training.checkpoint_io import check_resumable, remove_stale_temp_files, use_atomic_checkpoint_io
+from training.errors import BadValueError, MissingFileError
 
 # ----------------------------------------------------------------------------------------- ModelCheckpoint
 
@@ -158,23 +47,35 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 class ModelCheckpoint(LightningModelCheckpoint):
     """tf-keras ``ModelCheckpoint`` as a Lightning callback.
 
+    The Keras rules: after each epoch's validation (or every ``save_freq`` training batches) the model is
+    saved to ``filepath`` formatted with ``epoch`` (1-based) and the logged metrics. With
+    ``save_best_only`` it is saved only when ``monitor`` is strictly better than the best so far (``mode``
+    decides which way); a missing monitor warns and saves nothing. Nothing saved is ever deleted, and a
+    file of the same name is overwritten. ``verbose=1`` prints tf-keras' lines: ``Epoch 5: val_loss
+    improved from 0.40000 to 0.30000, saving model to ...``, ``... did not improve from ...``,
+    ``Epoch 5: saving model to ...``.
+
+    Beyond Keras, for resuming: the RNG states travel in ``last.ckpt`` (see ``save_last``) and are restored
+    before the first resumed epoch, so a resumed run ends bit-identical to an uninterrupted one.
+
     Args:
         filepath: Keras-style template, e.g. ``ckpt/weights.{epoch:02d}-{val_loss:.2f}.ckpt``: ``epoch``
             is 1-based, ``batch`` (1-based, in the epoch) exists for step saves, ``step`` is the global
-            step, and any logged metric may appear; a key that is not logged raises ``FilepathKeyError``.
+            step, and any logged metric may appear; a key that is not logged raises
+            ``training.callback_utils.FilepathKeyError``.
             Only the file name may contain ``{}`` fields; ``last.ckpt`` goes to the same directory.
         monitor: metric compared by ``save_best_only``.
-        verbose: 1 prints tf-keras' messages (``Epoch 5: val_loss improved from ... to ...``).
+        verbose: 1 prints tf-keras' messages.
         save_best_only: save only when ``monitor`` strictly improves on the best so far (a templated
             filepath keeps one file per improvement, a fixed one is overwritten); False saves every time.
         save_weights_only: the saved files hold architecture + weights, no optimizer/trainer state
             (``load_model`` rebuilds them; resuming from them is refused). ``last.ckpt`` stays full.
-        mode: ``"min"``, ``"max"`` or ``"auto"`` (see :func:`resolve_mode`).
+        mode: ``"min"``, ``"max"`` or ``"auto"`` (see :func:`training.callback_utils.resolve_mode`).
         save_freq: ``"epoch"`` or an int N: save every N training batches (optimizer steps; equal to
             batches without gradient accumulation) instead of at epoch end.
         initial_value_threshold: initial "best" value for ``save_best_only``.
-        save_last: also keep ``last.ckpt`` (full state) up to date at every save and epoch end, and when a SIGTERM
-            stops training between batches.
+        save_last: also keep ``last.ckpt`` (full state) up to date at every save and epoch end, and when a
+            SIGTERM stops training between batches.
     """
 
     def __init__(
@@ -189,19 +90,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
         initial_value_threshold: float | None = None,
         save_last: bool = True,
     ) -> None:
-        filepath = os.fspath(filepath)
-        directory, name = os.path.split(filepath)
-        if not name:
-            raise ValueError(f"ModelCheckpoint filepath must name a file, got {filepath!r}")
-        if "{" in directory or "}" in directory:
-            raise ValueError(
-                f"ModelCheckpoint filepath {filepath!r}: only the file name may contain {{fields}}"
-            )
-        _template_keys(name)
+        directory, name = split_filepath(filepath)
         if save_freq != "epoch" and (
             isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
         ):
-            raise ValueError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
+            raise BadValueError(f"save_freq must be 'epoch' or a positive int (batches), got {save_freq!r}")
         resolved = resolve_mode(mode, monitor)
         super().__init__(
             dirpath=directory or ".",
@@ -222,13 +115,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self.save_best_only = save_best_only
         self.save_freq = save_freq
         self.mode_requested = mode
-        self.best = (
-            float(initial_value_threshold)
-            if initial_value_threshold is not None
-            else (math.inf if resolved == "min" else -math.inf)
-        )
-        self._validated_epoch = -1
-        self._pending_rng: dict[str, Any] | None = None
+        if initial_value_threshold is not None:
+            self.best = float(initial_value_threshold)
+        else:
+            self.best = math.inf if resolved == "min" else -math.inf
+        self._validated_epoch = -1  # the last epoch whose validation ran: its metrics are current
+        self._pending_rng: dict[str, Any] | None = None  # loaded from a checkpoint, restored at fit start
 
     @property
     def state_key(self) -> str:
@@ -236,32 +128,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
             filename=self.filename, monitor=self.keras_monitor, save_freq=self.save_freq
         )
 
-    def _improved(self, current: float) -> bool:
-        return current < self.best if self.mode == "min" else current > self.best
-
-    # --- hooks
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Lightning's setup only resolves dirpath (ours is given) and warns about a non-empty directory,
-        # which is the normal case when resuming; Keras overwrites without a word.
-        from lightning.fabric.utilities.cloud_io import get_filesystem
-
-        self._fs = get_filesystem(self.dirpath)
-        use_atomic_checkpoint_io(trainer)
-        if stage == "fit" and trainer.is_global_zero and not trainer.fast_dev_run:
-            # left by a run killed while saving (a fast_dev_run saves nothing and may share a live run's folder)
-            remove_stale_temp_files(self.dirpath)
-        if stage == "fit" and self.save_best_only and self.mode_requested == "auto":
-            rank_zero_info(
-                f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'"
-            )
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # After the checkpoint is restored and before the train dataloader iterator draws its seeds,
-        # so the resumed run draws the same random numbers as an uninterrupted one.
-        if self._pending_rng is not None:
-            restore_rng_states(self._pending_rng)
-            self._pending_rng = None
+    # --- when to save (the Keras rules)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -286,9 +153,78 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # Always at epoch end, so last.ckpt holds this epoch's validation results and LR changes.
         self._save_last_checkpoint(trainer, {})
 
-    def on_load_checkpoint(
-        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning stops after the current batch on SIGTERM (a scheduler's preemption): keep that progress in
+        # last.ckpt, so `--ckpt_path last|auto` continues from this step, not from the last epoch end. Only
+        # between training batches (a half-run validation is not resumable), and never the Keras-named file,
+        # which only save_best_only's rule writes.
+        if (isinstance(exception, SIGTERMException) and not self._skip(trainer)
+                and trainer.state.stage == RunningStage.TRAINING):  # fmt: skip
+            self._save_last_checkpoint(trainer, {})
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(trainer.fast_dev_run) or trainer.state.fn != "fit" or trainer.sanity_checking
+
+    def _keras_save(self, trainer: Trainer, batch: int | None = None) -> None:
+        """Keras' ``_save_model``: save, or with ``save_best_only`` save if ``monitor`` improved."""
+        values = self._template_values(trainer, batch)
+        filepath = filepath_of_process_0(trainer, lambda: self.format_checkpoint_name(values))
+        epoch = trainer.current_epoch + 1
+        if not self.save_best_only:
+            if self.keras_verbose:
+                say(trainer, f"Epoch {epoch}: saving model to {filepath}")
+            self.best_model_path = filepath  # "best" = latest, as Lightning's monitor=None
+            self._save_checkpoint(trainer, filepath)
+            return
+        current = same_on_every_process(trainer, values.get(self.keras_monitor))
+        if current is None:
+            rank_zero_warn(f"Can save best model only with {self.keras_monitor} available, skipping.")
+            return
+        if not self._improved(current):
+            if self.keras_verbose:
+                say(trainer, f"Epoch {epoch}: {self.keras_monitor} did not improve from {self.best:.5f}")
+            return
+        if self.keras_verbose:
+            say(trainer, f"Epoch {epoch}: {self.keras_monitor} improved from {self.best:.5f} to {current:.5f},"
+                         f" saving model to {filepath}")
+        self.best = current
+        self.current_score = self.best_model_score = torch.tensor(current)
+        self.best_model_path = filepath
+        self.best_k_models[filepath] = self.best_model_score
+        self._save_checkpoint(trainer, filepath)
+
+    def _improved(self, current: float) -> bool:
+        return current < self.best if self.mode == "min" else current > self.best
+
+    def _template_values(self, trainer: Trainer, batch: int | None) -> dict[str, Any]:
+        """The filepath template's values: logged metrics, ``epoch`` (1-based), ``step``, ``batch``."""
+        values = dict(trainer.callback_metrics)
+        if self._validated_epoch != trainer.current_epoch:
+            # Validation did not run this epoch: its metrics are from an earlier one (Keras has none).
+            values = {k: v for k, v in values.items() if not k.startswith("val")}
+        values.update(epoch=trainer.current_epoch + 1, step=trainer.global_step)
+        if batch is not None:
+            values["batch"] = batch
+        return values
+
+    # --- resuming
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning's setup only resolves dirpath (ours is given) and warns about a non-empty directory,
+        # which is the normal case when resuming; Keras overwrites without a word.
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        self._fs = get_filesystem(self.dirpath)
+        use_atomic_checkpoint_io(trainer)
+        if stage == "fit" and trainer.is_global_zero and not trainer.fast_dev_run:
+            # left by a run killed while saving (a fast_dev_run saves nothing and may share a live run's folder)
+            remove_stale_temp_files(self.dirpath)
+        if stage == "fit" and self.save_best_only and self.mode_requested == "auto":
+            rank_zero_info(
+                f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'"
+            )
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":
             check_resumable(checkpoint, trainer.ckpt_path)
         # The RNG states from whichever of our checkpoint callbacks saved them, so that a changed
@@ -297,6 +233,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._pending_rng = next(
             (s["rng_states"] for s in states if isinstance(s, dict) and "rng_states" in s), None
         )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the checkpoint is restored and before the train dataloader iterator draws its seeds,
+        # so the resumed run draws the same random numbers as an uninterrupted one.
+        if self._pending_rng is not None:
+            restore_rng_states(self._pending_rng)
+            self._pending_rng = None
 
     def state_dict(self) -> dict[str, Any]:
         # RNG states are captured now, at save time: the next draws are those of the next epoch.
@@ -307,45 +250,24 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self.best = float(state_dict.get("keras_best", self.best))
         self._pending_rng = state_dict.get("rng_states")
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Lightning stops after the current batch on SIGTERM (a scheduler's preemption): keep that progress in
-        # last.ckpt, so `--ckpt_path last|auto` continues from this step, not from the last epoch end. Only
-        # between training batches (a half-run validation is not resumable), and never the Keras-named file,
-        # which only save_best_only's rule writes.
-        if (isinstance(exception, SIGTERMException) and not self._skip(trainer)
-                and trainer.state.stage == RunningStage.TRAINING):  # fmt: skip
-            self._save_last_checkpoint(trainer, {})
-
-    # --- Lightning internals redirected to Keras behaviour
-
-    def _skip(self, trainer: Trainer) -> bool:
-        return bool(trainer.fast_dev_run) or trainer.state.fn != "fit" or trainer.sanity_checking
-
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
         # Lightning calls this only for ckpt_path="last"; it would warn and train from scratch.
         found = super()._find_last_checkpoints(trainer)
         if not found:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f'ckpt_path="last": there is no last checkpoint to resume from in {self.dirpath} '
                 "(no last.ckpt). Run without ckpt_path to start a new training run."
             )
         return found
 
-    def format_checkpoint_name(
-        self,
-        metrics: dict[str, Any],
-        filename: str | None = None,
-        ver: int | None = None,
-        prefix: str | None = None,
-    ) -> str:
-        if filename is not None:  # Lightning's last checkpoint name
-            name = (
-                filename
-                + (f"{self.CHECKPOINT_JOIN_CHAR}v{ver}" if ver is not None else "")
-                + self.FILE_EXTENSION
-            )
-        else:
+    # --- Lightning's file writing, with Keras' names
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None,
+                               ver: int | None = None, prefix: str | None = None) -> str:
+        if filename is None:
             name = format_filepath(self.filename, metrics)
+        else:  # Lightning's last checkpoint name
+            name = filename + (f"{self.CHECKPOINT_JOIN_CHAR}v{ver}" if ver is not None else "") + self.FILE_EXTENSION
         return os.path.join(self.dirpath, name)
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
@@ -358,59 +280,6 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
-
-    def _template_values(self, trainer: Trainer, batch: int | None) -> dict[str, Any]:
-        values = {k: v for k, v in trainer.callback_metrics.items()}
-        if self._validated_epoch != trainer.current_epoch:
-            # Validation did not run this epoch: its metrics are from an earlier one (Keras has none).
-            values = {k: v for k, v in values.items() if not k.startswith("val")}
-        values.update(epoch=trainer.current_epoch + 1, step=trainer.global_step)
-        if batch is not None:
-            values["batch"] = batch
-        return values
-
-    def _same_filepath(self, trainer: Trainer, values: dict[str, Any]) -> str:
-        """The file name formatted on process 0, on every process: template values may differ between
-        processes (metrics logged without sync_dist), or be missing on one of them."""
-        if trainer.world_size <= 1:
-            return self.format_checkpoint_name(values)
-        try:
-            path, error = self.format_checkpoint_name(values), None
-        except (FilepathKeyError, ValueError) as e:  # raised on every process, not only where it happened
-            path, error = None, (isinstance(e, FilepathKeyError), str(e))
-        path, error = trainer.strategy.broadcast((path, error))
-        if error is not None:
-            raise (FilepathKeyError if error[0] else ValueError)(error[1])
-        return path
-
-    def _keras_save(self, trainer: Trainer, batch: int | None = None) -> None:
-        values = self._template_values(trainer, batch)
-        filepath = self._same_filepath(trainer, values)
-        epoch = trainer.current_epoch + 1
-        if not self.save_best_only:
-            if self.keras_verbose:
-                _say(trainer, f"Epoch {epoch}: saving model to {filepath}")
-            self.best_model_path = filepath  # "best" = latest, as Lightning's monitor=None
-            self._save_checkpoint(trainer, filepath)
-            return
-        current = _same_on_every_process(trainer, values.get(self.keras_monitor))
-        if current is None:
-            rank_zero_warn(f"Can save best model only with {self.keras_monitor} available, skipping.")
-            return
-        if self._improved(current):
-            if self.keras_verbose:
-                _say(
-                    trainer,
-                    f"Epoch {epoch}: {self.keras_monitor} improved from {self.best:.5f} to {current:.5f},"
-                    f" saving model to {filepath}",
-                )
-            self.best = current
-            self.current_score = self.best_model_score = torch.tensor(current)
-            self.best_model_path = filepath
-            self.best_k_models[filepath] = self.best_model_score
-            self._save_checkpoint(trainer, filepath)
-        elif self.keras_verbose:
-            _say(trainer, f"Epoch {epoch}: {self.keras_monitor} did not improve from {self.best:.5f}")
 
 
 # ----------------------------------------------------------------------------------------- ReduceLROnPlateau
@@ -441,7 +310,7 @@ class ReduceLROnPlateau(Callback):
         min_lr: float = 0.0,
     ) -> None:
         if factor >= 1.0:
-            raise ValueError(f"ReduceLROnPlateau does not support a factor >= 1.0. Got {factor}")
+            raise BadValueError(f"ReduceLROnPlateau does not support a factor >= 1.0. Got {factor}")
         self.monitor = monitor
         self.factor = factor
         self.patience = patience
@@ -476,37 +345,27 @@ class ReduceLROnPlateau(Callback):
                 )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keras' ``on_epoch_end``, run after each real validation (epochs without one do not count)."""
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        current = _same_on_every_process(trainer, trainer.callback_metrics.get(self.monitor))
+        current = same_on_every_process(trainer, trainer.callback_metrics.get(self.monitor))
         if current is None:
-            rank_zero_warn(
-                f"Learning rate reduction is conditioned on metric `{self.monitor}` which is not available."
-                f" Available metrics are: {','.join(trainer.callback_metrics)}"
-            )
+            rank_zero_warn(f"Learning rate reduction is conditioned on metric `{self.monitor}` which is not available."
+                           f" Available metrics are: {','.join(trainer.callback_metrics)}")
             return
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0
         if self._improved(current):
-            self.best = current
-            self.wait = 0
+            self.best, self.wait = current, 0
         elif self.cooldown_counter <= 0:
             self.wait += 1
-            if self.wait >= self.patience:
-                new_lrs = self._reduce(trainer)
-                if new_lrs:
-                    if self.verbose:
-                        shown = new_lrs[0] if len(set(new_lrs)) == 1 else new_lrs
-                        _say(
-                            trainer,
-                            f"Epoch {trainer.current_epoch + 1}: ReduceLROnPlateau reducing learning rate to {shown}.",
-                        )
-                    self.cooldown_counter = self.cooldown
-                    self.wait = 0
+            # With every group already at min_lr nothing is reduced, and no cooldown starts (as in tf-keras).
+            if self.wait >= self.patience and self._reduce(trainer):
+                self.cooldown_counter, self.wait = self.cooldown, 0
 
     def _reduce(self, trainer: Trainer) -> list[float]:
-        """Reduce every param group above ``min_lr``; return the new LRs of the groups reduced."""
+        """Reduce every param group above ``min_lr``, say so; return the new LRs of the groups reduced."""
         new_lrs = []
         for optimizer in trainer.optimizers:
             schedulers = [
@@ -526,6 +385,9 @@ class ReduceLROnPlateau(Callback):
                 for scheduler in schedulers:
                     scheduler.base_lrs[i] *= new / old
                 new_lrs.append(new)
+        if new_lrs and self.verbose:
+            shown = new_lrs[0] if len(set(new_lrs)) == 1 else new_lrs
+            say(trainer, f"Epoch {trainer.current_epoch + 1}: ReduceLROnPlateau reducing learning rate to {shown}.")
         return new_lrs
 
     def state_dict(self) -> dict[str, Any]:

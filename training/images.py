@@ -1,4 +1,4 @@
-"""Finding and loading images: the Keras ``glob.glob`` + ``load_img`` of the lesson.
+"""Finding and loading images: the Keras recipe's ``glob.glob`` + ``load_img``.
 
 ``load_image`` mirrors ``keras.utils.load_img`` (same arguments, same resize and
 crop arithmetic, returns a PIL image). ``open_image`` is the strict loader the
@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from training.errors import BadValueError, MissingFileError, UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Keras' PIL_INTERPOLATION_METHODS, name for name.
@@ -35,11 +37,12 @@ INTERPOLATIONS = {
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
-class BadImageError(OSError):
+class BadImageError(UsageError, OSError):
     """An image file that is missing, unreadable, truncated or too large. The message names the path."""
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has one of the ``IMAGE_EXTENSIONS`` (any case); the file itself is not opened."""
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -48,8 +51,8 @@ def find_images(root_or_pattern: str | os.PathLike, allow_empty: bool = False) -
 
     Extensions jpg/jpeg/png/bmp/webp/tif(f) match case-insensitively; ``**`` in a
     pattern recurses as in ``glob.glob(..., recursive=True)``. Raises
-    ``FileNotFoundError`` naming the argument when nothing matches, unless
-    ``allow_empty``.
+    ``MissingFileError`` (a ``FileNotFoundError``) naming the argument when
+    nothing matches, unless ``allow_empty``.
     """
     spec = os.fspath(root_or_pattern)
     if os.path.isdir(spec):
@@ -59,14 +62,16 @@ def find_images(root_or_pattern: str | os.PathLike, allow_empty: bool = False) -
     elif os.path.isfile(spec):
         pattern = glob.escape(spec)
     else:
-        raise FileNotFoundError(f"{spec}: no such directory or file, and it is not a glob pattern")
+        raise MissingFileError(f"{spec}: no such directory or file, and it is not a glob pattern")
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and is_image_file(p))
     if not paths and not allow_empty:
-        raise FileNotFoundError(f"{spec}: matches no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise MissingFileError(f"{spec}: matches no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return paths
 
 
 def _read(path) -> Image.Image:
+    # Read whole and closed at once, as Keras' load_img does: PIL's lazy open would keep the file open until
+    # the image is decoded.
     if isinstance(path, io.BytesIO):
         return Image.open(path)
     with open(path, "rb") as f:
@@ -92,9 +97,9 @@ def load_image(
         exif_transpose: apply the EXIF orientation tag. Keras does not, so it is off.
     """
     if color_mode not in ("grayscale", "rgb", "rgba"):
-        raise ValueError(f'color_mode must be "grayscale", "rgb", or "rgba", got {color_mode!r}')
+        raise BadValueError(f'color_mode must be "grayscale", "rgb", or "rgba", got {color_mode!r}')
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(
+        raise BadValueError(
             f"Invalid interpolation method {interpolation!r}; supported: {', '.join(INTERPOLATIONS)}"
         )
     if isinstance(path, Path):
@@ -111,21 +116,26 @@ def load_image(
     elif img.mode != "RGB":
         img = to_rgb(img)
     if target_size is not None:
-        width_height = (int(target_size[1]), int(target_size[0]))
-        if img.size != width_height:
-            resample = INTERPOLATIONS[interpolation]
-            if keep_aspect_ratio:
-                # Keras' arithmetic: the largest centred crop with the target aspect ratio.
-                width, height = img.size
-                target_width, target_height = width_height
-                crop_height = min(height, (width * target_height) // target_width)
-                crop_width = min(width, (height * target_width) // target_height)
-                top = (height - crop_height) // 2
-                left = (width - crop_width) // 2
-                img = img.resize(width_height, resample, box=(left, top, left + crop_width, top + crop_height))
-            else:
-                img = img.resize(width_height, resample)
+        img = _resize(img, (int(target_size[1]), int(target_size[0])), INTERPOLATIONS[interpolation],
+                      keep_aspect_ratio)
     return img
+
+
+def _resize(img: Image.Image, width_height: tuple[int, int], resample: Image.Resampling,
+            keep_aspect_ratio: bool) -> Image.Image:
+    """Keras' resize: ``keep_aspect_ratio`` first takes the largest centred crop with the target aspect
+    ratio (Keras' integer arithmetic, so the same pixels are kept)."""
+    if img.size == width_height:
+        return img
+    if not keep_aspect_ratio:
+        return img.resize(width_height, resample)
+    width, height = img.size
+    target_width, target_height = width_height
+    crop_height = min(height, (width * target_height) // target_width)
+    crop_width = min(width, (height * target_width) // target_height)
+    top = (height - crop_height) // 2
+    left = (width - crop_width) // 2
+    return img.resize(width_height, resample, box=(left, top, left + crop_width, top + crop_height))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -154,6 +164,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 @contextlib.contextmanager
 def _pil_limit_off():
+    """PIL's pixel limit switched off for a ``with`` block (``open_image`` applies its own ``max_pixels``)."""
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:

@@ -19,23 +19,30 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from training.saving import atomic_write_bytes
+from training.checkpoint_io import atomic_write_bytes
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to an existing ``metrics.csv`` instead of deleting it."""
+
     def _check_log_dir_exists(self) -> None:
+        # Lightning's version warns and deletes metrics.csv. This one keeps it and reads its header: Lightning's
+        # save() appends under those columns (rewriting the header when new metrics appear).
         self._resumed = self._fs.isfile(self.metrics_file_path)
         if self._resumed:
             with self._fs.open(self.metrics_file_path, "r", newline="") as f:
                 self.metrics_keys = next(csv.reader(f), [])
 
     def save(self) -> None:
+        # The first write after resuming starts at the first step run again: the rows the interrupted run
+        # logged from that step on are dropped, so that each step appears once.
         if self._resumed and self.metrics:
             self._drop_rows_from(min(int(m["step"]) for m in self.metrics))
             self._resumed = False
         super().save()
 
     def _drop_rows_from(self, step: int) -> None:
+        """Rewrite ``metrics.csv`` without its rows at or after ``step``."""
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             rows = list(csv.DictReader(f))
         kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]

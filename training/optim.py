@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from training.errors import BadValueError
+
 # Devices with PyTorch's fused SGD/AdamW kernels (CPU since torch 2.4; older versions refuse or lack the
 # argument, and the loop implementation is used).
 _FUSED_DEVICES = ("cpu", "cuda")
@@ -25,7 +27,7 @@ def build_optimizer(
 
     Why fused: the default implementation loops over the parameter tensors (~200 in the demo models) with a
     dozen small operations each, 18-21 ms per AdamW step on 2 CPU cores against 5-8 ms fused
-    (docs/benchmarks.md); on GPUs the fused kernel is the faster one too. Not under mixed precision
+    (docs/benchmarks.md, "Detector training speed"); on GPUs the fused kernel is the faster one too. Not under mixed precision
     (``precision``, the Trainer's setting, "16-mixed" or "bf16-mixed"): Lightning's mixed-precision plugin
     refuses gradient clipping with an optimiser that unscales gradients inside its step, as fused ones do."""
     params = list(params)
@@ -36,7 +38,7 @@ def build_optimizer(
     elif name == "adamw":
         cls = torch.optim.AdamW
     else:
-        raise ValueError(f"optimizer={name!r}: choose 'sgd' or 'adamw'")
+        raise BadValueError(f"optimizer={name!r}: choose 'sgd' or 'adamw'")
     mixed = str(precision).endswith("mixed") or str(precision) in ("16", "bf16")
     fused = not mixed and all(p.device.type in _FUSED_DEVICES for p in tensors)
     if fused:

@@ -1,4 +1,5 @@
-"""Keras ModelCheckpoint / ReduceLROnPlateau behaviour on scripted metric sequences.
+"""Keras ModelCheckpoint / ReduceLROnPlateau behaviour on scripted metric sequences, their state across a
+resume, and their decisions under DDP.
 
 Expected files, messages and LR schedules are worked out by hand from tf-keras' documented algorithm
 (tf_keras/callbacks.py), not from the code under test.
@@ -10,20 +11,20 @@ import csv
 import json
 import logging
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.training.tiny_lightning import ScriptedModule, quiet_trainer
-from training.callbacks import FilepathKeyError, ModelCheckpoint, ReduceLROnPlateau, resolve_mode
-from training.saving import AtomicCheckpointIO
+from tests.training.test_callback_utils import MODE_AUTO_CASES
+from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same, quiet_trainer
+from training.callback_utils import FilepathKeyError
+from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
+from training.checkpoint_io import AtomicCheckpointIO
+from training.errors import UsageError
 
 
 class LRRecorder(Callback):
@@ -57,34 +58,10 @@ def load(path):
 # ----------------------------------------------------------------------------------------- mode
 
 
-@pytest.mark.parametrize(
-    ("monitor", "expected"),
-    [
-        ("val_loss", "min"),
-        ("train_loss", "min"),
-        ("val_acc", "max"),
-        ("categorical_accuracy", "max"),
-        ("val_map", "max"),
-        ("val_map_50", "max"),
-        ("val_map_small", "max"),
-        ("val_mar_100", "max"),
-        ("val_ap/person", "max"),
-        ("val_f1", "max"),
-        ("val_precision", "max"),
-        ("val_recall", "max"),
-        ("val_iou", "max"),
-        ("val_miou", "max"),
-        ("fmeasure", "max"),
-        ("val_gap_loss", "min"),  # "ap" inside a word is not AP
-        ("val_margin", "min"),
-    ],
-)
+@pytest.mark.parametrize(("monitor", "expected"), MODE_AUTO_CASES)
 def test_mode_auto(monitor, expected):
-    assert resolve_mode("auto", monitor) == expected
     assert ModelCheckpoint("m.ckpt", monitor=monitor, save_best_only=True).mode == expected
     assert ReduceLROnPlateau(monitor=monitor).mode == expected
-    assert resolve_mode("max", "val_loss") == "max"
-    assert resolve_mode("min", "val_acc") == "min"
 
 
 def test_mode_auto_choice_is_reported(tmp_path):
@@ -118,6 +95,11 @@ def test_invalid_arguments():
         ModelCheckpoint("m.ckpt", mode="largest")
     with pytest.raises(ValueError, match="factor >= 1.0"):
         ReduceLROnPlateau(factor=1.0)
+    # refused settings are the user's to fix: the command line prints the message alone
+    for refused in (lambda: ModelCheckpoint("m.ckpt", save_freq=0), lambda: ReduceLROnPlateau(factor=2.0),
+                    lambda: ModelCheckpoint("m.ckpt", mode="largest"), lambda: ModelCheckpoint("m-{}.ckpt")):
+        with pytest.raises(UsageError):
+            refused()
 
 
 # ----------------------------------------------------------------------------------------- ModelCheckpoint
@@ -196,6 +178,7 @@ def test_unlogged_template_key_is_an_error_listing_available_keys(tmp_path):
     cb = ModelCheckpoint(str(tmp_path / "w-{val_acc:.2f}.ckpt"))
     with pytest.raises(FilepathKeyError) as info:
         fit(ScriptedModule(script=[0.5]), [cb], 1, tmp_path)
+    assert isinstance(info.value, KeyError) and isinstance(info.value, UsageError)
     message = str(info.value)
     assert "{val_acc}" in message
     assert "available keys: epoch, step, train_loss, val_loss" in message
@@ -343,29 +326,85 @@ def test_plateau_state_round_trip():
     assert (other.best, other.wait, other.cooldown_counter) == (0.25, 2, 1)
 
 
+# ----------------------------------------------------------------------------------------- resuming
+
+
+def train_regressor(
+    dirpath: Path, max_epochs: int, ckpt_path: str | None = None, seed: int = 0, **module_kwargs
+):
+    seed_everything(seed, verbose=False)
+    module = TinyRegressor(**module_kwargs)
+    # min_delta=10 never counts as improvement: with patience 1 and cooldown 2 the LR is halved at the
+    # end of epochs 2, 4 and 6, so the plateau counters are mid-cooldown at the interruption (epoch 3).
+    plateau = ReduceLROnPlateau(factor=0.5, patience=1, cooldown=2, min_delta=10.0)
+    ckpt = ModelCheckpoint(str(dirpath / "e{epoch:02d}.ckpt"))
+    trainer = quiet_trainer(dirpath, max_epochs, [ckpt, plateau], deterministic=True)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, trainer, plateau
+
+
+@pytest.mark.parametrize("epoch_scheduler", [False, True], ids=["step-warmup", "epoch-StepLR"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, epoch_scheduler):
+    # Dropout, BatchNorm, shuffled batches, momentum, a warm-up scheduler and plateau reductions: the
+    # resumed run must draw the same random numbers and restore every state to end bit-identical.
+    module_a, trainer_a, plateau_a = train_regressor(tmp_path / "a", 6, epoch_scheduler=epoch_scheduler)
+    train_regressor(tmp_path / "b", 3, epoch_scheduler=epoch_scheduler)
+    # another seed on resume: the RNG state must come from the checkpoint, not from seeding
+    module_b, trainer_b, plateau_b = train_regressor(
+        tmp_path / "b", 6, ckpt_path="last", seed=999, epoch_scheduler=epoch_scheduler
+    )
+
+    assert_same(module_b.state_dict(), module_a.state_dict())
+    assert_same(trainer_b.optimizers[0].state_dict(), trainer_a.optimizers[0].state_dict())
+    assert_same(
+        trainer_b.lr_scheduler_configs[0].scheduler.state_dict(),
+        trainer_a.lr_scheduler_configs[0].scheduler.state_dict(),
+    )
+    assert plateau_b.state_dict() == plateau_a.state_dict()
+    assert (
+        (trainer_b.global_step, trainer_b.current_epoch)
+        == (trainer_a.global_step, trainer_a.current_epoch)
+        == (36, 6)
+    )
+    # three plateau halvings (epochs 2, 4, 6) survive the scheduler: LambdaLR recomputes from base_lrs
+    expected_lr = 0.05 * 0.5**3 * (0.7**6 if epoch_scheduler else 1.0)
+    assert trainer_b.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected_lr, rel=1e-12)
+    assert sorted(os.listdir(tmp_path / "b")) == [f"e{e:02d}.ckpt" for e in range(1, 7)] + ["last.ckpt"]
+
+
+def test_plateau_and_checkpoint_state_survive_resume(tmp_path, capsys):
+    # Flat val_loss, patience 3: reductions at 4, 7, 10. Interrupted after 5 epochs (wait=1 then), the
+    # resumed run must reduce at 7 and 10 -- a fresh state would reduce at 9 instead.
+    def run(max_epochs, ckpt_path=None):
+        plateau = ReduceLROnPlateau(factor=0.5, patience=3, verbose=1)
+        ckpt = ModelCheckpoint(str(tmp_path / "best.ckpt"), save_best_only=True, verbose=1)
+        trainer = quiet_trainer(tmp_path, max_epochs, [ckpt, plateau])
+        trainer.fit(ScriptedModule(script=[1.0] * 10, lr=0.1), ckpt_path=ckpt_path)
+        return trainer, epoch_lines(capsys)
+
+    _, first = run(5)
+    assert "Epoch 4: ReduceLROnPlateau reducing learning rate to 0.05." in first
+    trainer, second = run(10, ckpt_path="last")
+    assert [x for x in second if "ReduceLROnPlateau" in x] == [
+        "Epoch 7: ReduceLROnPlateau reducing learning rate to 0.025.",
+        "Epoch 10: ReduceLROnPlateau reducing learning rate to 0.0125.",
+    ]
+    # the checkpoint's best (1.0 from epoch 1) was restored too: no "improved from inf" after resuming
+    assert [x for x in second if "val_loss" in x] == [
+        f"Epoch {e}: val_loss did not improve from 1.00000" for e in range(6, 11)
+    ]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0125
+
+
+def test_ckpt_path_last_without_checkpoint_is_an_error(tmp_path):
+    cb = ModelCheckpoint(str(tmp_path / "ckpt" / "m.ckpt"))
+    with pytest.raises(FileNotFoundError, match="no last checkpoint to resume from"):
+        quiet_trainer(tmp_path, 1, [cb]).fit(ScriptedModule(script=[1.0]), ckpt_path="last")
+
+
 # ----------------------------------------------------------------------------------------- DDP
 
-# Two processes log different values of a metric that is not synced: both callbacks must take process 0's
-# decisions everywhere (before, process 1 saved and reduced on its own values: a checkpoint barrier that
-# process 0 never entered, LRs that differ between replicas).
-PER_RANK_SCRIPT = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-
-    import lightning as L
-
-    from tests.training.test_callbacks import PerRankMetric, Record
-    from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
-
-    if __name__ == "__main__":
-        out = Path(sys.argv[-1])
-        ckpt = ModelCheckpoint(str(out / "best-{m:.2f}.ckpt"), monitor="m", save_best_only=True)
-        plateau = ReduceLROnPlateau(monitor="m", patience=1, factor=0.5)
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=4, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                            callbacks=[ckpt, plateau, Record(out, ckpt)])
-        trainer.fit(PerRankMetric())
-""")
+# Each process logs its own values of a metric "m", without sync_dist.
 PER_RANK = {0: [3.0, 2.0, 2.0, 2.0], 1: [1.0, 0.5, 0.25, 0.1]}
 
 
@@ -375,6 +414,8 @@ class PerRankMetric(ScriptedModule):
 
 
 class Record(Callback):
+    """Writes what each process ended with to ``out/<rank>.json``."""
+
     def __init__(self, out: Path, checkpoint: ModelCheckpoint):
         self.out, self.checkpoint = out, checkpoint
 
@@ -385,8 +426,15 @@ class Record(Callback):
 
 
 def test_callbacks_decide_on_process_0s_value_under_ddp(tmp_path):
-    repo = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-c", PER_RANK_SCRIPT, str(tmp_path)], cwd=repo, check=True, timeout=240)
+    # Two processes (spawned: this process only launches them) log different values of a metric that is not
+    # synced: both callbacks must take process 0's decisions everywhere, or process 1 would save and reduce on
+    # its own values: a checkpoint barrier that process 0 never enters, LRs that differ between replicas.
+    ckpt = ModelCheckpoint(str(tmp_path / "best-{m:.2f}.ckpt"), monitor="m", save_best_only=True)
+    plateau = ReduceLROnPlateau(monitor="m", patience=1, factor=0.5)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=4, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                      callbacks=[ckpt, plateau, Record(tmp_path, ckpt)])
+    trainer.fit(PerRankMetric())
     # Keras' rules on process 0's values 3, 2, 2, 2: best 2 (epoch 2); no improvement at epochs 3 and 4 with
     # patience 1 -> two reductions, 0.1 -> 0.05 -> 0.025. Process 1's own values would give best 0.1, lr 0.1,
     # and its file names (best-0.50.ckpt at epoch 2) would name files that were never written.

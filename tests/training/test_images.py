@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training.errors import UsageError
 from training.images import BadImageError, find_images, load_image, open_image, to_rgb
 
 # A 4 (high) x 6 (wide) RGB image whose column index is encoded in red and row in green.
@@ -75,8 +76,9 @@ def test_rgba_adds_opaque_alpha(grid_png):
 
 
 def test_bad_arguments_are_named(grid_png):
-    with pytest.raises(ValueError, match="color_mode"):
+    with pytest.raises(ValueError, match="color_mode") as info:
         load_image(grid_png, color_mode="hsv")
+    assert isinstance(info.value, UsageError)  # the command line prints the message alone
     with pytest.raises(ValueError, match="interpolation"):
         load_image(grid_png, target_size=(2, 2), interpolation="cubic")
 
@@ -134,8 +136,9 @@ def test_truncated_missing_garbage_and_bomb_name_the_file(tmp_path, grid_png):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(BadImageError, match="cut.jpg.*truncated"):
         open_image(cut)
-    with pytest.raises(BadImageError, match="nope.png.*not found"):
+    with pytest.raises(BadImageError, match="nope.png.*not found") as info:
         open_image(tmp_path / "nope.png")
+    assert isinstance(info.value, OSError) and isinstance(info.value, UsageError)
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"definitely not a png")
     with pytest.raises(BadImageError, match="junk.png.*not a readable image"):
@@ -164,8 +167,9 @@ def test_find_images_sorted_recursive_case_insensitive(tmp_path):
 
 
 def test_find_images_errors_name_the_pattern(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
+    with pytest.raises(FileNotFoundError, match="missing_dir") as info:
         find_images(tmp_path / "missing_dir")
+    assert isinstance(info.value, UsageError)
     with pytest.raises(FileNotFoundError, match=r"\*\.jpg.*matches no image files"):
         find_images(str(tmp_path / "*.jpg"))
     assert find_images(str(tmp_path / "*.jpg"), allow_empty=True) == []

@@ -4,6 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision.amp import _optimizer_handles_unscaling
 
+from training.errors import UsageError
 from training.optim import build_optimizer
 
 
@@ -43,5 +44,6 @@ def test_not_fused_under_mixed_precision_where_lightning_would_refuse_gradient_c
     for precision in ("16-mixed", "bf16-mixed", 16):
         opt = build_optimizer("adamw", groups(), 0.01, 0.9, 0.0, precision)
         assert not opt.defaults.get("fused") and not _optimizer_handles_unscaling(opt)
-    with pytest.raises(ValueError, match="optimizer='adam'"):
+    with pytest.raises(ValueError, match="optimizer='adam'") as info:
         build_optimizer("adam", groups(), 0.01, 0.9, 0.0)
+    assert isinstance(info.value, UsageError)

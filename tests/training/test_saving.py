@@ -1,12 +1,12 @@
-"""save_model / load_model round trips, safe loading, atomic writes, clear errors on bad files."""
+"""save_model / load_model round trips, the model class a file names, clear errors on non-litvision files.
+
+The file-level guarantees (safe reads, atomic writes, truncated files) are tested in test_checkpoint_io.py.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import random
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,16 +15,8 @@ from lightning.pytorch import LightningModule
 
 from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same, quiet_trainer
 from training.callbacks import ModelCheckpoint
-from training.saving import (
-    OFFLINE_HPARAM_KEYS,
-    AtomicCheckpointIO,
-    CheckpointFileError,
-    atomic_torch_save,
-    checkpoint_log_position,
-    load_checkpoint_file,
-    load_model,
-    save_model,
-)
+from training.checkpoint_io import CheckpointFileError, load_checkpoint_file
+from training.saving import OFFLINE_HPARAM_KEYS, load_model, save_model
 
 # ----------------------------------------------------------------------------------------- model factories
 # Every model class of the project goes through the same round trip. A factory returns (module, example
@@ -188,46 +180,7 @@ def test_non_plain_hyperparameters_are_refused_at_save(tmp_path):
     assert not (tmp_path / "m.ckpt").exists()
 
 
-# ----------------------------------------------------------------------------------------- unsafe files
-
-
-class _Payload:
-    """Unpickling this runs os.mkdir(marker): stands for arbitrary code in a malicious file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def test_malicious_pickle_is_refused_and_not_executed(tmp_path):
-    marker = tmp_path / "payload-ran"
-    path = tmp_path / "evil.ckpt"
-    module = ScriptedModule(script=[1.0])
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "litvision": {"class_path": "tests.training.tiny_lightning.ScriptedModule", "format": 1},
-            "payload": _Payload(str(marker)),
-        },
-        path,
-    )
-    with pytest.raises(CheckpointFileError, match="refused to load") as info:
-        load_model(path)
-    assert str(path) in str(info.value) and "posix.mkdir" in str(info.value)
-    assert not marker.exists()
-
-    # the same file given to resume (through the checkpoint IO ModelCheckpoint installs)
-    trainer = quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))])
-    with pytest.raises(CheckpointFileError, match="refused to load"):
-        trainer.fit(ScriptedModule(script=[1.0]), ckpt_path=str(path))
-    assert not marker.exists()
-
-    # the payload is live: an unrestricted unpickler would have run it
-    torch.load(path, weights_only=False)
-    assert marker.is_dir()
+# ----------------------------------------------------------------------------------------- model classes in files
 
 
 @pytest.mark.parametrize(
@@ -252,122 +205,6 @@ def test_file_without_class_path_is_explained(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
     with pytest.raises(CheckpointFileError, match="no model class recorded"):
         load_model(path)
-
-
-# ----------------------------------------------------------------------------------------- bad files
-
-
-# load_model reads the file whole; the hyperparameter/step lookups before a resume map it (mmap=True).
-READERS = {"load_model": load_model, "mapped": lambda path: load_checkpoint_file(path, mmap=True)}
-
-
-@pytest.mark.parametrize("reader", READERS)
-@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
-def test_truncated_or_corrupt_file_errors_clearly(tmp_path, damage, reader):
-    path = tmp_path / "m.ckpt"
-    save_model(TinyRegressor(hidden=8), path)
-    data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": random.Random(0).randbytes(4096)}[damage])
-    with pytest.raises(CheckpointFileError, match="truncated or corrupt") as info:
-        READERS[reader](path)
-    assert str(path) in str(info.value)
-
-
-@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
-def test_mapped_read_equals_plain_read(tmp_path, zip_format):
-    """torch cannot map its pre-1.6 (non-zip) format: that file is read whole instead, with the same result."""
-    path = tmp_path / "m.ckpt"
-    saved = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "global_step": 12,
-             "litvision": {"logger_version": 3}, "hyper_parameters": {"hidden": 8}}  # fmt: skip
-    torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
-    mapped = load_checkpoint_file(path, mmap=True)
-    assert torch.equal(mapped["state_dict"]["w"], saved["state_dict"]["w"])
-    assert mapped["hyper_parameters"] == {"hidden": 8}
-    assert checkpoint_log_position(path) == (3, 12)
-
-
-def test_random_bytes_always_get_the_clear_error(tmp_path):
-    """Random bytes reach torch's legacy (non-zip) unpickler, which fails in several ways (IndexError,
-    KeyError, UnpicklingError...); every one must become the same named error."""
-    path = tmp_path / "noise.ckpt"
-    for seed in range(300):
-        path.write_bytes(random.Random(seed).randbytes(4096))
-        with pytest.raises(CheckpointFileError, match="truncated or corrupt"):
-            load_model(path)
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
-        load_model(tmp_path / "nothing.ckpt")
-
-
-# ----------------------------------------------------------------------------------------- atomic writes
-
-
-class _FailsMidSave:
-    """Pickling this raises, as a full disk or a crash would in the middle of torch.save."""
-
-    def __reduce__(self):
-        raise OSError(28, "No space left on device (simulated)")
-
-
-def test_failed_save_leaves_the_previous_file_intact(tmp_path):
-    path = tmp_path / "model.ckpt"
-    module = TinyRegressor(hidden=8)
-    save_model(module, path)
-    before = path.read_bytes()
-    with pytest.raises(OSError, match="simulated"):
-        atomic_torch_save({"state_dict": module.state_dict(), "x": _FailsMidSave()}, path)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["model.ckpt"]  # no temporary file left behind
-    load_model(path)
-
-
-def test_atomic_save_file_mode_and_checkpoint_io(tmp_path):
-    mask = os.umask(0o022)
-    os.umask(mask)
-    atomic_torch_save({"a": torch.ones(2)}, tmp_path / "new.ckpt")
-    assert os.stat(tmp_path / "new.ckpt").st_mode & 0o777 == 0o666 & ~mask
-
-    io = AtomicCheckpointIO()
-    io.save_checkpoint({"a": torch.arange(3)}, str(tmp_path / "sub" / "c.ckpt"))
-    assert torch.equal(io.load_checkpoint(str(tmp_path / "sub" / "c.ckpt"))["a"], torch.arange(3))
-    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        io.load_checkpoint(str(tmp_path / "missing.ckpt"))
-
-
-def _as_if_saved_on_cuda(src: Path, dst: Path) -> None:
-    """Rewrite a torch.save zip so its storages say "cuda:0", as a GPU run's checkpoint does."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for name in zin.namelist():
-            data = zin.read(name)
-            if name.endswith("data.pkl"):  # protocol-2 pickle: BINUNICODE opcode, 4-byte length, text
-                assert b"X\x03\x00\x00\x00cpu" in data
-                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
-            zout.writestr(name, data)
-
-
-def test_checkpoint_io_opens_a_gpu_checkpoint_on_the_cpu(tmp_path):
-    # Lightning calls load_checkpoint without map_location (resume, validate/test/predict --ckpt_path).
-    torch.save({"state_dict": {"w": torch.arange(3.0)}}, tmp_path / "cpu.ckpt")
-    _as_if_saved_on_cuda(tmp_path / "cpu.ckpt", tmp_path / "gpu.ckpt")
-    if not torch.cuda.is_available():  # the rewritten file really is a CUDA checkpoint
-        with pytest.raises(RuntimeError, match="CUDA"):
-            torch.load(tmp_path / "gpu.ckpt", weights_only=True)
-    w = AtomicCheckpointIO().load_checkpoint(str(tmp_path / "gpu.ckpt"))["state_dict"]["w"]
-    assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
-
-
-def test_checkpoint_callback_removes_temp_files_of_killed_saves(tmp_path):
-    stale = tmp_path / ".last.ckpt.k3j_9x2a.tmp"  # what a save killed mid-write leaves
-    stale.write_bytes(b"partial")
-    unrelated = tmp_path / ".notes.tmp"
-    unrelated.write_text("not ours")
-    trainer = quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(tmp_path / "m.ckpt"))])
-    trainer.fit(ScriptedModule(script=[1.0]))
-    assert not stale.exists()
-    assert unrelated.exists()
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_load_model_inside_a_cli_instantiation_keeps_its_own_hparams(tmp_path):
