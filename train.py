@@ -34,8 +34,9 @@ from detectors.compare import compare_command as compare
 from detectors.data.shapes import shapes_command as shapes
 from detectors.evaluation import evaluate_command as evaluate
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
+from training.checkpoint_io import checkpoint_log_position, resolve_ckpt_path
 from training.loggers import ResumableCSVLogger
-from training.saving import checkpoint_log_position, offline_model_config, resolve_ckpt_path
+from training.saving import offline_model_config
 
 LAST = ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION  # last.ckpt
 

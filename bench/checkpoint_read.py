@@ -19,7 +19,7 @@ import time
 import torch
 
 from detectors.module import FasterRCNNModule
-from training.saving import checkpoint_log_position, load_checkpoint_file
+from training.checkpoint_io import checkpoint_log_position, load_checkpoint_file
 
 
 def main() -> None:

@@ -39,8 +39,8 @@ from torch import Tensor
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
+from training.checkpoint_io import atomic_write_bytes
 from training.errors import BadValueError
-from training.saving import atomic_write_bytes
 
 from .data.images import image_paths_of
 

@@ -12,7 +12,7 @@ mAP differences with their bootstrap intervals, and the settings, and writes int
 
 Tables (printed with rich, and in the markdown): models (detector kind, backbone, parameters, resize, speed),
 accuracy (the :data:`METRIC_KEYS` columns), per-class AP, and the mAP differences A - B with their 95%
-interval. Every file is written atomically (``training.saving.atomic_write``): a report is never half
+interval. Every file is written atomically (``training.checkpoint_io.atomic_write``): a report is never half
 written. Plots are drawn on matplotlib Figures with the Agg canvas (no pyplot state, no display).
 """
 
@@ -31,7 +31,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from training.saving import atomic_write
+from training.checkpoint_io import atomic_write
 
 if TYPE_CHECKING:
     from .compare import ModelEntry
@@ -133,7 +133,7 @@ def plot_speed_accuracy(entries: Sequence[ModelEntry], path: Path, setting: str)
 
 
 def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
-    """``write(file)`` through ``training.saving.atomic_write`` (never a half-written report); text is
+    """``write(file)`` through ``training.checkpoint_io.atomic_write`` (never a half-written report); text is
     UTF-8."""
 
     def write_to(f) -> None:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from training.checkpoint_io import atomic_write_bytes
 from training.errors import BadValueError
-from training.saving import atomic_write_bytes
 
 from ..data.coco import read_json
 from .inputs import BoxFormat
@@ -169,5 +169,5 @@ def load_coco_predictions(predictions_json: str | os.PathLike, gt: CocoGroundTru
 
 
 def write_metrics_json(metrics: dict[str, float], path: str | os.PathLike) -> None:
-    """Write ``metrics`` as a flat JSON object, atomically (``training.saving.atomic_write``)."""
+    """Write ``metrics`` as a flat JSON object, atomically (``training.checkpoint_io.atomic_write``)."""
     atomic_write_bytes(path, (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
