@@ -17,6 +17,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detectors.backbones import backbone_body, count_parameters
 from detectors.models import build_detector
+from detectors.module import RetinaNetModule
 from tests.detectors.tiny_detectors import (
     TINY,
     save_as,
@@ -89,3 +90,59 @@ def test_trainable_layers_without_weights_train_everything_like_torchvision():
     total, trainable = count_parameters(model)
     assert total == trainable
     assert any(isinstance(m, nn.BatchNorm2d) for m in backbone_body(model).modules())
+
+
+CLASSES = ["rectangle", "ellipse", "triangle"]
+
+
+def tiny_module(cls, **kw):
+    torch.manual_seed(0)
+    return cls(**{"class_names": CLASSES, "min_size": 64, "max_size": 64, "warmup_iters": 2, "backbone": "resnet18_fpn",
+                  **kw})
+
+
+def test_trainable_layers_freeze_a_checkpoint_body_with_its_own_eps(tmp_path):
+    # torchvision applies trainable_backbone_layers to its own weights only (and warns "no effect" otherwise);
+    # a body from a litvision checkpoint is just as pretrained and gets the same layout.
+    from classifiers.module import FrozenBackboneClassifier
+    from training.saving import load_model, save_model
+
+    torch.manual_seed(5)
+    clf = FrozenBackboneClassifier("mobilenet_v3_large", class_names=CLASSES, weights=None, freeze="none")
+    with torch.no_grad():  # small variances, where 1e-3 and FrozenBatchNorm2d's default 1e-5 differ (first
+        # block only: 17 blocks of them would overflow float32)
+        clf.backbone[0][1].running_var.uniform_(1e-4, 1e-2)
+    pretrain = tmp_path / "pretrain.ckpt"
+    save_model(clf, pretrain)
+    options = dict(backbone="mobilenet_v3_large_fpn", backbone_checkpoint=str(pretrain), trainable_backbone_layers=3)
+    det = tiny_module(RetinaNetModule, **options).eval()
+    body = det.model.backbone.body
+    # MobileNetV3-Large's stages start at features 0, 2, 4, 7, 13 and 16: the top three are features 7-16.
+    assert {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad} == {str(i) for i in range(7, 17)}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert {m.eps for m in body.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.001}  # MobileNetV3's BatchNorm
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = list(body(x).values())[-1]
+        torch.testing.assert_close(features, clf.backbone.eval()(x))  # what the classifier computed in eval mode
+
+    # Frozen statistics take the checkpoint's eps whatever froze them: here a whole-detector weights_path.
+    torch.save(det.model.state_dict(), tmp_path / "detector.pth")
+    with_weights = tiny_module(RetinaNetModule, backbone="mobilenet_v3_large_fpn", weights_path=str(tmp_path / "detector.pth"),
+                        backbone_checkpoint=str(pretrain))  # fmt: skip
+    assert {m.eps for m in with_weights.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.001}
+
+    # load_model rebuilds the layout and its eps without the pretraining checkpoint.
+    save_model(det, tmp_path / "det.ckpt")
+    pretrain.unlink()
+    rebuilt = load_model(tmp_path / "det.ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(list(rebuilt.model.backbone.body(x).values())[-1], features, rtol=0, atol=0)
+
+    # No checkpoint yet (a demo config before its pretraining step): the same layout, so that a run started now
+    # and resumed from its config once the file exists rebuilds the model (and optimiser groups) it saved.
+    with pytest.warns(UserWarning, match="stay frozen at their random initial weights"):
+        early = tiny_module(RetinaNetModule, **options, if_checkpoint_missing="warn")
+    trainable = [n for n, p in det.named_parameters() if p.requires_grad]
+    assert [n for n, p in early.named_parameters() if p.requires_grad] == trainable
+    assert early.state_dict().keys() == det.state_dict().keys()
