@@ -118,10 +118,10 @@ def use_channels_last(model: nn.Module) -> nn.Module:
     """Store the detector's 4-D weights, and feed its backbone, in NHWC (``torch.channels_last``) layout.
 
     Same numbers, other memory order: oneDNN convolutions on CPUs and tensor-core convolutions on GPUs run
-    faster on NHWC, above all the depthwise convolutions of MobileNetV3 (docs/benchmarks.md: the demo's
-    MobileNetV3-FPN detectors train 1.1-1.3x faster per step on 2 CPU cores). The batched input torchvision's
-    transform builds is NCHW, hence the hook on the backbone; every later activation inherits the layout
-    from its convolution. Returns ``model`` (converted in place).
+    faster on NHWC, above all the depthwise convolutions of MobileNetV3 (the demo's MobileNetV3-FPN detectors
+    train 1.1-1.3x faster per step on 2 CPU cores: docs/benchmarks.md, 'Detector training throughput'). The
+    batched input torchvision's transform builds is NCHW, hence the hook on the backbone; every later
+    activation inherits the layout from its convolution. Returns ``model`` (converted in place).
     """
     model.to(memory_format=torch.channels_last)
     model.backbone.register_forward_pre_hook(_channels_last_input)  # a module-level function pickles (DDP spawn)

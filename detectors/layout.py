@@ -110,10 +110,15 @@ def _has_torchvision_weights(hparams: dict[str, Any]) -> bool:
     return any(hparams.get(k) is not None for k in ("weights", "weights_backbone", "weights_path"))
 
 
-def freezes_checkpoint_body(hparams: dict[str, Any]) -> bool:
-    """Whether a ``backbone_checkpoint`` body gets the pretrained layout (see the module docstring)."""
+def _freezes_checkpoint_body(hparams: dict[str, Any]) -> bool:
     return (hparams.get("backbone_checkpoint") is not None and hparams.get("trainable_backbone_layers") is not None
             and not _has_torchvision_weights(hparams))
+
+
+def pretrained_layout(hparams: dict[str, Any]) -> bool:
+    """``build_detector``'s ``pretrained_layout`` for a detector module's ``hparams``: asked for, or given to a
+    ``backbone_checkpoint`` body (torchvision's weights imply it in ``build_detector`` itself)."""
+    return bool(hparams.get("pretrained_layout")) or _freezes_checkpoint_body(hparams)
 
 
 def copy_checkpoint_body(model: nn.Module, hparams: dict[str, Any]) -> float | None:
@@ -121,7 +126,7 @@ def copy_checkpoint_body(model: nn.Module, hparams: dict[str, Any]) -> float | N
     "raise" or "warn" when the file does not exist). Returns the eps to record as ``frozen_bn_eps``: the
     donor's, when it froze statistics and no ``frozen_bn_eps`` was given; else None."""
     path, if_missing = hparams["backbone_checkpoint"], hparams["if_checkpoint_missing"]
-    if freezes_checkpoint_body(hparams) and not os.path.isfile(path) and if_missing == "warn":
+    if _freezes_checkpoint_body(hparams) and not os.path.isfile(path) and if_missing == "warn":
         warnings.warn(f"trainable_backbone_layers={hparams['trainable_backbone_layers']} with a missing "
                       "backbone_checkpoint: the body's lower stages stay frozen at their random initial weights "
                       "and its FrozenBatchNorm2d layers normalise nothing; run the pretraining first, or set "
@@ -140,6 +145,6 @@ def offline_hparams(arch: str, hparams: dict[str, Any]) -> dict[str, Any]:
         hp["pretrained_layout"] = True
         if hp.get("frozen_bn_eps") is None:
             hp["frozen_bn_eps"] = frozen_bn_eps_of(arch, hp["backbone"], hp.get("weights"), hp.get("weights_path"))
-    elif freezes_checkpoint_body(hp):
+    elif _freezes_checkpoint_body(hp):
         hp["pretrained_layout"] = True  # its eps is recorded in frozen_bn_eps already
     return default_offline_hparams(hp)

@@ -26,9 +26,9 @@ from training.errors import BadValueError
 from training.optim import build_optimizer
 from training.saving import SavableModule
 
+from . import layout
 from .backbones import backbone_body, count_parameters, use_channels_last
 from .evaluation import DetectionEvaluator
-from .layout import copy_checkpoint_body, freezes_checkpoint_body, offline_hparams
 from .models import DETECTOR_ARGUMENTS, build_detector
 from .val_loss import losses_and_detections, training_losses
 
@@ -196,10 +196,10 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
         self.loss_means = epoch_means([n for stage in ("train", "val", "test") for n in self._loss_log_names(stage)])
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, num_classes)]
         architecture = {k: v for k, v in self.hparams.items() if k in DETECTOR_ARGUMENTS} | detector_options
-        architecture["pretrained_layout"] = pretrained_layout or freezes_checkpoint_body(self.hparams)
+        architecture["pretrained_layout"] = layout.pretrained_layout(self.hparams)
         self.model = self.build_model(num_classes=num_classes, **architecture)
         if backbone_checkpoint is not None:
-            eps = copy_checkpoint_body(self.model, self.hparams)
+            eps = layout.copy_checkpoint_body(self.model, self.hparams)
             if eps is not None:  # the state dict holds no eps, and load_model rebuilds without the checkpoint
                 self.hparams["frozen_bn_eps"] = eps
         if channels_last:
@@ -210,7 +210,7 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
     @classmethod
     def offline_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """Rebuild without fetching weights, in the layout they imply: ``detectors.layout.offline_hparams``."""
-        return offline_hparams(cls.arch, hparams)
+        return layout.offline_hparams(cls.arch, hparams)
 
     def build_model(self, **kwargs: Any) -> torch.nn.Module:
         return build_detector(self.arch, **kwargs)

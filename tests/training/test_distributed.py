@@ -2,8 +2,8 @@
 still joins DDP's collective operations: the gradient all-reduce, the epoch-end metric and loss syncs; and a
 multi-process evaluation scores each image once, with the losses' epoch means of one process.
 
-The multi-process runs are the scripts in tests/training/ddp_scripts (2 CPU processes over gloo), each run once
-per test session, however many tests read what it wrote.
+The multi-process runs are the scripts in tests/training/ddp_scripts (2 CPU processes over gloo), each run
+once, however many tests read what it wrote.
 """
 
 import json
