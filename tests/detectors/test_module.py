@@ -382,3 +382,20 @@ def test_backbone_lr_scale_gives_the_body_its_own_scaled_group():
     assert groups["backbone"]["lr"] == pytest.approx(0.005) and groups["heads"]["lr"] == pytest.approx(0.02)
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         tiny(FasterRCNNModule, backbone_lr_scale=0.0)
+
+
+def test_every_architecture_argument_reaches_build_detector():
+    # DetectionModule passes its hyperparameters to build_detector by name: an architecture argument missing
+    # from DETECTOR_ARGUMENTS would be dropped without a word.
+    import inspect
+
+    from detectors.models import DETECTOR_ARGUMENTS
+    from detectors.module import DetectionModule
+
+    module_only = {"self", "num_classes", "class_names", "backbone_checkpoint", "if_checkpoint_missing", "optimizer",
+                   "lr", "momentum", "weight_decay", "backbone_lr_scale", "warmup_iters", "warmup_factor",
+                   "lr_milestones", "lr_gamma", "cosine_decay", "compute_val_loss", "channels_last",
+                   "detector_options", "kwargs"}  # fmt: skip
+    for cls in (DetectionModule, FasterRCNNModule, RetinaNetModule):
+        names = set(inspect.signature(cls.__init__).parameters) - module_only
+        assert names and names <= DETECTOR_ARGUMENTS, names - DETECTOR_ARGUMENTS
