@@ -24,6 +24,8 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_weights
 
+from training.errors import BadValueError, MissingFileError
+
 # name -> (torchvision builder name, feature channels, whether the body is `.features`)
 BACKBONES: dict[str, tuple[str, int, bool]] = {
     "resnet18": ("resnet18", 512, False),
@@ -40,7 +42,7 @@ _CLASSIFIER_PREFIXES = ("fc.", "classifier.", "avgpool.")
 
 def _check_name(name: str) -> None:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise BadValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
 def weights_enum(name: str) -> type[WeightsEnum]:
@@ -53,7 +55,7 @@ def resolve_weights(name: str, weights: str) -> WeightsEnum:
     try:
         return enum.verify(weights)
     except (KeyError, TypeError, ValueError):
-        raise ValueError(f"weights={weights!r} is not one of {enum.__name__}: {', '.join(enum.__members__)}") from None
+        raise BadValueError(f"weights={weights!r} is not one of {enum.__name__}: {', '.join(enum.__members__)}") from None
 
 
 def fetch_weights(weights: WeightsEnum) -> dict[str, torch.Tensor]:
@@ -62,7 +64,7 @@ def fetch_weights(weights: WeightsEnum) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a download or torch.load failed; say how to fix it
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{weights} could not be loaded ({type(e).__name__}: {e}). Offline, download {weights.url} "
             f"elsewhere and place it at {path} (torch.hub.get_dir() follows $TORCH_HOME), or pass "
             "weights_path=<a local .pth state dict>."
@@ -85,7 +87,7 @@ def load_classification_state(model: nn.Module, state: dict[str, torch.Tensor], 
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(_CLASSIFIER_PREFIXES)]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise BadValueError(
             f"{source}: does not fit the backbone: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
 
@@ -96,7 +98,7 @@ def build_backbone(
     """``(body, feature_channels, weights_enum_or_None)`` for a torchvision classification network."""
     _check_name(name)
     if weights is not None and weights_path is not None:
-        raise ValueError("give weights or weights_path, not both")
+        raise BadValueError("give weights or weights_path, not both")
     model = _full_model(name)
     enum = None
     if weights is not None:
@@ -104,15 +106,15 @@ def build_backbone(
         load_classification_state(model, fetch_weights(enum), str(enum))
     elif weights_path is not None:
         if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"weights_path {weights_path}: no such file")
+            raise MissingFileError(f"weights_path {weights_path}: no such file")
         try:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"weights_path {weights_path}: not a readable state dict ({type(e).__name__}: {e})") from e
+            raise BadValueError(f"weights_path {weights_path}: not a readable state dict ({type(e).__name__}: {e})") from e
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"weights_path {weights_path}: expected a dict of tensors")
+            raise BadValueError(f"weights_path {weights_path}: expected a dict of tensors")
         load_classification_state(model, state, f"weights_path {weights_path}")
     return _body_of(model, name), BACKBONES[name][1], enum
 
@@ -137,15 +139,15 @@ def select_layers(body: nn.Module, freeze: str | int | list[str] | None) -> list
         return layers
     if isinstance(freeze, int) and not isinstance(freeze, bool):
         if not 0 <= freeze <= len(layers):
-            raise ValueError(f"freeze={freeze}: the backbone has {len(layers)} layers (0..{len(layers)})")
+            raise BadValueError(f"freeze={freeze}: the backbone has {len(layers)} layers (0..{len(layers)})")
         return layers[:freeze]
     if isinstance(freeze, (list, tuple)):
         chosen = [n for n in layers if any(n == p or n.startswith(p.rstrip(".") + ".") for p in freeze)]
         unmatched = [p for p in freeze if not any(n == p or n.startswith(p.rstrip(".") + ".") for n in layers)]
         if unmatched:
-            raise ValueError(f"freeze prefixes {unmatched} match no layer; see `python train.py layers`")
+            raise BadValueError(f"freeze prefixes {unmatched} match no layer; see `python train.py layers`")
         return chosen
-    raise ValueError(f"freeze must be 'all', 'none', an int or a list of name prefixes, got {freeze!r}")
+    raise BadValueError(f"freeze must be 'all', 'none', an int or a list of name prefixes, got {freeze!r}")
 
 
 def describe_layers(body: nn.Module, frozen: set[str] | None = None) -> list[tuple[int, str, str, int, bool]]:

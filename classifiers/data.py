@@ -1,7 +1,7 @@
 """Image-folder classification data: ``root/<class name>/*.png`` or a glob pattern.
 
-Files are found with ``find_images`` (the lesson's ``glob.glob``) and read with
-``load_image`` (Keras ``load_img``). Class names are the parent folder names,
+Files are found with ``find_images`` (``glob.glob``, as the Keras recipe lists them) and read
+with ``load_image`` (Keras ``load_img``). Class names are the parent folder names,
 sorted, so label i is ``class_names[i]``.
 """
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision.transforms import v2
 
 from training.distributed import evaluation_sampler
+from training.errors import BadValueError, MissingFileError
 from training.images import BadImageError, find_images, is_image_file, load_image
 
 
@@ -63,21 +64,21 @@ class ImageFolderDataset(Dataset):
                 if entry.name.startswith("."):  # .ipynb_checkpoints and the like are not classes
                     continue
                 if entry.is_dir() and not any(is_image_file(p) for _, _, fs in os.walk(entry.path) for p in fs):
-                    raise FileNotFoundError(f"{entry.path}: class folder contains no images")
+                    raise MissingFileError(f"{entry.path}: class folder contains no images")
         found = sorted({_class_of(p, root) for p in self.paths})
         if not found:
-            raise FileNotFoundError(f"{spec}: no images inside class sub-folders")
+            raise MissingFileError(f"{spec}: no images inside class sub-folders")
         self.class_names = list(classes) if classes is not None else found
         index = {c: i for i, c in enumerate(self.class_names)}
         unknown = [c for c in found if c not in index]
         if unknown:
-            raise ValueError(f"{spec}: folders {unknown} are not in classes {self.class_names}")
+            raise BadValueError(f"{spec}: folders {unknown} are not in classes {self.class_names}")
         self.labels = [index[_class_of(p, root)] for p in self.paths]
         self.image_size = tuple(image_size) if image_size is not None else None
         self.color_mode, self.interpolation = color_mode, interpolation
         self.transform = transform or v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         if on_bad_sample not in ("raise", "skip"):
-            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+            raise BadValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
         self.on_bad_sample = on_bad_sample
 
     def __len__(self) -> int:
@@ -132,7 +133,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if not 0 < val_split < 1 and val_root is None:
-            raise ValueError(f"val_split must be in (0, 1) when there is no val_root, got {val_split}")
+            raise BadValueError(f"val_split must be in (0, 1) when there is no val_root, got {val_split}")
         self.save_hyperparameters()
         self._class_names: list[str] | None = None
         self.train_set: Dataset | None = None

@@ -10,6 +10,8 @@ from typing import Literal
 
 from lightning.pytorch.callbacks import BaseFinetuning
 
+from training.errors import BadValueError
+
 from .backbones import select_layers
 
 
@@ -33,7 +35,7 @@ class UnfreezeBackbone(BaseFinetuning):
     ):
         super().__init__()
         if unfreeze_at_epoch < 1:
-            raise ValueError(f"unfreeze_at_epoch is 1-based, got {unfreeze_at_epoch}")
+            raise BadValueError(f"unfreeze_at_epoch is 1-based, got {unfreeze_at_epoch}")
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.layers = layers
         self.lr = lr
@@ -56,7 +58,7 @@ class UnfreezeBackbone(BaseFinetuning):
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             names = select_layers(pl_module.backbone, "all")
             if not 0 <= self.layers <= len(names):
-                raise ValueError(f"layers={self.layers}: the backbone has {len(names)} layers (0..{len(names)})")
+                raise BadValueError(f"layers={self.layers}: the backbone has {len(names)} layers (0..{len(names)})")
             return names[len(names) - self.layers :] if self.layers else []
         return select_layers(pl_module.backbone, self.layers)
 

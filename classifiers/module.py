@@ -1,4 +1,4 @@
-"""The lesson's transfer-learning recipe as a LightningModule.
+"""The Keras transfer-learning recipe as a LightningModule.
 
 Keras::
 
@@ -30,14 +30,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from training.distributed import (
-    any_process,
-    distributed,
-    epoch_means,
-    log_epoch_means,
-    refuse_skip_with_sync_batchnorm,
-    skipped_batch_loss,
-)
+from training.distributed import DistributedSteps, epoch_means
+from training.errors import BadValueError
 from training.optim import build_optimizer
 from training.saving import SavableModule, copy_backbone
 
@@ -64,7 +58,7 @@ class GAPHead(nn.Sequential):
         nn.init.zeros_(self.fc.bias)
 
 
-class FrozenBackboneClassifier(SavableModule, L.LightningModule):
+class FrozenBackboneClassifier(SavableModule, DistributedSteps, L.LightningModule):
     """A torchvision backbone (classifier removed) + GAP + Linear head, with Keras-style freezing.
 
     Args:
@@ -108,18 +102,18 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         super().__init__()
         if class_names is not None:
             if num_classes is not None and num_classes != len(class_names):
-                raise ValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
+                raise BadValueError(f"num_classes={num_classes} but {len(class_names)} class_names")
             num_classes = len(class_names)
         if num_classes is None or num_classes < 2:
-            raise ValueError(f"need num_classes >= 2 (or class_names), got {num_classes}")
+            raise BadValueError(f"need num_classes >= 2 (or class_names), got {num_classes}")
         if sum(x is not None for x in (weights, weights_path, backbone_checkpoint)) > 1:
-            raise ValueError("give at most one of weights, weights_path, backbone_checkpoint")
+            raise BadValueError("give at most one of weights, weights_path, backbone_checkpoint")
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.backbone, features, enum = build_backbone(backbone, weights, weights_path)
         if bn_momentum is not None:
             if not 0.0 < bn_momentum <= 1.0:
-                raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+                raise BadValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = bn_momentum
@@ -180,35 +174,26 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
         """``[B, 3, H, W]`` in 0..1 -> logits ``[B, num_classes]``."""
         return self.head(self.backbone((images - self.mean) / self.std))
 
-    def on_fit_start(self) -> None:
-        refuse_skip_with_sync_batchnorm(self)
-
     def training_step(self, batch, batch_idx: int):
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
-            loss = skipped_batch_loss(self)
-            if loss is not None:  # DDP: take part, with weight 0, in the epoch values synced across processes
-                log_epoch_means(self, self.loss_means, {"train_loss": torch.zeros((), device=self.device)}, 0)
-                self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=0)
-            return loss
+            return self.skip_empty_batch(["train_loss"], training=True, metrics={"train_acc": self.train_acc})
         logits = self(images)
         loss = self.criterion(logits, labels)
         self.train_acc(logits, labels)
         # The epoch value is gathered across processes: callbacks monitoring train_loss must agree on every rank.
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(labels))
-        log_epoch_means(self, self.loss_means, {"train_loss": loss}, len(labels))
+        self.log_epoch_means({"train_loss": loss}, len(labels))
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
-            if distributed(self):  # the epoch's val_loss sync needs every process, this one with weight 0
-                log_epoch_means(self, self.loss_means, {"val_loss": torch.zeros((), device=self.device)}, 0,
-                                prog_bar=True)  # fmt: skip
+            self.skip_empty_batch(["val_loss"], training=False, prog_bar={"val_loss"})
             return
         logits = self(images)
-        log_epoch_means(self, self.loss_means, {"val_loss": self.criterion(logits, labels)}, len(labels), prog_bar=True)
+        self.log_epoch_means({"val_loss": self.criterion(logits, labels)}, len(labels), prog_bar=True)
         self.val_acc.update(logits, labels)
         self.val_acc_per_class.update(logits, labels)
         self.val_confusion.update(logits, labels)
@@ -216,8 +201,7 @@ class FrozenBackboneClassifier(SavableModule, L.LightningModule):
             self.val_top5.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        # compute() syncs across processes: all compute, or none (no process saw an image)
-        if not any_process(self, self.val_acc.update_count > 0):
+        if not self.computes_epoch_metric(self.val_acc, self.val_acc.update_count > 0):
             return
         self.log("val_acc", self.val_acc.compute(), prog_bar=True)
         for name, acc in zip(self.class_names, self.val_acc_per_class.compute().tolist(), strict=True):

@@ -14,34 +14,22 @@ pixels, ``labels`` 1..K, ``iscrowd``, ``area`` (and ``difficult`` for VOC).
 
 from __future__ import annotations
 
-import os
-import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from training.distributed import (
-    any_process,
-    distributed,
-    epoch_means,
-    log_epoch_means,
-    refuse_skip_with_sync_batchnorm,
-    skipped_batch_loss,
-)
+from training.distributed import DistributedSteps, epoch_means
+from training.errors import BadValueError
 from training.optim import build_optimizer
-from training.saving import SavableModule, copy_backbone, default_offline_hparams
+from training.saving import SavableModule
 
+from . import layout
+from .backbones import backbone_body, count_parameters, use_channels_last
 from .evaluation import DetectionEvaluator
-from .models import (
-    backbone_body,
-    build_detector,
-    count_parameters,
-    frozen_bn_eps_of,
-    take_frozen_bn_eps,
-    use_channels_last,
-)
+from .models import DETECTOR_ARGUMENTS, build_detector
 from .val_loss import losses_and_detections, training_losses
 
 Optimizer = Literal["sgd", "adamw"]
@@ -56,19 +44,15 @@ def _loss_targets(targets) -> list[dict[str, Tensor]]:
     return out
 
 
-def _has_torchvision_weights(hparams: dict[str, Any]) -> bool:
-    return any(hparams.get(k) is not None for k in ("weights", "weights_backbone", "weights_path"))
-
-
-def _freezes_checkpoint_body(hparams: dict[str, Any]) -> bool:
-    """Whether a ``backbone_checkpoint`` body gets torchvision's pretrained layout (``__init__`` and
-    ``offline_hparams`` must agree, or ``load_model`` rebuilds another model than the one saved).
-
-    torchvision applies trainable_backbone_layers to its own weights only; a body from a litvision checkpoint
-    is just as pretrained, so it gets the same layout. The layout follows the settings alone, not whether the
-    file exists yet: a run resumed from the config must rebuild what it saved."""
-    return (hparams.get("backbone_checkpoint") is not None and hparams.get("trainable_backbone_layers") is not None
-            and not _has_torchvision_weights(hparams))
+def _count_classes(num_classes: int | None, class_names: list[str] | None) -> int:
+    if class_names is not None:
+        if num_classes is not None and num_classes != len(class_names) + 1:
+            raise BadValueError(f"num_classes={num_classes} counts background, so it must be len(class_names) + 1 "
+                                f"= {len(class_names) + 1} for class_names={class_names}")
+        return len(class_names) + 1
+    if num_classes is None:
+        raise BadValueError("give num_classes (including background) or class_names")
+    return num_classes
 
 
 def without_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -81,7 +65,44 @@ def without_background(detections: list[dict[str, Tensor]]) -> list[dict[str, Te
     return out
 
 
-class DetectionModule(SavableModule, L.LightningModule):
+def _check_training_options(optimizer: str, backbone_lr_scale: float) -> None:
+    if optimizer not in ("sgd", "adamw"):
+        raise BadValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if not backbone_lr_scale > 0:
+        raise BadValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
+                            f"got {backbone_lr_scale}")
+
+
+def _lr_schedulers(opt: torch.optim.Optimizer, hp: Any, total_steps: Callable[[], float]) -> list[dict[str, Any]]:
+    """Warm-up, milestones and cosine decay as ``hp`` sets them; ``total_steps()``: the run's optimiser steps.
+
+    Chainable schedulers multiply the current LR, so reductions made by the Keras-style ReduceLROnPlateau
+    callback compose with them instead of being overwritten.
+    """
+    schedulers = []
+    if hp.warmup_iters > 0 and hp.warmup_factor < 1:
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters)
+        schedulers.append({"scheduler": warmup, "interval": "step"})
+    if hp.lr_milestones:
+        steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
+        schedulers.append({"scheduler": steps, "interval": "epoch"})
+    if hp.cosine_decay:
+        total = total_steps()
+        if not 0 < total < float("inf"):
+            raise BadValueError("cosine_decay needs a finite run length: set trainer.max_epochs or max_steps "
+                                f"(estimated optimiser steps: {total})")
+        # The closed form is never used: stepping applies the recursive (multiplicative) form, so the
+        # warm-up and plateau factors carry through. eta_min=0 keeps it purely multiplicative.
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.0)
+        schedulers.append({"scheduler": cosine, "interval": "step"})
+    # One name for all of them: LearningRateMonitor would log the same LR once per scheduler, as
+    # "lr-AdamW", "lr-AdamW-1", ..., which reads as several optimisers.
+    for config in schedulers:
+        config["name"] = f"lr-{type(opt).__name__}"
+    return schedulers
+
+
+class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
     """Shared training/evaluation logic; subclasses implement :meth:`build_model`.
 
     Args:
@@ -92,15 +113,11 @@ class DetectionModule(SavableModule, L.LightningModule):
         weights, weights_backbone, weights_path, trainable_backbone_layers: as torchvision defines them
             (see ``detectors.models.build_detector``).
         backbone_checkpoint: a litvision checkpoint whose backbone initialises this detector's backbone
-            body: a ``FrozenBackboneClassifier`` trained on the same data (the lesson's transfer learning,
-            offline) or another detector. Architectures must match (``resnet18`` <-> ``resnet18_fpn``).
-            Without ``trainable_backbone_layers`` every layer of such a body trains (``backbone_lr_scale``
-            slows it). With it, the body takes torchvision's pretrained layout: FrozenBatchNorm2d (all but the
-            ``_v2`` variants) and all but the top ``trainable_backbone_layers`` stages frozen. Whenever the
-            body has FrozenBatchNorm2d (this option, torchvision weights, ``pretrained_layout``), the
-            copied statistics keep the checkpoint's eps (recorded as ``frozen_bn_eps``). The layout follows
-            these settings even while the file is missing (``if_checkpoint_missing="warn"``), so a run
-            resumed from its config rebuilds the same model.
+            body: a ``FrozenBackboneClassifier`` trained on the same data (the Keras recipe's transfer
+            learning, offline) or another detector. Architectures must match (``resnet18`` <->
+            ``resnet18_fpn``). Without ``trainable_backbone_layers`` every layer of such a body trains
+            (``backbone_lr_scale`` slows it); with it, the body takes torchvision's pretrained layout, and
+            frozen statistics keep the checkpoint's eps (``detectors.layout`` decides both).
         min_size, max_size: resize bounds of the detector's input transform (None: torchvision's default).
         anchor_sizes, aspect_ratios: anchor boxes (None: the variant's default).
         fpn_channels, returned_layers: FPN width and the body stages feeding it (None: torchvision's; see
@@ -111,8 +128,8 @@ class DetectionModule(SavableModule, L.LightningModule):
         lr, momentum, weight_decay: optimiser settings; only trainable parameters are optimised.
         backbone_lr_scale: the backbone body trains at ``lr * backbone_lr_scale`` (its own parameter group,
             named "backbone"; the rest is "heads"). Below 1 a pretrained body keeps more of what it learnt
-            (the lesson's "retrain the top layers", softened): docs/benchmarks.md measures 0.3 on shapes.
-            1.0 keeps a single parameter group.
+            (the Keras recipe's "retrain the top layers", softened; 0.3 on the shapes demo, docs/benchmarks.md,
+            'Detector quality on the embedded data'). 1.0 keeps a single parameter group.
         warmup_iters, warmup_factor: linear warm-up from ``lr * warmup_factor`` over the first iterations.
         lr_milestones, lr_gamma: optional epoch milestones multiplying the LR by ``lr_gamma`` (the
             torchvision reference recipe); leave empty when ReduceLROnPlateau manages the LR.
@@ -121,10 +138,11 @@ class DetectionModule(SavableModule, L.LightningModule):
             ReduceLROnPlateau's reductions (each step multiplies the current LR).
         compute_val_loss: compute ``val_loss`` (costs the detection heads a second time, not the backbone).
         channels_last: run the detector in NHWC memory layout (same results, faster convolutions on CPUs
-            and tensor-core GPUs; see ``detectors.models.use_channels_last``).
+            and tensor-core GPUs; see ``detectors.backbones.use_channels_last``).
         pretrained_layout, frozen_bn_eps: the structure of a pretrained model without its weights; set by
-            ``load_model`` when it rebuilds a saved model offline (see ``offline_hparams``).
-        **detector_options: the subclass' architecture-specific arguments, passed to ``build_detector``.
+            ``load_model`` when it rebuilds a saved model offline (``detectors.layout``).
+        **detector_options: the subclass' architecture-specific arguments, passed to ``build_detector``
+            with the architecture arguments above (``detectors.models.DETECTOR_ARGUMENTS``).
     """
 
     arch: str = ""
@@ -172,60 +190,18 @@ class DetectionModule(SavableModule, L.LightningModule):
         # Records the subclass' own arguments too (they arrive in detector_options): everything
         # load_model needs to rebuild the architecture.
         self.save_hyperparameters()
-        if class_names is not None:
-            if num_classes is not None and num_classes != len(class_names) + 1:
-                raise ValueError(
-                    f"num_classes={num_classes} counts background, so it must be len(class_names) + 1 = "
-                    f"{len(class_names) + 1} for class_names={class_names}"
-                )
-            num_classes = len(class_names) + 1
-        if num_classes is None:
-            raise ValueError("give num_classes (including background) or class_names")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-        freeze_checkpoint_body = _freezes_checkpoint_body(self.hparams)
-        if freeze_checkpoint_body and not os.path.isfile(backbone_checkpoint) and if_checkpoint_missing == "warn":
-            warnings.warn(f"trainable_backbone_layers={trainable_backbone_layers} with a missing backbone_checkpoint: "
-                          "the body's lower stages stay frozen at their random initial weights and its "
-                          "FrozenBatchNorm2d layers normalise nothing; run the pretraining first, or set "
-                          "trainable_backbone_layers to null to train every layer", stacklevel=2)
-        if not backbone_lr_scale > 0:
-            raise ValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
-                             f"got {backbone_lr_scale}")
+        self.num_classes = num_classes = _count_classes(num_classes, class_names)
+        _check_training_options(optimizer, backbone_lr_scale)
         # Epoch means of the losses (training, validation, test), exact under DDP: training.distributed.EpochMean.
-        self.loss_means = epoch_means([f"{stage}_{k}" for stage in ("train", "val", "test")
-                                       for k in ("loss", *self.loss_names)])  # fmt: skip
-        self.num_classes = num_classes
+        self.loss_means = epoch_means([n for stage in ("train", "val", "test") for n in self._loss_log_names(stage)])
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(1, num_classes)]
-        self.model = self.build_model(
-            backbone=backbone,
-            num_classes=num_classes,
-            weights=weights,
-            weights_backbone=weights_backbone,
-            weights_path=weights_path,
-            trainable_backbone_layers=trainable_backbone_layers,
-            min_size=min_size,
-            max_size=max_size,
-            anchor_sizes=anchor_sizes,
-            aspect_ratios=aspect_ratios,
-            fpn_channels=fpn_channels,
-            returned_layers=returned_layers,
-            score_thresh=score_thresh,
-            nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img,
-            pretrained_layout=pretrained_layout or freeze_checkpoint_body,
-            frozen_bn_eps=frozen_bn_eps,
-            **detector_options,
-        )
+        architecture = {k: v for k, v in self.hparams.items() if k in DETECTOR_ARGUMENTS} | detector_options
+        architecture["pretrained_layout"] = layout.pretrained_layout(self.hparams)
+        self.model = self.build_model(num_classes=num_classes, **architecture)
         if backbone_checkpoint is not None:
-            donor = copy_backbone(backbone_checkpoint, backbone_body(self.model), backbone, if_checkpoint_missing)
-            # Frozen statistics from the checkpoint need its eps, whatever made the body frozen (this option,
-            # torchvision weights, pretrained_layout); an explicit frozen_bn_eps wins. Recorded: the state dict
-            # holds no eps, and load_model rebuilds without the checkpoint (offline_hparams).
-            if donor is not None and frozen_bn_eps is None:
-                eps = take_frozen_bn_eps(backbone_body(self.model), donor)
-                if eps is not None:
-                    self.hparams["frozen_bn_eps"] = eps
+            eps = layout.copy_checkpoint_body(self.model, self.hparams)
+            if eps is not None:  # the state dict holds no eps, and load_model rebuilds without the checkpoint
+                self.hparams["frozen_bn_eps"] = eps
         if channels_last:
             use_channels_last(self.model)
         self.val_metrics = DetectionEvaluator(self.class_names)
@@ -233,16 +209,8 @@ class DetectionModule(SavableModule, L.LightningModule):
 
     @classmethod
     def offline_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
-        """Rebuild without fetching weights, but with the layout they imply (FrozenBatchNorm2d, frozen
-        stages, legacy eps), so the saved state dict fits exactly."""
-        hp = dict(hparams)
-        if _has_torchvision_weights(hp):
-            hp["pretrained_layout"] = True
-            if hp.get("frozen_bn_eps") is None:
-                hp["frozen_bn_eps"] = frozen_bn_eps_of(cls.arch, hp["backbone"], hp.get("weights"), hp.get("weights_path"))
-        elif _freezes_checkpoint_body(hp):
-            hp["pretrained_layout"] = True  # the frozen layout __init__ gives a checkpoint body (its eps is recorded)
-        return default_offline_hparams(hp)
+        """Rebuild without fetching weights, in the layout they imply: ``detectors.layout.offline_hparams``."""
+        return layout.offline_hparams(cls.arch, hparams)
 
     def build_model(self, **kwargs: Any) -> torch.nn.Module:
         return build_detector(self.arch, **kwargs)
@@ -259,23 +227,15 @@ class DetectionModule(SavableModule, L.LightningModule):
         if precision in ("16-true", "bf16-true"):
             # Every weight in half precision leaves no float32 heads: half-precision boxes are rounded to 2-8 px
             # steps (detectors.val_loss), and torchvision's CPU NMS has no bfloat16 kernel.
-            raise ValueError(f"{type(self).__name__}: precision {precision!r} puts the detection heads in half "
+            raise BadValueError(f"{type(self).__name__}: precision {precision!r} puts the detection heads in half "
                              f"precision; use {precision.replace('true', 'mixed')!r} (half-precision backbone, "
                              "float32 heads) or 32")
 
     # -- training ----------------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        refuse_skip_with_sync_batchnorm(self)
-
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
-            loss = skipped_batch_loss(self)
-            if loss is not None:  # DDP: join the others' error check and epoch syncs, with weight 0
-                self._stop_together(None)
-                zero = torch.zeros((), device=self.device)
-                self._log_training(zero, dict.fromkeys(self.loss_names, zero), 0)
-            return loss
+            return self.skip_empty_batch(self._loss_log_names("train"), training=True, stop_together=True)
         error = None
         try:
             losses = training_losses(self.model, list(images), _loss_targets(targets))
@@ -288,33 +248,23 @@ class DetectionModule(SavableModule, L.LightningModule):
                 f"non-finite training loss {loss.item()} at step {self.global_step} (image ids {ids}); components: "
                 f"{ {k: v.item() for k, v in losses.items()} }. Lower the LR or lengthen warm-up."
             )
-        self._stop_together(error)
+        self.stop_together(error)
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(images))
-        self._log_training(loss, losses, len(images))
+        # Epoch values gathered across processes (callbacks monitoring them must agree on every rank).
+        self.log_epoch_means({"train_loss": loss, **{f"train_{k}": v for k, v in losses.items()}}, len(images))
         return loss
 
-    def _stop_together(self, error: Exception | None) -> None:
-        """Raise ``error``, and under DDP stop every process when any has one: a process raising alone leaves
-        the others waiting in the gradient all-reduce (with NCCL, until its timeout)."""
-        if any_process(self, error is not None):
-            raise error or RuntimeError(f"stopped at step {self.global_step}: another process failed (its error "
-                                        "is in its log)")
-
-    def _log_training(self, loss: Tensor, losses: dict[str, Tensor], n: int) -> None:
-        # Epoch values gathered across processes (callbacks monitoring them must agree on every rank). Every
-        # process logs every name, in the same order, or the epoch-end gathers would not pair up.
-        log_epoch_means(self, self.loss_means, {"train_loss": loss, **{f"train_{k}": v for k, v in losses.items()}}, n)
+    def _loss_log_names(self, stage: str) -> list[str]:
+        """The loss names a stage logs, in the order every process logs them (the epoch-end syncs pair up)."""
+        return [f"{stage}_loss", *(f"{stage}_{k}" for k in self.loss_names)]
 
     # -- validation / test -------------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: DetectionEvaluator, prefix: str) -> None:
         images, targets = batch
         with_loss = self.hparams.compute_val_loss
         if len(images) == 0:  # every sample of the batch was skipped as unreadable
-            if distributed(self) and with_loss:
-                # Every process must enter the epoch-end syncs the others enter, even one whose whole share
-                # was unreadable: the losses with weight 0 (the metric's part is in _log_metrics).
-                zero = torch.zeros((), device=self.device)
-                self._log_losses(prefix, dict.fromkeys(self.loss_names, zero), 0)
+            names = self._loss_log_names(prefix) if with_loss else []
+            self.skip_empty_batch(names, training=False, prog_bar={f"{prefix}_loss"})
             return
         losses, detections = losses_and_detections(
             self.model, list(images), _loss_targets(targets) if with_loss else None
@@ -324,22 +274,17 @@ class DetectionModule(SavableModule, L.LightningModule):
             self._log_losses(prefix, losses, len(images))
 
     def _log_losses(self, prefix: str, losses: dict[str, Tensor], n: int) -> None:
-        log_epoch_means(self, self.loss_means, {f"{prefix}_loss": sum(losses.values())}, n, prog_bar=True)
-        log_epoch_means(self, self.loss_means, {f"{prefix}_{k}": v for k, v in losses.items()}, n)
+        self.log_epoch_means({f"{prefix}_loss": sum(losses.values())}, n, prog_bar=True)
+        self.log_epoch_means({f"{prefix}_{k}": v for k, v in losses.items()}, n)
 
     def _log_metrics(self, metrics: DetectionEvaluator, prefix: str) -> None:
-        # compute() gathers across processes: all compute, or none (no process scored an image: a sanity
-        # check with zero batches, or every batch skipped as unreadable). A process that added nothing joins
-        # the gather with typed empty states (torchmetrics' own stand-ins have the wrong dtype and rank).
-        if distributed(self) and metrics.update_count == 0:
-            metrics.update([], [])
-        if not any_process(self, metrics.local_images > 0):
+        if not self.computes_epoch_metric(metrics, metrics.local_images > 0, lambda: metrics.update([], [])):
             metrics.reset()
             return
         values = metrics.compute()
         metrics.reset()
-        # Only scalars reach the logger; names follow DESIGN.md (val_map, val_ap/<class>, ...).
-        # compute() already gathered across processes, so no sync_dist here.
+        # Only scalars reach the logger (val_map, val_ap/<class>, ...); compute() gathered across processes
+        # already, so no sync_dist here.
         self.log(f"{prefix}_map_50", values.pop("map_50"), prog_bar=True)
         self.log_dict({f"{prefix}_{k}": float(v) for k, v in values.items()})
 
@@ -383,29 +328,7 @@ class DetectionModule(SavableModule, L.LightningModule):
             params = [g for g in params if g["params"]]
         precision = getattr(self._trainer, "precision", None)
         opt = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay, precision)
-        # Chainable schedulers multiply the current LR, so reductions made by the Keras-style
-        # ReduceLROnPlateau callback compose with them instead of being overwritten.
-        schedulers = []
-        if hp.warmup_iters > 0 and hp.warmup_factor < 1:
-            warmup = torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters)
-            schedulers.append({"scheduler": warmup, "interval": "step"})
-        if hp.lr_milestones:
-            steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
-            schedulers.append({"scheduler": steps, "interval": "epoch"})
-        if hp.cosine_decay:
-            total = self.trainer.estimated_stepping_batches
-            if not 0 < total < float("inf"):
-                raise ValueError("cosine_decay needs a finite run length: set trainer.max_epochs or max_steps "
-                                 f"(estimated optimiser steps: {total})")
-            # The closed form is never used: stepping applies the recursive (multiplicative) form, so the
-            # warm-up and plateau factors carry through. eta_min=0 keeps it purely multiplicative.
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.0)
-            schedulers.append({"scheduler": cosine, "interval": "step"})
-        # One name for all of them: LearningRateMonitor would log the same LR once per scheduler, as
-        # "lr-AdamW", "lr-AdamW-1", ..., which reads as several optimisers.
-        for config in schedulers:
-            config["name"] = f"lr-{type(opt).__name__}"
-        return [opt], schedulers
+        return [opt], _lr_schedulers(opt, hp, lambda: self.trainer.estimated_stepping_batches)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable) parameters of the detector."""

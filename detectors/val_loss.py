@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from training.errors import BadValueError
+
 _INFERENCE_ONLY = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
 # The loss samples anchors and proposals (Faster R-CNN) from this seed, in a forked RNG: val_loss is a function of
 # the weights and the data only -- the same in `fit` and `validate`, and no noise for the callbacks monitoring it.
@@ -150,7 +152,7 @@ def training_losses(model: nn.Module, images: list[Tensor], targets: list[dict])
     for i, t in enumerate(targets):  # torchvision's forward checks this too, after resizing
         bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1)
         if bad.any():
-            raise ValueError(f"target {i} of the batch: box {t['boxes'][bad][0].tolist()} (after resizing) has no "
+            raise BadValueError(f"target {i} of the batch: box {t['boxes'][bad][0].tolist()} (after resizing) has no "
                              "positive width and height")
     if retina:
         levels = list(features.values())

@@ -1,8 +1,15 @@
-"""What both module families need to stay correct under DDP (several processes, one model each)."""
+"""What both module families need to stay correct under DDP (several processes, one model each).
+
+Every process must enter the same collective operations (gradient all-reduce, epoch-end metric and loss
+syncs, agreed decisions) in the same order, or the others wait in them forever (with NCCL, until its timeout).
+:class:`DistributedSteps` keeps that true where one process differs from the others: a batch whose samples
+were all skipped as unreadable (``on_bad_sample: skip``), an epoch in which it scored nothing, an error that
+only it saw. The detector and classifier modules both derive from it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Callable, Collection, Sized
 
 import lightning as L
 import torch
@@ -10,6 +17,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor, nn
 from torch.utils.data import Sampler, SequentialSampler
 from torchmetrics import Metric
+
+from training.errors import BadValueError
 
 
 def skipped_batch_loss(module: L.LightningModule) -> Tensor | None:
@@ -50,7 +59,7 @@ def refuse_skip_with_sync_batchnorm(module: L.LightningModule) -> None:
         return
     hparams = getattr(getattr(module.trainer, "datamodule", None), "hparams", None) or {}
     if hparams.get("on_bad_sample") == "skip" and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
-        raise ValueError("on_bad_sample='skip' cannot be combined with trainer.sync_batchnorm=True under DDP (a "
+        raise BadValueError("on_bad_sample='skip' cannot be combined with trainer.sync_batchnorm=True under DDP (a "
                          "process with nothing to train on would leave the others waiting in the synchronised "
                          "BatchNorm): fix or remove the unreadable files, or train without sync_batchnorm")
 
@@ -118,3 +127,57 @@ def log_epoch_means(module: L.LightningModule, means: nn.ModuleDict, values: dic
     for name, value in values.items():
         means[name].update(value, n)
         module.log(name, means[name], on_step=False, on_epoch=True, **log_options)
+
+
+class DistributedSteps:
+    """Mixin for LightningModules: the steps and epoch ends that one process runs differently from the others,
+    kept in step with them under DDP. Set ``self.loss_means = epoch_means(names)`` in ``__init__``; on one
+    process every method reduces to the plain single-process behaviour."""
+
+    loss_means: nn.ModuleDict
+
+    def on_fit_start(self) -> None:
+        refuse_skip_with_sync_batchnorm(self)
+        super().on_fit_start()
+
+    def log_epoch_means(self, values: dict[str, Tensor], n: int, **log_options) -> None:
+        """:func:`log_epoch_means` into ``self.loss_means``."""
+        log_epoch_means(self, self.loss_means, values, n, **log_options)
+
+    def skip_empty_batch(self, names: list[str], *, training: bool, prog_bar: Collection[str] = (),
+                         metrics: dict[str, Metric] | None = None, stop_together: bool = False) -> Tensor | None:
+        """The step of a batch whose samples were all skipped as unreadable; returns what the step returns.
+
+        One process: nothing to do, ``None`` (a training step's ``None`` skips the optimiser step). Under DDP
+        this process joins what the others' steps enter: with ``stop_together``, the error check of
+        :meth:`stop_together`; the epoch means of ``names`` with weight 0 (``prog_bar``: those the others
+        show there) and the epoch-logged ``metrics`` with batch size 0, so the epoch-end syncs pair up; in
+        training, the gradient all-reduce (:func:`skipped_batch_loss`).
+        """
+        if not distributed(self):
+            return None
+        if stop_together:
+            self.stop_together(None)
+        zero = torch.zeros((), device=self.device)
+        for name in names:
+            self.log_epoch_means({name: zero}, 0, prog_bar=name in prog_bar)
+        for name, metric in (metrics or {}).items():
+            self.log(name, metric, on_step=False, on_epoch=True, batch_size=0)
+        return skipped_batch_loss(self) if training else None
+
+    def stop_together(self, error: Exception | None) -> None:
+        """Raise ``error``, and under DDP stop every process when any has one: a process raising alone leaves
+        the others waiting in the gradient all-reduce. Every process must call it at the same point."""
+        if any_process(self, error is not None):
+            raise error or RuntimeError(f"stopped at step {self.global_step}: another process failed (its error "
+                                        "is in its log)")
+
+    def computes_epoch_metric(self, metric: Metric, scored: bool,
+                              join_empty: Callable[[], None] | None = None) -> bool:
+        """Whether to compute ``metric`` at the epoch's end: its ``compute()`` gathers across processes, so all
+        compute, or none (no process ``scored`` anything: a sanity check with zero batches, or every batch
+        skipped as unreadable). Under DDP a process whose ``metric`` had no update first calls ``join_empty``
+        to give it typed empty states (torchmetrics' own stand-ins can have the wrong dtype and rank)."""
+        if join_empty is not None and distributed(self) and metric.update_count == 0:
+            join_empty()
+        return any_process(self, scored)

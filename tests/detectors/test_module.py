@@ -14,6 +14,10 @@ CLASSES = ["rectangle", "ellipse", "triangle"]
 TINY = dict(class_names=CLASSES, min_size=64, max_size=64, warmup_iters=2)
 
 
+# Tiny convolutions: on a few shared cores, intra-op threads cost far more than they bring.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def tiny(cls, **kw):
     torch.manual_seed(0)
     return cls(**{**TINY, "backbone": "resnet18_fpn", **kw})
@@ -223,55 +227,6 @@ def test_missing_backbone_checkpoint_raises_or_warns(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_trainable_layers_freeze_a_checkpoint_body_with_its_own_eps(tmp_path):
-    # torchvision applies trainable_backbone_layers to its own weights only (and warns "no effect" otherwise);
-    # a body from a litvision checkpoint is just as pretrained and gets the same layout.
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    from classifiers.module import FrozenBackboneClassifier
-    from training.saving import load_model, save_model
-
-    torch.manual_seed(5)
-    clf = FrozenBackboneClassifier("mobilenet_v3_large", class_names=CLASSES, weights=None, freeze="none")
-    with torch.no_grad():  # small variances, where 1e-3 and FrozenBatchNorm2d's default 1e-5 differ (first
-        # block only: 17 blocks of them would overflow float32)
-        clf.backbone[0][1].running_var.uniform_(1e-4, 1e-2)
-    pretrain = tmp_path / "pretrain.ckpt"
-    save_model(clf, pretrain)
-    options = dict(backbone="mobilenet_v3_large_fpn", backbone_checkpoint=str(pretrain), trainable_backbone_layers=3)
-    det = tiny(RetinaNetModule, **options).eval()
-    body = det.model.backbone.body
-    # MobileNetV3-Large's stages start at features 0, 2, 4, 7, 13 and 16: the top three are features 7-16.
-    assert {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad} == {str(i) for i in range(7, 17)}
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
-    assert {m.eps for m in body.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.001}  # MobileNetV3's BatchNorm
-    x = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        features = list(body(x).values())[-1]
-        torch.testing.assert_close(features, clf.backbone.eval()(x))  # what the classifier computed in eval mode
-
-    # Frozen statistics take the checkpoint's eps whatever froze them: here a whole-detector weights_path.
-    torch.save(det.model.state_dict(), tmp_path / "detector.pth")
-    with_weights = tiny(RetinaNetModule, backbone="mobilenet_v3_large_fpn", weights_path=str(tmp_path / "detector.pth"),
-                        backbone_checkpoint=str(pretrain))  # fmt: skip
-    assert {m.eps for m in with_weights.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.001}
-
-    # load_model rebuilds the layout and its eps without the pretraining checkpoint.
-    save_model(det, tmp_path / "det.ckpt")
-    pretrain.unlink()
-    rebuilt = load_model(tmp_path / "det.ckpt").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(list(rebuilt.model.backbone.body(x).values())[-1], features, rtol=0, atol=0)
-
-    # No checkpoint yet (a demo config before its pretraining step): the same layout, so that a run started now
-    # and resumed from its config once the file exists rebuilds the model (and optimiser groups) it saved.
-    with pytest.warns(UserWarning, match="stay frozen at their random initial weights"):
-        early = tiny(RetinaNetModule, **options, if_checkpoint_missing="warn")
-    trainable = [n for n, p in det.named_parameters() if p.requires_grad]
-    assert [n for n, p in early.named_parameters() if p.requires_grad] == trainable
-    assert early.state_dict().keys() == det.state_dict().keys()
-
-
 def test_num_classes_and_class_names_must_agree():
     with pytest.raises(ValueError, match="len\\(class_names\\) \\+ 1 = 4"):
         FasterRCNNModule(num_classes=3, class_names=CLASSES, backbone="resnet18_fpn")
@@ -395,7 +350,7 @@ def test_channels_last_gives_the_same_losses_and_detections(name, shapes_dir, tm
         module.eval()
         torch.manual_seed(7)
         results[channels_last] = losses_and_detections(module.model, list(images), plain)
-    module = tiny(RetinaNetModule, channels_last=True)
+    # module: the channels_last one
     convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
                if w.shape[2:] != (1, 1))  # fmt: skip
@@ -427,3 +382,20 @@ def test_backbone_lr_scale_gives_the_body_its_own_scaled_group():
     assert groups["backbone"]["lr"] == pytest.approx(0.005) and groups["heads"]["lr"] == pytest.approx(0.02)
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         tiny(FasterRCNNModule, backbone_lr_scale=0.0)
+
+
+def test_every_architecture_argument_reaches_build_detector():
+    # DetectionModule passes its hyperparameters to build_detector by name: an architecture argument missing
+    # from DETECTOR_ARGUMENTS would be dropped without a word.
+    import inspect
+
+    from detectors.models import DETECTOR_ARGUMENTS
+    from detectors.module import DetectionModule
+
+    module_only = {"self", "num_classes", "class_names", "backbone_checkpoint", "if_checkpoint_missing", "optimizer",
+                   "lr", "momentum", "weight_decay", "backbone_lr_scale", "warmup_iters", "warmup_factor",
+                   "lr_milestones", "lr_gamma", "cosine_decay", "compute_val_loss", "channels_last",
+                   "detector_options", "kwargs"}  # fmt: skip
+    for cls in (DetectionModule, FasterRCNNModule, RetinaNetModule):
+        names = set(inspect.signature(cls.__init__).parameters) - module_only
+        assert names and names <= DETECTOR_ARGUMENTS, names - DETECTOR_ARGUMENTS
