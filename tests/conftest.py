@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when tests spawn dataloader workers.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two cores: keep torch from oversubscribing them when tests spawn dataloader workers. An OMP_NUM_THREADS
+# setting wins (torch read it at import): on cores other jobs share, two threads can make a step 5x slower.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

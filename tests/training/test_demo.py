@@ -95,12 +95,17 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
 
     handler = signal.getsignal(signal.SIGTERM)
 
+    def short_one_running() -> bool:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+        return any(str(runs) in args and "faster_rcnn.yaml" in args for args in ps)
+
     def signal_when_the_short_one_is_done():
         log = runs / "faster_rcnn" / "demo.log"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and "max_epochs=1` reached" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.2)
-        time.sleep(3)  # its process exits after the message
+        while time.monotonic() < deadline and short_one_running():  # its process exits after the message
+            time.sleep(0.2)
         if signal.getsignal(signal.SIGTERM) is not handler:  # never SIGTERM pytest itself once the demo returned
             os.kill(os.getpid(), signal.SIGTERM)
 
