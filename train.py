@@ -33,7 +33,7 @@ COMMANDS = {
                       nested="model"),  # the classifier config's own keys: --model.backbone resnet50
     "compare": Command("detectors.compare:compare_command",
                        "compare detector checkpoints on one split: metrics, bootstrap CIs, speed, plots",
-                       several=("checkpoints",), classes={"data": "lightning.LightningDataModule"}),
+                       several=("checkpoints",), classes={"data": "lightning:LightningDataModule"}),
 }  # fmt: skip
 
 

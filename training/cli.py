@@ -194,8 +194,8 @@ class Command:
     summary: its line in the main ``--help``.
     nested: the arguments go under this key (``layers --model.backbone resnet50``: the config's own keys).
     several: list parameters that take several values (``--checkpoints A B``).
-    classes: parameter -> base class path: the value is a config file (class_path + init_args) or a class
-        path, and the function receives the instance (``--data configs/data/shapes.yaml``).
+    classes: parameter -> ``"module:BaseClass"``: the value is a config file (class_path + init_args) or a
+        class path, and the function receives the instance (``--data configs/data/shapes.yaml``).
     """
 
     function: str
@@ -206,8 +206,8 @@ class Command:
 
 
 def _import(path: str) -> Any:
-    """The object a ``"module:name"`` or ``"module.name"`` path names."""
-    module, _, name = path.rpartition(":") if ":" in path else path.rpartition(".")
+    """The object a ``"module:name"`` path names."""
+    module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
@@ -230,7 +230,7 @@ def command_parser(name: str, command: Command) -> tuple[ArgumentParser, Any]:
         parser.add_argument(f"--{param}", nargs="+", required=required, help=helps.get(param))
     for param, base in command.classes.items():
         parser.add_subclass_arguments(_import(base), param, required=True, help=f"required: a {param} config file "
-                                      f"or class path ({base.rsplit('.', 1)[-1]}): {helps.get(param, '')}")
+                                      f"or class path ({base.partition(':')[2]}): {helps.get(param, '')}")
     return parser, function
 
 
