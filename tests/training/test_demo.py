@@ -95,8 +95,8 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
 
     handler = signal.getsignal(signal.SIGTERM)
 
-    def short_one_running() -> bool:
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    def short_one_running() -> bool:  # -ww: ps cuts lines at $COLUMNS, which may be set under pytest
+        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
         return any(str(runs) in args and "faster_rcnn.yaml" in args for args in ps)
 
     def signal_when_the_short_one_is_done():
@@ -114,7 +114,7 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
         demo.fit_together(steps, str(runs), minutes=5, seed=0)
     assert stop.value.code == 128 + signal.SIGTERM
     assert (runs / "faster_rcnn" / "demo-finished").is_file() and not (runs / "retinanet" / "demo-finished").exists()
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(runs) not in ps  # no child left training
     assert signal.getsignal(signal.SIGTERM) is handler  # the demo's own handler is gone again
 
