@@ -1,63 +1,71 @@
-"""`make demo`'s job, with tiny time budgets: every stage runs, and a re-run reuses what is done."""
+"""training.demo, `make demo`'s job: with tiny time budgets every stage runs and a re-run reuses what is done;
+the detectors side by side (child processes: real), a failing one, a signal to the demo alone."""
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from training import demo
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_and_rerun(tmp_path):
+def test_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(REPO / "train.py"), "demo", "--out", str(out),
-           "--pretrain_minutes", "0.2", "--detector_minutes", "0.2", "--classifier_minutes", "0.2"]  # fmt: skip
-    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
+    budgets = {"pretrain_minutes": 0.2, "detector_minutes": 0.2, "classifier_minutes": 0.2}
+    demo.run_demo(str(out), **budgets)
     report = json.loads((out / "comparison" / "comparison.json").read_text())
     assert {m["detector"] for m in report["models"]} == {"two-stage", "one-stage"}
     for name in ("pretrain", "faster_rcnn", "retinanet", "classifier"):
         assert (out / "runs" / name / "checkpoints" / "last.ckpt").is_file()
     stamp = (out / "comparison" / "comparison.json").stat().st_mtime_ns
-    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "Epoch" not in second.stdout  # nothing retrained
+    capsys.readouterr()
+    demo.run_demo(str(out), **budgets)
+    assert "Epoch" not in capsys.readouterr().out  # nothing retrained
     assert (out / "comparison" / "comparison.json").stat().st_mtime_ns == stamp  # report reused
 
 
+def test_a_demo_directory_of_another_dataset_is_refused_before_training(tmp_path, train_py):
+    # A demo directory whose dataset has other parameters (an older default) is refused, saying what to do.
+    code, _, _ = train_py("shapes", "--out", tmp_path / "demo" / "shapes", "--num_train", "4", "--num_val", "4",
+                          "--height", "160", "--width", "160", "--voc", "false", "--classification", "false")  # fmt: skip
+    assert code == 0
+    with pytest.raises(SystemExit, match="delete .* or choose another --out"):
+        demo.run_demo(str(tmp_path / "demo"))
+    assert not (tmp_path / "demo" / "runs").exists()  # refused before any training
+
+
 def tiny_detector_args(shapes_dir) -> list[str]:
-    """Overrides of a demo detector config: the session's tiny shapes set, 64 px, no pretrained backbone."""
+    """Overrides of a demo detector config: the tests' tiny shapes set, 64 px, no pretrained backbone."""
     return ["--data.init_args.root", str(shapes_dir), "--data.init_args.generate", "false",
             "--data.init_args.num_workers", "0", "--model.init_args.backbone_checkpoint", "null",
             "--model.init_args.min_size", "64", "--model.init_args.max_size", "64"]  # fmt: skip
 
 
 def test_last_lines_show_a_logged_tqdm_bar_as_a_terminal_would(tmp_path):
-    import train
-
     log = tmp_path / "demo.log"
     log.write_bytes(b"Seed set to 0\nEpoch 0:  10%|#   | 25/250 [00:08<01:12]\rEpoch 0:  11%|#   | 26/250 [00:08<01:10]"
                     b"\n\x1b[AValidation DataLoader 0:  40%|####  | 6/15\r\x1b[A\r\n\n")  # fmt: skip
-    assert train._last_lines(str(log), 2) == ["Epoch 0:  11%|#   | 26/250 [00:08<01:10]",
-                                              "Validation DataLoader 0:  40%|####  | 6/15"]  # fmt: skip
+    assert demo.last_lines(str(log), 2) == ["Epoch 0:  11%|#   | 26/250 [00:08<01:10]",
+                                            "Validation DataLoader 0:  40%|####  | 6/15"]  # fmt: skip
     log.write_bytes(b"")
-    assert train._last_lines(str(log), 1) == []
+    assert demo.last_lines(str(log), 1) == []
 
 
 def test_detectors_side_by_side_a_failing_one_names_itself_and_the_other_is_kept(shapes_dir, tmp_path, capsys):
-    import train
-
     runs = tmp_path / "runs"
     data = tiny_detector_args(shapes_dir)
     steps = {"faster_rcnn": [*data, "--model.init_args.backbone", "no_such_backbone"],
              "retinanet": [*data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
                            "--trainer.limit_val_batches", "1"]}  # fmt: skip
     with pytest.raises(SystemExit) as stop:
-        train._demo_fit_together(steps, str(runs), minutes=2, seed=0)
+        demo.fit_together(steps, str(runs), minutes=2, seed=0)
     log = runs / "faster_rcnn" / "demo.log"
     assert str(stop.value) == f"train.py demo: the 'faster_rcnn' step stopped (configs/faster_rcnn.yaml; its log: {log})"
     assert "no_such_backbone" in log.read_text() and "no_such_backbone" in capsys.readouterr().err  # log's end shown
@@ -69,7 +77,7 @@ def test_detectors_side_by_side_a_failing_one_names_itself_and_the_other_is_kept
     # A re-run starts only the unfinished step (the other's arguments are never built, so a bad one is not seen).
     steps["retinanet"] = ["--model.init_args.backbone", "also_not_a_backbone"]
     with pytest.raises(SystemExit) as again:
-        train._demo_fit_together(steps, str(runs), minutes=2, seed=0)
+        demo.fit_together(steps, str(runs), minutes=2, seed=0)
     assert "'faster_rcnn' step" in str(again.value) and "retinanet" not in str(again.value)
 
 
@@ -80,8 +88,6 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
     import threading
     import time
 
-    import train
-
     runs = tmp_path / "runs"
     data = [*tiny_detector_args(shapes_dir), "--trainer.limit_val_batches", "1"]
     steps = {"faster_rcnn": [*data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"],
@@ -89,21 +95,26 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
 
     handler = signal.getsignal(signal.SIGTERM)
 
+    def short_one_running() -> bool:  # -ww: ps cuts lines at $COLUMNS, which may be set under pytest
+        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+        return any(str(runs) in args and "faster_rcnn.yaml" in args for args in ps)
+
     def signal_when_the_short_one_is_done():
         log = runs / "faster_rcnn" / "demo.log"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and "max_epochs=1` reached" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.2)
-        time.sleep(3)  # its process exits after the message
+        while time.monotonic() < deadline and short_one_running():  # its process exits after the message
+            time.sleep(0.2)
         if signal.getsignal(signal.SIGTERM) is not handler:  # never SIGTERM pytest itself once the demo returned
             os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=signal_when_the_short_one_is_done, daemon=True).start()
     with pytest.raises(SystemExit) as stop:  # retinanet's 5-minute cap ends the test if the signal never comes
-        train._demo_fit_together(steps, str(runs), minutes=5, seed=0)
+        demo.fit_together(steps, str(runs), minutes=5, seed=0)
     assert stop.value.code == 128 + signal.SIGTERM
     assert (runs / "faster_rcnn" / "demo-finished").is_file() and not (runs / "retinanet" / "demo-finished").exists()
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(runs) not in ps  # no child left training
     assert signal.getsignal(signal.SIGTERM) is handler  # the demo's own handler is gone again
 
@@ -111,13 +122,11 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
 def test_side_by_side_only_where_it_was_measured_to_help(monkeypatch):
     import torch
 
-    import train
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for threads, expected in ((1, False), (2, True), (16, True)):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        assert train._side_by_side_helps(2) is expected
+        assert demo.side_by_side_helps(2) is expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for gpus, expected in ((1, False), (2, True)):  # one GPU shared by two runs: not measured, one at a time
         monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
-        assert train._side_by_side_helps(2) is expected
+        assert demo.side_by_side_helps(2) is expected
