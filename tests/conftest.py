@@ -22,6 +22,16 @@ def shapes_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small models are overhead-bound, and two threads on cores other jobs
+    share spin-wait for each other (the Keras-flow example: 8 s on one thread, 80 s on two beside other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def train_py(capsys, monkeypatch):
     """``python train.py ARGS`` as ``train.main`` in this process (an interpreter start-up, ~10 s here, would be
     most of many tests): a function of ARGS returning (exit status, stdout, stderr). An exception other than

@@ -4,7 +4,6 @@ import importlib.util
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,16 +15,6 @@ def _load_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the shrunk run is overhead-bound, and two threads on a busy machine spin-wait
-    for each other (8 s on one thread, 80 s on two beside other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_keras_flow_trains_saves_reloads_and_predicts(tmp_path, monkeypatch, one_thread):

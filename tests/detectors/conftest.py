@@ -17,15 +17,6 @@ from tests.detectors.tiny_detectors import tiny
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Tiny convolutions: on a few shared cores, intra-op threads cost far more than they bring.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def built():
     """variant name -> a 3-class tiny model without weights, built once per module."""
     cache: dict[str, nn.Module] = {}

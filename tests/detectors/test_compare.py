@@ -46,16 +46,6 @@ def tiny_setup(shapes_dir, tmp_path_factory):
     return {"root": root, "paths": paths, "data": str(data), "params": params}
 
 
-@pytest.fixture
-def one_thread():
-    """Models this small run fastest on one thread: on two, the threads' synchronisation costs more than the
-    work they share, and much more while other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
     import train
 
