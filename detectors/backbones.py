@@ -119,7 +119,7 @@ def use_channels_last(model: nn.Module) -> nn.Module:
 
     Same numbers, other memory order: oneDNN convolutions on CPUs and tensor-core convolutions on GPUs run
     faster on NHWC, above all the depthwise convolutions of MobileNetV3 (the demo's MobileNetV3-FPN detectors
-    train 1.1-1.3x faster per step on 2 CPU cores: docs/benchmarks.md, 'Detector training throughput'). The
+    train 1.1-1.3x faster per step on 2 CPU cores: docs/benchmarks.md, 'Detector training speed'). The
     batched input torchvision's transform builds is NCHW, hence the hook on the backbone; every later
     activation inherits the layout from its convolution. Returns ``model`` (converted in place).
     """

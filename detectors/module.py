@@ -129,7 +129,7 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
         backbone_lr_scale: the backbone body trains at ``lr * backbone_lr_scale`` (its own parameter group,
             named "backbone"; the rest is "heads"). Below 1 a pretrained body keeps more of what it learnt
             (the Keras recipe's "retrain the top layers", softened; 0.3 on the shapes demo, docs/benchmarks.md,
-            'Detector quality on the embedded data'). 1.0 keeps a single parameter group.
+            'The pretrained body: frozen layout, eps and body LR'). 1.0 keeps a single parameter group.
         warmup_iters, warmup_factor: linear warm-up from ``lr * warmup_factor`` over the first iterations.
         lr_milestones, lr_gamma: optional epoch milestones multiplying the LR by ``lr_gamma`` (the
             torchvision reference recipe); leave empty when ReduceLROnPlateau manages the LR.

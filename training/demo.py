@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from training.cli import LAST, LR_MONITOR, PROG, TQDM_PROGRESS_BAR
+from training.errors import FileTakenError
 
 REPO = Path(__file__).resolve().parents[1]  # train.py and configs/ sit next to the training package
 TRAIN_PY = REPO / "train.py"
@@ -54,7 +55,7 @@ def run_demo(
     try:
         _train(["shapes", "--out", data_root, "--seed", str(seed)])
     except SystemExit as e:  # e.g. a demo directory from a version with another default dataset
-        if e.code:
+        if e.code and _raised_while(e, FileTakenError):  # the usage error was printed above
             raise SystemExit(f"{PROG} demo: the dataset step stopped (error above). If {data_root} holds a dataset of "
                              f"other parameters, delete {out} (its runs belong to it) or choose another --out") from e
         raise
@@ -84,6 +85,13 @@ def run_demo(
                         ("comparison report", os.path.join(report, "comparison.md")),
                         ("classifier", classifier), ("logs (tensorboard --logdir)", runs_dir)]:  # fmt: skip
         print(f"  {what:30s} {where}")
+
+
+def _raised_while(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` was raised while handling a ``kind`` (the CLI turns a usage error into SystemExit)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error is not None
 
 
 def _train(args: list[str]) -> None:
