@@ -220,9 +220,8 @@ def test_resolve_ckpt_path(tmp_path):
     assert resolve_ckpt_path("auto", ckpt_dir) is None  # nothing to resume: a new run
     with pytest.raises(FileNotFoundError, match="other.ckpt"):
         resolve_ckpt_path(str(tmp_path / "other.ckpt"), ckpt_dir)
-    ckpt_dir.mkdir()
-    for name in ("m.ckpt", "last.ckpt"):  # only their existence matters here
-        (ckpt_dir / name).write_bytes(b"")
+    # A real run, so the test also checks that ModelCheckpoint writes last.ckpt where resolve_ckpt_path looks.
+    quiet_trainer(tmp_path, 1, [ModelCheckpoint(str(ckpt_dir / "m.ckpt"))]).fit(ScriptedModule(script=[1.0]))
     assert resolve_ckpt_path("last", ckpt_dir) == str(ckpt_dir / "last.ckpt")
     assert resolve_ckpt_path("auto", ckpt_dir) == str(ckpt_dir / "last.ckpt")
     assert resolve_ckpt_path(str(ckpt_dir / "m.ckpt"), None) == str(ckpt_dir / "m.ckpt")
