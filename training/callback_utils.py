@@ -39,6 +39,14 @@ def resolve_mode(mode: str, monitor: str) -> Literal["min", "max"]:
     return "max" if any(_MAX_TOKEN.fullmatch(t) for t in tokens) else "min"
 
 
+def lr_above_min_lr(lr: float, min_lr: float) -> bool:
+    """tf-keras ReduceLROnPlateau's test before a reduction: ``old_lr > np.float32(min_lr)`` with its float32
+    LR, so both sides are compared as float32. An LR within float32 rounding of ``min_lr`` has reached it:
+    lr 0.1, factor 0.1, min_lr 1e-3 stops at 0.0010000000000000002 (float32 0.001) instead of "reducing" it
+    to 0.001 every ``patience`` epochs."""
+    return bool(np.float32(lr) > np.float32(min_lr))
+
+
 def same_on_every_process(trainer: Trainer, value: Any) -> float | None:
     """Process 0's value of a monitored metric (None if it has none), on every process. Under DDP a metric
     logged without ``sync_dist`` differs between processes; decisions taken on it must not: a checkpoint

@@ -32,6 +32,7 @@ from training.callback_utils import (
     capture_rng_states,
     filepath_of_process_0,
     format_filepath,
+    lr_above_min_lr,
     resolve_mode,
     restore_rng_states,
     same_on_every_process,
@@ -291,8 +292,9 @@ class ReduceLROnPlateau(Callback):
     At the end of each validation run: in cooldown, the cooldown counter is decremented and ``wait``
     reset; if the value beats ``best`` by more than ``min_delta`` (absolute) it becomes the best and
     ``wait`` resets; otherwise, out of cooldown, ``wait`` grows and on reaching ``patience`` every
-    param group with ``lr > min_lr`` gets ``lr = max(lr * factor, min_lr)``, then ``wait`` resets and
-    the cooldown starts. E.g. a flat ``val_loss`` with ``patience=3`` reduces at epochs 4, 7, 10.
+    param group above ``min_lr`` (compared in float32, as tf-keras does) gets ``lr = max(lr * factor, min_lr)``,
+    then ``wait`` resets and the cooldown starts. E.g. a flat ``val_loss`` with ``patience=3`` reduces at
+    epochs 4, 7, 10.
 
     LR schedulers with ``base_lrs`` (LambdaLR warm-up, cosine...) get their base LRs scaled by the same
     ratio, so a scheduler that recomputes the LR from them keeps the reduction.
@@ -323,9 +325,7 @@ class ReduceLROnPlateau(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.best = math.inf if self.mode == "min" else -math.inf
-        self.wait = 0
-        self.cooldown_counter = 0
+        self.best, self.wait, self.cooldown_counter = (math.inf if self.mode == "min" else -math.inf), 0, 0
 
     def _improved(self, current: float) -> bool:
         if self.mode == "min":
@@ -360,7 +360,7 @@ class ReduceLROnPlateau(Callback):
             self.best, self.wait = current, 0
         elif self.cooldown_counter <= 0:
             self.wait += 1
-            # With every group already at min_lr nothing is reduced, and no cooldown starts (as in tf-keras).
+            # With every group at min_lr nothing is reduced: wait keeps growing, no cooldown (as in tf-keras).
             if self.wait >= self.patience and self._reduce(trainer):
                 self.cooldown_counter, self.wait = self.cooldown, 0
 
@@ -375,7 +375,7 @@ class ReduceLROnPlateau(Callback):
             ]
             for i, group in enumerate(optimizer.param_groups):
                 old = float(group["lr"])
-                if not old > self.min_lr:
+                if not lr_above_min_lr(old, self.min_lr):
                     continue
                 new = max(old * self.factor, self.min_lr)
                 if isinstance(group["lr"], torch.Tensor):
@@ -394,6 +394,5 @@ class ReduceLROnPlateau(Callback):
         return {"best": self.best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = float(state_dict["best"])
-        self.wait = int(state_dict["wait"])
+        self.best, self.wait = float(state_dict["best"]), int(state_dict["wait"])
         self.cooldown_counter = int(state_dict["cooldown_counter"])

@@ -33,6 +33,10 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+# PIL's single-channel modes of more than 8 bits: 16-bit integer (byte orders), 32-bit integer, 32-bit float.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+HIGH_DEPTH_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+
 # PIL's own warning threshold; images above it are treated as decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -90,8 +94,15 @@ def load_image(
 
     Args:
         target_size: ``(height, width)`` or None to keep the file's size.
-        color_mode: "grayscale" (8/16/32-bit grayscale files keep their mode, as in
-            Keras), "rgb" or "rgba".
+        color_mode: "grayscale", "rgb" or "rgba". 8-bit files convert as PIL (and Keras) converts them.
+            Deeper single-channel files (:data:`HIGH_DEPTH_MODES`) are the same in every mode:
+            "grayscale" keeps 16-bit and 32-bit integer files as they are (values unscaled, as Keras); "rgb" /
+            "rgba" scale them to 8 bits as :func:`to_8bit` does (16-bit: ``round(v / 257)``, so 65535 is 255
+            and 257 * k is k; a 32-bit integer file is read as 16-bit values, clipped to 0..65535); a
+            32-bit float file becomes :func:`to_8bit`'s 8-bit gray in every mode, repeated in R, G, B
+            ("rgba": alpha 255). This deliberately differs from Keras, which lets PIL convert: every value
+            above 255 clips to white in "rgb"/"rgba" (and in "grayscale" for a big-endian 16-bit TIFF),
+            and floats are truncated, so a 16-bit photo loads as a white image; scaling keeps the picture.
         interpolation: nearest, bilinear, bicubic, hamming, box or lanczos.
         keep_aspect_ratio: centre-crop to the target aspect ratio before resizing.
         exif_transpose: apply the EXIF orientation tag. Keras does not, so it is off.
@@ -108,11 +119,11 @@ def load_image(
     if exif_transpose:
         img = ImageOps.exif_transpose(img)
     if color_mode == "grayscale":
-        if img.mode not in ("L", "I;16", "I"):
-            img = img.convert("L")
+        if img.mode not in ("L", "I", *SIXTEEN_BIT_MODES):
+            img = to_8bit(img).convert("L")
     elif color_mode == "rgba":
         if img.mode != "RGBA":
-            img = img.convert("RGBA")
+            img = to_8bit(img).convert("RGBA")
     elif img.mode != "RGB":
         img = to_rgb(img)
     if target_size is not None:
@@ -138,25 +149,40 @@ def _resize(img: Image.Image, width_height: tuple[int, int], resample: Image.Res
     return img.resize(width_height, resample, box=(left, top, left + crop_width, top + crop_height))
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit single-channel image (:data:`HIGH_DEPTH_MODES`) as 8-bit grayscale ("L"); any
+    other image unchanged.
+
+    16-bit values are scaled by 1/257 and rounded, the linear map of 0..65535 onto 0..255 (65535 -> 255,
+    257 * k -> k). 32-bit integers ("I") are taken as 16-bit values, clipped to 0..65535: older PIL versions
+    open 16-bit PNGs as "I". 32-bit floats ("F") whose maximum is at most 1 are scaled by 255, others taken
+    as 0..255; both rounded half up and clipped to 0..255, NaN as 0. PIL's own ``convert`` clips every value
+    above 255 to white (and truncates floats), which is why it is not used.
+    """
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img
+    arr = np.asarray(img)
+    if arr.ndim == 3:  # some PIL versions expose I;16 as HxWx1
+        arr = arr[..., 0]
+    if img.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0)
+        scaled = np.floor(arr * (255.0 if arr.max(initial=0.0) <= 1.0 else 1.0) + 0.5)
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
+    # (v + 128) // 257 is round(v / 257): no 16-bit value lies halfway between two multiples of 257
+    return Image.fromarray(((np.clip(arr.astype(np.int64), 0, 65535) + 128) // 257).astype(np.uint8))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB.
 
-    16-bit and 32-bit integer images are scaled to 8 bits (PIL's ``convert`` would
-    clip everything above 255 to white); palette images with transparency go
-    through RGBA so the palette is honoured; alpha is dropped.
+    16-bit and 32-bit single-channel images are scaled to 8 bits first (:func:`to_8bit`; PIL's ``convert``
+    would clip everything above 255 to white); palette images with transparency go through RGBA so the
+    palette is honoured; alpha is dropped.
     """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img)
-        if arr.ndim == 3:  # some PIL versions expose I;16 as HxWx1
-            arr = arr[..., 0]
-        arr = np.clip(arr.astype(np.int64), 0, 65535) >> 8
-        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in HIGH_DEPTH_MODES:
+        return to_8bit(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")

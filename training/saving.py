@@ -11,8 +11,8 @@ plus, for a full (resumable) checkpoint, Lightning's optimizer, scheduler, loop 
 and rebuilds the right class without the caller naming it, like ``keras.models.load_model``.
 
 Files are written atomically and read with ``torch.load(weights_only=True)`` (``training.checkpoint_io``).
-The class named in a file is imported by its dotted path (an installed module, as any ``import`` would)
-and must be a LightningModule subclass: a file cannot make ``load_model`` run anything else.
+A file names its class by dotted path but cannot choose what is imported (importing runs a module's code):
+``load_model`` imports only litvision's packages and those the user trusts, and must find a LightningModule.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import lightning
@@ -45,6 +46,12 @@ FORMAT_VERSION = 1
 # Constructor arguments that point at pretrained weights (a download or a local file). load_model sets
 # them to None: the saved state dict replaces those weights anyway, and rebuilding must not touch the net.
 OFFLINE_HPARAM_KEYS = ("weights", "weights_backbone", "weights_path", "backbone_checkpoint")
+
+# The packages whose modules load_model imports for a file's class path without being told: litvision's own.
+LITVISION_PACKAGES = ("detectors", "classifiers", "training")
+
+# More, comma-separated (as load_model's trusted_modules), for the CLI and commands that load models themselves.
+TRUSTED_MODULES_ENV = "LITVISION_TRUSTED_MODULES"
 
 # The one instantiator Lightning writes into hparams when LightningCLI builds the module.
 _CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -177,7 +184,8 @@ def save_model(module: LightningModule, path: str | os.PathLike, weights_only: b
     atomic_torch_save(checkpoint, path)
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningModule:
+def load_model(path: str | os.PathLike, map_location: Any = "cpu",
+               trusted_modules: Iterable[str] = ()) -> LightningModule:
     """Keras ``load_model``: rebuild the saved module (its own class) and load its weights.
 
     Accepts ``save_model``/``module.save`` files and the checkpoints ``ModelCheckpoint`` writes
@@ -185,6 +193,10 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningM
     (``offline_hparams``) so nothing is downloaded or read besides ``path``; the constructor re-applies
     freezing; weights load with ``strict=True``. The module is returned as the constructor left it
     (train mode): call ``.eval()`` for inference.
+
+    The file's class is imported only from ``LITVISION_PACKAGES``, ``trusted_modules`` (package, module or class
+    paths: ``"mypkg"`` trusts ``mypkg.models.Net``) and ``LITVISION_TRUSTED_MODULES`` (comma-separated), or is a
+    ``SavableModule`` subclass your code already imported (a Keras custom object); else nothing is imported.
     """
     path = os.fspath(path)
     checkpoint = load_checkpoint_file(path, map_location=map_location)
@@ -203,7 +215,7 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningM
     if not isinstance(hparams, Mapping):
         raise CheckpointFileError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, not a dict")
 
-    cls = _import_module_class(class_path, path)
+    cls = _import_module_class(class_path, path, trusted_modules)
     hparams_name = checkpoint.get(LightningModule.CHECKPOINT_HYPER_PARAMS_NAME)
     try:
         module = _instantiate(cls, dict(hparams), hparams_name, path)
@@ -227,34 +239,85 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> LightningM
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
-def offline_model_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+def offline_model_config(path: str | os.PathLike,
+                         trusted_modules: Iterable[str] = ()) -> tuple[str, dict[str, Any]] | None:
     """``(class_path, constructor arguments)`` that rebuild the checkpoint's model without fetching any
-    pretrained weights (its state dict replaces them), or None when the file records no model class."""
+    pretrained weights (its state dict replaces them), or None when the file records no model class. The
+    class is imported as ``load_model`` imports it (``trusted_modules``: the same setting)."""
     path = os.fspath(path)
     hparams = dict(load_checkpoint_file(path, mmap=True).get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     class_path = hparams.pop("_class_path", None)
     if not isinstance(class_path, str):
         return None
-    cls = _import_module_class(class_path, path)
+    cls = _import_module_class(class_path, path, trusted_modules)
     return class_path, getattr(cls, "offline_hparams", default_offline_hparams)(hparams)
 
 
-def _import_module_class(class_path: str, path: str) -> type[LightningModule]:
-    """Import ``pkg.mod.Class`` by name; only LightningModule subclasses are accepted."""
+def _trusted_prefixes(trusted_modules: Iterable[str] = ()) -> tuple[str, ...]:
+    """What ``load_model`` may import: ``LITVISION_PACKAGES``, ``trusted_modules``, ``TRUSTED_MODULES_ENV``'s."""
+    if isinstance(trusted_modules, str):  # one name, not its letters
+        trusted_modules = [trusted_modules]
+    from_env = os.environ.get(TRUSTED_MODULES_ENV, "").split(",")
+    return (*LITVISION_PACKAGES, *(t.strip() for t in [*trusted_modules, *from_env] if t.strip()))
+
+
+def _within(dotted: str, prefixes: Iterable[str]) -> bool:
+    return any(dotted == p or dotted.startswith(p + ".") for p in prefixes)
+
+
+def _import_module_class(class_path: str, path: str, trusted_modules: Iterable[str]) -> type[LightningModule]:
+    """The LightningModule subclass ``pkg.mod.Class``: imported from a trusted package (see ``load_model``),
+    or a ``SavableModule`` subclass already imported; anything else is refused without importing it."""
     if not _DOTTED.fullmatch(class_path):
         raise CheckpointFileError(f"{path}: invalid model class path {class_path!r}")
-    parts = class_path.split(".")
-    if parts[0] == "__main__":
+    if class_path.startswith("__main__."):
         raise CheckpointFileError(
             f"{path}: its model class {class_path!r} was defined in a script (__main__) and cannot be found "
             "again; define model classes in an importable module"
         )
-    obj: Any = None
+    trusted = _trusted_prefixes(trusted_modules)
+    if not _within(class_path, trusted):
+        cls = _already_imported(class_path)
+        if cls is None:
+            top = class_path.split(".")[0]
+            raise CheckpointFileError(
+                f"{path}: model class {class_path!r} is not in litvision's packages ({', '.join(LITVISION_PACKAGES)}) "
+                f"or a trusted one, so it was not imported; if you trust it, import it first, pass "
+                f"load_model(..., trusted_modules=[{top!r}]) or set {TRUSTED_MODULES_ENV}={top}"
+            )
+        return cls
+    obj = _import_attribute(class_path)
+    if not (isinstance(obj, type) and issubclass(obj, LightningModule)):
+        raise CheckpointFileError(
+            f"{path}: model class {class_path!r} "
+            + ("cannot be imported" if obj is None else "is not a LightningModule subclass; refused")
+        )
+    if not _within(class_path_of(obj), trusted):  # e.g. detectors.module.LightningModule, a re-export
+        raise CheckpointFileError(f"{path}: model class {class_path!r} is {class_path_of(obj)}, not trusted")
+    return obj
+
+
+def _already_imported(class_path: str) -> type[LightningModule] | None:
+    """The ``SavableModule`` subclass at ``class_path`` if its module is already imported, else None."""
+    parts = class_path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        obj: Any = sys.modules.get(".".join(parts[:i]))
+        if obj is not None:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            break
+    ok = isinstance(obj, type) and issubclass(obj, SavableModule) and issubclass(obj, LightningModule)
+    return obj if ok else None
+
+
+def _import_attribute(dotted: str) -> Any:
+    """``pkg.mod.Class`` by importing its longest importable module prefix; None if there is none."""
+    parts = dotted.split(".")
     for i in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:i])
         try:
-            obj = importlib.import_module(module_name)
+            obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             # Only "this prefix is not a module" moves on; a missing dependency inside it is a real error.
             if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
@@ -262,13 +325,8 @@ def _import_module_class(class_path: str, path: str) -> type[LightningModule]:
             raise
         for attr in parts[i:]:
             obj = getattr(obj, attr, None)
-        break
-    if not (isinstance(obj, type) and issubclass(obj, LightningModule)):
-        raise CheckpointFileError(
-            f"{path}: model class {class_path!r} "
-            + ("cannot be imported" if obj is None else "is not a LightningModule subclass; refused")
-        )
-    return obj
+        return obj
+    return None
 
 
 def _instantiate(

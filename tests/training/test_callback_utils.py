@@ -13,6 +13,7 @@ from training.callback_utils import (
     FilepathKeyError,
     capture_rng_states,
     format_filepath,
+    lr_above_min_lr,
     resolve_mode,
     restore_rng_states,
     split_filepath,
@@ -68,3 +69,14 @@ def test_rng_states_round_trip_through_a_weights_only_file():
     restore_rng_states(torch.load(buffer, weights_only=True))  # plain data and tensors only
     again = (random.random(), np.random.rand(), torch.rand(1))
     assert drawn[:2] == again[:2] and torch.equal(drawn[2], again[2])
+
+
+def test_lr_above_min_lr_compares_in_float32():
+    # 0.1 * 0.1 * 0.1 = 0.0010000000000000002 and 0.1 * 0.2 = 0.020000000000000004 round to min_lr in float32
+    # (float32 keeps ~7 significant digits); a relative excess of 1e-6 or more survives the rounding.
+    assert not lr_above_min_lr(0.1 * 0.1 * 0.1, 1e-3)
+    assert not lr_above_min_lr(0.1 * 0.2, 0.02)
+    assert not lr_above_min_lr(1e-3 * (1 + 1e-9), 1e-3)
+    assert not lr_above_min_lr(1e-3, 1e-3) and not lr_above_min_lr(9e-4, 1e-3)
+    assert lr_above_min_lr(1e-3 * (1 + 1e-6), 1e-3) and lr_above_min_lr(0.0011, 1e-3)
+    assert lr_above_min_lr(1e-8, 0.0)

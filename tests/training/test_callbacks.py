@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
@@ -275,6 +276,62 @@ def test_plateau_min_lr(tmp_path, capsys):
     trainer = fit(ScriptedModule(script=[1.0] * 5, lr=0.1), [rl], 5, tmp_path)
     assert reductions(epoch_lines(capsys)) == [(2, "0.05"), (3, "0.03")]
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.03
+
+
+def keras_plateau(values, lr, factor, patience, min_lr, cooldown=0, min_delta=1e-4):
+    """tf-keras ReduceLROnPlateau.on_epoch_end (mode min), written out from tf_keras/callbacks.py, over a
+    sequence of monitored values: the (epoch, new LR) reductions, the LR each epoch trains with, and the final
+    (wait, cooldown_counter). tf-keras keeps its LR in a float32 variable and reduces only while
+    ``old_lr > np.float32(min_lr)``; litvision's LR is a Python float, so the comparison is made on both sides
+    rounded to float32, and the new LR ``max(old_lr * factor, min_lr)`` is computed in float64."""
+    best, wait, cooldown_counter, reductions, trained_with = np.inf, 0, 0, [], []
+    for epoch, current in enumerate(values, start=1):
+        trained_with.append(lr)
+        if cooldown_counter > 0:
+            cooldown_counter -= 1
+            wait = 0
+        if np.less(current, best - min_delta):
+            best, wait = current, 0
+        elif not cooldown_counter > 0:
+            wait += 1
+            if wait >= patience and np.float32(lr) > np.float32(min_lr):
+                lr = max(lr * factor, min_lr)
+                reductions.append((epoch, repr(lr)))
+                cooldown_counter, wait = cooldown, 0
+    return reductions, trained_with, (wait, cooldown_counter)
+
+
+def test_keras_plateau_reference_on_the_issues_example():
+    # Worked by hand: lr 0.1, factor 0.1, min_lr 1e-3, patience 1, flat. Epoch 2: 0.1 * 0.1 =
+    # 0.010000000000000002; epoch 3: 0.0010000000000000002, which is 0.001 in float32, so no more reductions
+    # and wait grows by one per epoch from epoch 4: 5 at epoch 8.
+    reductions, _, state = keras_plateau([1.0] * 8, lr=0.1, factor=0.1, patience=1, min_lr=1e-3)
+    assert reductions == [(2, "0.010000000000000002"), (3, "0.0010000000000000002")]
+    assert state == (5, 0)
+
+
+# (lr, factor, patience, cooldown, min_lr, epochs): the LR lands within float rounding of min_lr, or (the last
+# two) just above it by more than float32's resolution, where a genuine reduction must still happen.
+NEAR_MIN_LR = {
+    "issue-0.1x0.1-to-1e-3": (0.1, 0.1, 1, 0, 1e-3, 8),
+    "issue-0.1x0.2-to-0.02-cooldown": (0.1, 0.2, 2, 1, 0.02, 10),
+    "float64-above-float32-equal": (1e-3 * (1 + 1e-9), 0.5, 1, 0, 1e-3, 4),
+    "float32-above-reduces-to-min_lr": (1e-3 * (1 + 1e-6), 0.5, 1, 2, 1e-3, 6),
+    "0.3x0.1x0.1-above-min_lr-3e-3": (0.3, 0.1, 2, 0, 2.9e-3, 9),
+}
+
+
+@pytest.mark.parametrize("case", NEAR_MIN_LR.values(), ids=list(NEAR_MIN_LR))
+def test_plateau_at_min_lr_compares_as_tf_keras(tmp_path, capsys, case):
+    lr, factor, patience, cooldown, min_lr, epochs = case
+    expected, trained_with, state = keras_plateau([1.0] * epochs, lr, factor, patience, min_lr, cooldown)
+    rec = LRRecorder()
+    rl = ReduceLROnPlateau(factor=factor, patience=patience, cooldown=cooldown, min_lr=min_lr, verbose=1)
+    trainer = fit(ScriptedModule(script=[1.0] * epochs, lr=lr), [rl, rec], epochs, tmp_path)
+    assert reductions(epoch_lines(capsys)) == expected
+    assert [lrs[0] for lrs in rec.lrs] == trained_with
+    assert (rl.wait, rl.cooldown_counter) == state
+    assert trainer.optimizers[0].param_groups[0]["lr"] == (float(expected[-1][1]) if expected else lr)
 
 
 def test_plateau_mode_auto_max(tmp_path, capsys):

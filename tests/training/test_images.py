@@ -64,12 +64,6 @@ def test_grayscale_uses_itu_601_luma(tmp_path):
     np.testing.assert_array_equal(np.asarray(img)[0], [76, 150, 29, 255])
 
 
-def test_grayscale_keeps_16_bit_as_keras_does(tmp_path):
-    path = tmp_path / "g16.png"
-    Image.fromarray(np.array([[0, 65535]], np.uint16)).save(path)
-    assert load_image(path, color_mode="grayscale").mode in ("I;16", "I")
-
-
 def test_rgba_adds_opaque_alpha(grid_png):
     arr = np.asarray(load_image(grid_png, color_mode="rgba"))
     assert arr.shape == (H, W, 4) and (arr[..., 3] == 255).all()
@@ -95,13 +89,50 @@ def test_exif_orientation_is_opt_in(tmp_path):
 # --- any mode to RGB -------------------------------------------------------------------------------
 
 
-def test_16_bit_scales_instead_of_clipping(tmp_path):
-    path = tmp_path / "g16.png"
-    Image.fromarray(np.array([[0, 256, 32768, 65535]], np.uint16)).save(path)
-    arr = np.asarray(open_image(path))
-    assert arr.shape == (1, 4, 3)
-    np.testing.assert_array_equal(arr[0, :, 0], [0, 1, 128, 255])  # value >> 8
-    np.testing.assert_array_equal(np.asarray(load_image(path))[0, :, 1], [0, 1, 128, 255])
+# Deeper-than-8-bit files: (value in the file, its 8-bit value worked by hand). 16-bit: round(v / 257);
+# 32-bit integers: clipped to 0..65535 first; floats: x 255 when the maximum is at most 1, rounded half up.
+SIXTEEN = [(0, 0), (257, 1), (257 * 100, 100), (65535, 255), (128, 0), (129, 1), (1000, 4), (32768, 128)]
+INT32 = [(0, 0), (257, 1), (25700, 100), (65535, 255), (-5, 0), (70000, 255), (129, 1)]
+FLOAT_UNIT = [(0.0, 0), (0.5, 128), (1.0, 255), (0.2, 51), (float("nan"), 0)]
+FLOAT_WIDE = [(0.0, 0), (2.0, 2), (127.4, 127), (127.5, 128), (300.0, 255), (-3.0, 0)]
+
+
+def _write_deep(path, dtype: str, values) -> None:
+    if dtype == ">u2":  # big-endian 16-bit, as TIFFs from some cameras and scanners
+        Image.frombytes("I;16B", (len(values), 1), np.array(values, ">u2").tobytes()).save(path)
+    else:
+        Image.fromarray(np.array([values], dtype)).save(path)
+
+
+DEEP_FILES = {  # name: (file suffix, dtype written, pairs, the mode "grayscale" keeps, None: 8-bit "L")
+    "png-16bit": (".png", "uint16", SIXTEEN, "I;16"),
+    "tiff-16bit": (".tif", "uint16", SIXTEEN, "I;16"),
+    "tiff-16bit-big-endian": (".tiff", ">u2", SIXTEEN, "I;16B"),
+    "tiff-32bit-int": (".tif", "int32", INT32, "I"),
+    "tiff-32bit-float-0-1": (".tif", "float32", FLOAT_UNIT, None),
+    "tiff-32bit-float-0-255": (".tif", "float32", FLOAT_WIDE, None),
+}
+
+
+@pytest.mark.parametrize("color_mode", ["grayscale", "rgb", "rgba"])
+@pytest.mark.parametrize("name", DEEP_FILES)
+def test_16_and_32_bit_files_in_every_color_mode(tmp_path, name, color_mode):
+    suffix, dtype, pairs, kept_mode = DEEP_FILES[name]
+    path = tmp_path / f"deep{suffix}"
+    _write_deep(path, dtype, [v for v, _ in pairs])
+    eight = [e for _, e in pairs]
+    img = load_image(path, color_mode=color_mode)
+    values = np.asarray(img).reshape(len(pairs), -1).tolist()
+    if color_mode == "grayscale" and kept_mode:  # as Keras: the file's values, unscaled
+        assert img.mode == kept_mode and values == [[v] for v, _ in pairs]
+    elif color_mode == "grayscale":
+        assert img.mode == "L" and values == [[e] for e in eight]
+    elif color_mode == "rgb":
+        assert img.mode == "RGB" and values == [[e, e, e] for e in eight]
+    else:  # never clipped to white (65535 -> 255, 257 -> 1), opaque
+        assert img.mode == "RGBA" and values == [[e, e, e, 255] for e in eight]
+    # the datasets' loader makes the same 8-bit RGB
+    assert np.asarray(open_image(path)).reshape(len(pairs), 3).tolist() == [[e, e, e] for e in eight]
 
 
 def test_palette_with_transparency_cmyk_gray_rgba(tmp_path):
@@ -122,7 +153,7 @@ def test_palette_with_transparency_cmyk_gray_rgba(tmp_path):
 
     Image.new("RGBA", (2, 2), (1, 2, 3, 0)).save(tmp_path / "a.png")
     np.testing.assert_array_equal(np.asarray(open_image(tmp_path / "a.png"))[0, 0], [1, 2, 3])
-    assert to_rgb(Image.new("F", (1, 1), 0.5)).getpixel((0, 0)) == (127, 127, 127)
+    assert to_rgb(Image.new("F", (1, 1), 0.5)).getpixel((0, 0)) == (128, 128, 128)  # 127.5, rounded half up
 
 
 # --- bad files ---------------------------------------------------------------------------------------

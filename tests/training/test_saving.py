@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,9 @@ from lightning.pytorch import LightningModule
 from tests.training.tiny_lightning import ScriptedModule, TinyRegressor, assert_same, quiet_trainer
 from training.callbacks import ModelCheckpoint
 from training.checkpoint_io import CheckpointFileError, load_checkpoint_file
-from training.saving import OFFLINE_HPARAM_KEYS, load_model, save_model
+from training.saving import OFFLINE_HPARAM_KEYS, load_model, offline_model_config, save_model
+
+REPO = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------------------- model factories
 # Every model class of the project goes through the same round trip. A factory returns (module, example
@@ -186,9 +190,13 @@ def test_non_plain_hyperparameters_are_refused_at_save(tmp_path):
 @pytest.mark.parametrize(
     ("class_path", "message"),
     [
-        ("collections.OrderedDict", "is not a LightningModule subclass; refused"),
-        ("os.system", "is not a LightningModule subclass; refused"),
-        ("no_such_package_xyz.Model", "cannot be imported"),
+        ("collections.OrderedDict", "is not in litvision's packages"),
+        ("os.system", "is not in litvision's packages"),
+        ("no_such_package_xyz.Model", "is not in litvision's packages"),
+        ("training.no_such_module_xyz.Model", "cannot be imported"),
+        ("training.saving.save_model", "is not a LightningModule subclass; refused"),
+        # litvision's module re-exports Lightning's class: the class itself must be in a trusted package
+        ("training.saving.LightningModule", "is lightning.pytorch.core.module.LightningModule, not trusted"),
         ("__main__.Model", "defined in a script"),
         ("os.system('touch x')", "invalid model class path"),
     ],
@@ -196,8 +204,97 @@ def test_non_plain_hyperparameters_are_refused_at_save(tmp_path):
 def test_class_path_must_name_an_importable_lightning_module(tmp_path, class_path, message):
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}, "litvision": {"class_path": class_path}}, path)
-    with pytest.raises(CheckpointFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CheckpointFileError, match=re.escape(message)) as info:
         load_model(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------- what a file may import
+
+
+def _names(class_path: str, path: Path) -> Path:
+    """A weights_only-safe checkpoint naming ``class_path``: the shape load_model and --ckpt_path read."""
+    torch.save({"state_dict": {"layer.weight": torch.full((1, 2), 0.5), "layer.bias": torch.zeros(1)},
+                "hyper_parameters": {"width": 2, "_class_path": class_path},
+                "litvision": {"class_path": class_path, "format": 1}}, path)  # fmt: skip
+    return path
+
+
+def test_a_file_cannot_choose_a_module_to_import(tmp_path, capsys, monkeypatch):
+    """``this`` prints the Zen of Python when imported: a file naming ``this.Foo`` is refused before that."""
+    monkeypatch.delitem(sys.modules, "this", raising=False)
+    path = _names("this.Foo", tmp_path / "zen.ckpt")
+    for load in (load_model, offline_model_config):
+        with pytest.raises(CheckpointFileError) as info:
+            load(path)
+        assert str(info.value) == (
+            f"{path}: model class 'this.Foo' is not in litvision's packages (detectors, classifiers, training) "
+            "or a trusted one, so it was not imported; if you trust it, import it first, pass "
+            "load_model(..., trusted_modules=['this']) or set LITVISION_TRUSTED_MODULES=this")
+        assert "this" not in sys.modules
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out
+    # trusting another package changes nothing for it
+    monkeypatch.setenv("LITVISION_TRUSTED_MODULES", "thisisnot,other")
+    with pytest.raises(CheckpointFileError, match="not in litvision's packages"):
+        load_model(path, trusted_modules=["thi"])
+    assert "this" not in sys.modules
+
+
+USER_MODULE = """
+import torch
+from lightning.pytorch import LightningModule
+from training.saving import SavableModule
+
+
+class UserNet(SavableModule, LightningModule):
+    def __init__(self, width: int = 2):
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(width, 1)
+"""
+USER_MODULES = ("userpkg_lv", "userpkg_lv.models")
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A user's package ``userpkg_lv`` on sys.path, not imported, with the SavableModule ``models.UserNet``."""
+    root = tmp_path / "src"
+    (root / "userpkg_lv").mkdir(parents=True)
+    (root / "userpkg_lv" / "__init__.py").write_text("")
+    (root / "userpkg_lv" / "models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(root))
+    yield
+    for name in USER_MODULES:
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("how", ["argument", "class-argument", "environment", "imported-first"])
+def test_a_module_the_user_allows_loads(tmp_path, user_package, monkeypatch, how):
+    path = _names("userpkg_lv.models.UserNet", tmp_path / "user.ckpt")
+    with pytest.raises(CheckpointFileError, match=re.escape("trusted_modules=['userpkg_lv']")):
+        load_model(path)
+    assert not any(name in sys.modules for name in USER_MODULES)  # refused, and none of its code ran
+    if how == "argument":
+        loaded = load_model(path, trusted_modules=["userpkg_lv"])
+    elif how == "class-argument":
+        loaded = load_model(path, trusted_modules="userpkg_lv.models.UserNet")
+    elif how == "environment":  # the setting for the command line and compare
+        monkeypatch.setenv("LITVISION_TRUSTED_MODULES", "otherpkg, userpkg_lv")
+        assert offline_model_config(path) == ("userpkg_lv.models.UserNet", {"width": 2})
+        loaded = load_model(path)
+    else:  # a SavableModule the user's code imported (a Keras custom object): nothing to import
+        importlib.import_module("userpkg_lv.models")
+        loaded = load_model(path)
+    assert type(loaded).__module__ == "userpkg_lv.models" and type(loaded).__name__ == "UserNet"
+    assert torch.equal(loaded.layer.weight, torch.full((1, 2), 0.5))
+
+
+def test_a_refused_checkpoint_is_a_usage_error_on_the_command_line(tmp_path, train_py, monkeypatch):
+    monkeypatch.delitem(sys.modules, "this", raising=False)
+    path = _names("this.Foo", tmp_path / "zen.ckpt")
+    code, out, err = train_py("validate", "--config", REPO / "configs" / "faster_rcnn.yaml", "--ckpt_path", path)
+    assert code == 2 and "this" not in sys.modules and "Beautiful is better" not in out
+    assert f"{path}: model class 'this.Foo' is not in litvision's packages" in err and "Traceback" not in err
 
 
 def test_file_without_class_path_is_explained(tmp_path):
