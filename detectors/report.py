@@ -38,7 +38,8 @@ from training.errors import BadFileError, FileTakenError
 if TYPE_CHECKING:
     from .compare import ModelEntry
 
-__all__ = ["METRIC_KEYS", "PLOTS", "check_report_folder", "plot_ap_vs_iou", "plot_per_class_ap", "plot_pr_curves",
+__all__ = ["METRIC_KEYS", "PLOTS", "check_report_folder",
+           "plot_ap_vs_iou", "plot_per_class_ap", "plot_pr_curves",
            "plot_speed_accuracy", "write_report"]  # fmt: skip
 
 # evaluator key -> column header (COCO's abbreviations: AP50 = AP at IoU 0.5, APs = small objects, ...)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from training.distributed import evaluation_sampler
@@ -195,9 +195,8 @@ class DetectionDataModule(L.LightningDataModule):
                       max_image_pixels=hp.max_image_pixels)  # fmt: skip
         if hp.format == "voc":
             return VOCDetection(hp.root, split, classes=self.class_names, **common)
-        ds = CocoDetection(
-            os.path.join(hp.root, self.images_dir.format(split=split)), self._coco_annotations(split), **common
-        )
+        images = os.path.join(hp.root, self.images_dir.format(split=split))
+        ds = CocoDetection(images, self._coco_annotations(split), **common)
         if ds.class_names != self.class_names:
             raise BadValueError(
                 f"{ds.annotation_file}: categories {ds.class_names} differ from the "
@@ -224,17 +223,14 @@ class DetectionDataModule(L.LightningDataModule):
                     self._check_predict_images(self.datasets[key])
 
     def _check_predict_images(self, ds) -> None:
-        """Before any image is predicted: with ``on_bad_sample: raise``, fail naming every file whose header
-        is bad; with ``skip``, warn naming them. A file that passes and fails only when decoded is skipped and
-        reported by the prediction writer after the other images' results are written (its error would
-        otherwise throw them away): ``defer_bad_samples``."""
-        bad = ds.header_errors()
-        if bad:
+        """Before any image is predicted, with ``on_bad_sample: raise``: fail naming every file whose header
+        is bad (``skip`` goes on without them). A file that passes and fails only when decoded is skipped and
+        reported by the prediction writer after the other images' results are written, since raising there
+        would throw them away: ``defer_bad_samples``."""
+        if self.hparams.on_bad_sample == "raise" and (bad := ds.header_errors()):
             message = bad_images_message(list(bad.values()), len(ds))
-            if self.hparams.on_bad_sample == "raise":
-                raise BadImageError(f"{message}; nothing was predicted: fix or remove them, or set "
-                                    "data.init_args.on_bad_sample skip to predict on the others")  # fmt: skip
-            rank_zero_warn(f"{message}; predicting on the others (on_bad_sample: skip)")
+            raise BadImageError(f"{message}; nothing was predicted: fix or remove them, or set "
+                                "data.init_args.on_bad_sample skip to predict on the others")  # fmt: skip
         ds.defer_bad_samples = True
 
     def make_image_files(self):

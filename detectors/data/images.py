@@ -48,7 +48,7 @@ def size_error(path: str, size: tuple[int, int], declared: tuple[int, int]) -> s
 
 
 def bad_images_message(reasons: Sequence[str], total: int, shown: int = 5) -> str:
-    """One line: how many of ``total`` images are bad and the first ``shown`` reasons (each names its file)."""
+    """One line: how many of ``total`` images are bad, and the first ``shown`` reasons (each names a file)."""
     more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
     return f"{len(reasons)} of {total} images cannot be read: " + "; ".join(reasons[:shown]) + more
 

@@ -141,8 +141,8 @@ class DetectionDataset(Dataset):
 
     def header_errors(self) -> dict[int, str]:
         """index -> why the image cannot be read, from the headers alone (``images.header_errors``)."""
-        records = self.records
-        return header_errors([r.path for r in records], self.max_image_pixels, [(r.width, r.height) for r in records])
+        sizes = [(r.width, r.height) for r in self.records]
+        return header_errors([r.path for r in self.records], self.max_image_pixels, sizes)
 
     def image_id(self, index: int) -> int:
         return int(self.records[index].image_id)

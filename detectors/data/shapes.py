@@ -3,7 +3,8 @@
 This module checks the parameters, decides where a dataset may be written (a missing or empty folder, or
 over a shapes dataset, removing only the files the generator wrote: ``generate_shapes``), publishes a finished
 dataset (atomically into a missing or empty folder) and holds the ``train.py shapes`` command;
-``shapes_files`` writes the files and ``shapes_scene`` draws the images. Layout written under ``out`` (every box below is integer-aligned, so all layouts round-trip exactly)::
+``shapes_files`` writes the files and ``shapes_scene`` draws the images. Layout written under ``out``
+(every box below is integer-aligned, so all layouts round-trip exactly)::
 
     images/{train,val}/000001.jpg             image ids are unique across both splits
     annotations/instances_{train,val}.json    COCO: bbox [x, y, w, h] of the VISIBLE mask, RLE segmentation
@@ -113,7 +114,7 @@ def _manifest_owned(manifest: dict) -> list[dict]:
 def _existing(out: Path, params: dict) -> tuple[str | None, list[dict] | None]:
     """(state, owned). state: None if ``out`` is missing or an empty folder, "same" if it holds this dataset,
     else why it cannot be used as it is. owned: the parameter sets whose generated files ``overwrite`` may
-    remove; None where ``out`` is no shapes dataset this version can read, so nothing there is ever removed."""
+    remove; None where ``out`` is no shapes dataset this version reads, so nothing there is ever removed."""
     if not out.exists() and not out.is_symlink():
         return None, None
     if not out.is_dir():
@@ -178,7 +179,8 @@ def _new_files(tmp: Path, out: Path, old: set[Path]) -> list[Path]:
         blocked += [d for d in target.parents if d.is_relative_to(out) and d.exists() and not d.is_dir()]
         if blocked:
             raise FileTakenError(f"{blocked[0]} is not a file of the shapes dataset in {out}, and the new "
-                                 "dataset would overwrite it: move it away or choose another out (--out)")  # fmt: skip
+                                 "dataset would overwrite it: move it away or choose another out "
+                                 "(--out)")  # fmt: skip
     return new
 
 
@@ -199,7 +201,7 @@ def _replace_in_place(tmp: Path, out: Path, params: dict, owned: list[dict]) -> 
     for rel in new:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / rel, out / rel)
-    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)  # last: a manifest without "replacing" means complete
+    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)  # last: no "replacing" in it means complete
 
 
 def _generate(out, num_train, num_val, image_size, seed, voc, classification, overwrite) -> tuple[dict, bool]:

@@ -233,7 +233,7 @@ def write_dataset(root: Path, params: dict) -> None:
 def generated_files(root: Path, params: dict) -> set[Path]:
     """The files under ``root`` that ``write_dataset`` writes for ``params`` and that exist there, manifest
     included: the only files ``generate_shapes(overwrite=True)`` may remove. Derived from the layout, so a
-    user's file in the folder is never counted, whatever its name, unless it sits at a path the layout uses."""
+    user's file in the folder is never counted, whatever its name, unless it sits where the layout writes."""
     ids = {"train": range(1, 1 + params["num_train"])}
     ids["val"] = range(1 + params["num_train"], 1 + params["num_train"] + params["num_val"])
     files = [root / MANIFEST_NAME]
@@ -260,4 +260,5 @@ def layout_folders(root: Path) -> list[Path]:
     folders += [root / "classification" / s for s in SPLITS] + [root / "classification"]
     folders += [root / "images" / s for s in SPLITS] + [root / "images", root / "annotations"]
     main = root / "voc" / "ImageSets" / "Main"
-    return folders + [main, main.parent, root / "voc" / "JPEGImages", root / "voc" / "Annotations", root / "voc"]
+    voc = root / "voc"
+    return folders + [main, main.parent, voc / "JPEGImages", voc / "Annotations", voc]
