@@ -12,6 +12,7 @@ from detectors.data import datamodule
 from detectors.data.datamodule import DetectionDataModule, GroupedBatchSampler
 from detectors.data.shapes import generate_shapes
 from training.errors import BadValueError
+from training.images import BadImageError
 
 from .helpers import coco_dict, write_image, write_voc
 
@@ -104,6 +105,18 @@ def test_skip_policy_drops_bad_images_from_batches(coco_root):
     strict.setup("validate")
     with pytest.raises(OSError, match="002.jpg"):
         list(strict.val_dataloader())
+
+
+def test_predict_checks_every_header_before_any_image_is_predicted(coco_root):
+    write_image(coco_root / "images" / "val" / "001.jpg", 50, 50)  # the annotations declare 30 x 40
+    (coco_root / "images" / "val" / "003.jpg").write_text("not an image")
+    dm = DetectionDataModule(str(coco_root), num_workers=0)  # on_bad_sample: raise
+    with pytest.raises(BadImageError, match=r"^2 of 5 images cannot be read: \S*001.jpg: image is 50x50 but the "
+                       r"annotations declare 30x40; \S*003.jpg: not a readable image .*nothing was predicted"):
+        dm.setup("predict")
+    skipping = DetectionDataModule(str(coco_root), num_workers=0, on_bad_sample="skip")
+    skipping.setup("predict")  # goes on; the prediction writer names what was skipped
+    assert len(skipping.datasets["predict"]) == 5
 
 
 def test_splits_must_agree_on_categories(coco_root):
