@@ -35,7 +35,7 @@ from training.saving import load_model
 
 from .bootstrap import bootstrap_maps, difference_interval
 from .evaluation import CocoResult, coco_evaluate, evaluate_detections
-from .report import write_report
+from .report import check_report_folder, write_report
 
 __all__ = ["ModelEntry", "compare", "compare_command", "load_detectors", "measure_speed", "run_inference"]
 
@@ -210,10 +210,11 @@ def compare(
     hp = getattr(data, "hparams", {})
     split_name = hp.get("val_split", "val") if split == "val" else hp.get("test_split") or hp.get("val_split")
     data_name = f"{type(data).__name__}(root={hp.get('root', '?')!r}), split {split_name!r}"
-    class_names = list(data.class_names)
-    entries = load_detectors(checkpoints, class_names, data_name)
+    check_report_folder(Path(out))  # refused before any model is loaded or run, not after the work
     dev = resolve_device(device)
     autocast(dev, precision)  # refuse an unsupported precision before any work
+    class_names = list(data.class_names)
+    entries = load_detectors(checkpoints, class_names, data_name)
     batch_size = batch_size or int(hp.get("batch_size", 1))
     data.prepare_data()
     data.setup("validate" if split == "val" else "test")

@@ -7,6 +7,7 @@
                        (what pycocotools ``COCO.loadRes`` and ``train.py evaluate`` read)
     categories.json    [{"id", "name"}, ...]: the category id written for each class
     images.json        [{"id", "file_name", "width", "height"}, ...]: which file each image id is
+    failed.json        [{"id", "file_name", "error"}, ...]: the images that could not be read ([] if none)
     images/<stem>.jpg  (draw=True) the input images with the detections >= ``draw_score_threshold``
 
 Category ids are the dataset's own: a COCO dataset's ``label_to_cat_id`` maps the model's contiguous labels
@@ -16,8 +17,13 @@ Inputs are any predict dataset that yields ``(image, target)`` with ``target["im
 splits of ``DetectionDataModule``, or ``detectors.data.images.ImageFileDataset`` over a glob of image files
 (``--data.init_args.predict_images 'photos/*.jpg'``), whose image ids are the positions in the sorted list.
 
+An unreadable image never throws the others' results away: the dataset skips it (``on_bad_sample: skip``, or
+``defer_bad_samples``, which ``DetectionDataModule`` sets for ``predict`` after checking every file's header),
+the files are written, and the images that got no prediction are named in ``failed.json`` and in a warning,
+or, when the dataset's ``on_bad_sample`` is "raise", in a ``BadImageError`` raised after writing.
+
 Multiple processes (DDP): each rank writes ``predictions.rank{N}.json`` into ``out_dir`` (which must be a
-filesystem all ranks share), and after a barrier rank 0 merges them into the same three files, keeping one
+filesystem all ranks share), and after a barrier rank 0 merges them into the same files, keeping one
 copy per image id (``DistributedSampler`` repeats images to even out the ranks) and removes the rank files.
 """
 
@@ -34,6 +40,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_convert
@@ -41,12 +48,14 @@ from torchvision.utils import draw_bounding_boxes
 
 from training.checkpoint_io import atomic_write_bytes
 from training.errors import BadValueError
+from training.images import BadImageError
 
-from .data.images import image_paths_of
+from .data.images import bad_images_message, image_paths_of
 
 PREDICTIONS_FILE = "predictions.json"
 CATEGORIES_FILE = "categories.json"
 IMAGES_FILE = "images.json"
+FAILED_FILE = "failed.json"
 IMAGES_DIR = "images"
 
 # Box colours by label (label 1 -> first colour); names torchvision's draw_bounding_boxes (PIL) knows.
@@ -166,6 +175,7 @@ class CocoPredictionWriter(BasePredictionWriter):
         self.results: list[dict[str, Any]] = []
         self.images: dict[int, dict[str, Any]] = {}
         self._sources: dict[int, dict[str, Any]] = {}  # per dataloader: category map, paths, drawing names
+        self._attempted: dict[int, list[int]] = {}  # per dataloader: the dataset indices of the batches
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -204,6 +214,8 @@ class CocoPredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        # Every index the sampler gave, including images the dataset skipped as unreadable (not in ``batch``).
+        self._attempted.setdefault(dataloader_idx, []).extend(batch_indices or [])
         if not prediction:
             return
         source = self._source(trainer, pl_module, dataloader_idx)
@@ -247,19 +259,51 @@ class CocoPredictionWriter(BasePredictionWriter):
                 cats[mapping[label] if mapping else label] = name
         return [{"id": cid, "name": cats[cid]} for cid in sorted(cats)]
 
+    def _failed(self, trainer: L.Trainer) -> dict[int, dict[str, Any]]:
+        """image id -> {id, file_name, error} of every image this process was given and got no prediction
+        for (the dataset skipped it as unreadable); the error is read again from the file here."""
+        failed: dict[int, dict[str, Any]] = {}
+        for dataloader_idx, indices in self._attempted.items():
+            dataset = getattr(_loaders(trainer)[dataloader_idx], "dataset", None)
+            if not hasattr(dataset, "read_error"):
+                continue
+            for index in dict.fromkeys(indices):
+                image_id = dataset.image_id(index)
+                if image_id not in self.images and image_id not in failed:
+                    path = self._sources[dataloader_idx]["paths"].get(image_id, "")
+                    error = dataset.read_error(index) or f"{path}: could not be read"
+                    failed[image_id] = {"id": image_id, "file_name": path, "error": error}
+        return failed
+
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
-        results, images = self.results, self.images
+        results, images, failed = self.results, self.images, self._failed(trainer)
         if trainer.world_size > 1:
             rank_file = os.path.join(self.out_dir, f"predictions.rank{trainer.global_rank}.json")
-            atomic_write_json(rank_file, {"results": results, "images": list(images.values())})
+            atomic_write_json(rank_file, {"results": results, "images": list(images.values()),
+                                          "failed": list(failed.values())})  # fmt: skip
             trainer.strategy.barrier("litvision_predictions")
             if not trainer.is_global_zero:
                 return
-            results, images = merge_rank_files(
+            results, images, failed = merge_rank_files(
                 [os.path.join(self.out_dir, f"predictions.rank{r}.json") for r in range(trainer.world_size)]
             )
-        write_prediction_files(self.out_dir, results, list(images.values()), self._categories())
+        write_prediction_files(self.out_dir, results, list(images.values()), self._categories(),
+                               list(failed.values()))  # fmt: skip
+        if failed:
+            self._report_failed(trainer, failed, len(images))
+
+    def _report_failed(self, trainer: L.Trainer, failed: dict[int, dict[str, Any]], written: int) -> None:
+        """Name the unreadable images: a warning, or a BadImageError where a dataset's policy is "raise"
+        (the files are written by then, so the other images' predictions are kept either way)."""
+        reasons = [failed[i]["error"] for i in sorted(failed)]
+        message = (f"{bad_images_message(reasons, written + len(reasons))} (listed in "
+                   f"{os.path.join(self.out_dir, FAILED_FILE)}); the predictions of the other {written} "
+                   f"images are written to {self.out_dir}")  # fmt: skip
+        datasets = [getattr(loader, "dataset", None) for loader in _loaders(trainer)]
+        if any(getattr(dataset, "on_bad_sample", None) == "raise" for dataset in datasets):
+            raise BadImageError(message)
+        rank_zero_warn(message)
 
     @property
     def predictions_path(self) -> str:
@@ -275,28 +319,33 @@ def _loaders(trainer: L.Trainer) -> list:
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
-def merge_rank_files(paths: list[str]) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """Merge per-rank files (then removes them), taking each image id's detections from the first rank
-    that saw it."""
+def merge_rank_files(
+    paths: list[str],
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """Merge per-rank files (then removes them) into (results, images, failed), taking each image id's
+    detections from the first rank that saw it; an image is failed only if no rank predicted it."""
     results: list[dict[str, Any]] = []
     images: dict[int, dict[str, Any]] = {}
+    failed: dict[int, dict[str, Any]] = {}
     for path in paths:
         with open(path, encoding="utf-8") as f:
             part = json.load(f)
         new = {img["id"] for img in part["images"]} - images.keys()
         images.update({img["id"]: img for img in part["images"] if img["id"] in new})
         results += [r for r in part["results"] if r["image_id"] in new]
+        failed.update({bad["id"]: bad for bad in part.get("failed", [])})
     for path in paths:
         os.remove(path)
-    return results, images
+    return results, images, {i: bad for i, bad in failed.items() if i not in images}
 
 
 def write_prediction_files(
-    out_dir: str, results: list[dict], images: list[dict], categories: list[dict]
+    out_dir: str, results: list[dict], images: list[dict], categories: list[dict], failed: Sequence[dict] = ()
 ) -> None:
-    """Write ``categories.json``, ``images.json`` and, last, ``predictions.json`` (sorted by image id,
-    then descending score)."""
+    """Write ``categories.json``, ``images.json``, ``failed.json`` and, last, ``predictions.json`` (sorted by
+    image id, then descending score)."""
     results = sorted(results, key=lambda r: (r["image_id"], -r["score"]))
     atomic_write_json(os.path.join(out_dir, CATEGORIES_FILE), categories)
     atomic_write_json(os.path.join(out_dir, IMAGES_FILE), sorted(images, key=lambda i: i["id"]))
+    atomic_write_json(os.path.join(out_dir, FAILED_FILE), sorted(failed, key=lambda i: i["id"]))
     atomic_write_json(os.path.join(out_dir, PREDICTIONS_FILE), results)  # last: its presence means done

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,11 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from training.checkpoint_io import atomic_write
+from training.errors import BadFileError, FileTakenError
 
 if TYPE_CHECKING:
     from .compare import ModelEntry
 
-__all__ = ["METRIC_KEYS", "PLOTS", "plot_ap_vs_iou", "plot_per_class_ap", "plot_pr_curves",
+__all__ = ["METRIC_KEYS", "PLOTS", "check_report_folder",
+           "plot_ap_vs_iou", "plot_per_class_ap", "plot_pr_curves",
            "plot_speed_accuracy", "write_report"]  # fmt: skip
 
 # evaluator key -> column header (COCO's abbreviations: AP50 = AP at IoU 0.5, APs = small objects, ...)
@@ -204,6 +207,25 @@ def _json_safe(value):
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     return [_json_safe(v) for v in value] if isinstance(value, list) else value
+
+
+def check_report_folder(folder: Path) -> None:
+    """Refuse, before any work, a report folder that cannot be written: an existing file, a path through a
+    file, or a place where no file can be created (tried with a temporary file, removed at once). An existing
+    folder is fine: its report files are replaced, nothing else in it is touched."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileTakenError(f"{folder} is a file: --out names the folder the report is written into")
+    existing = folder
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadFileError(f"{folder}: the report folder cannot be created, {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise BadFileError(f"{folder}: the report cannot be written there ({existing}: {e.strerror})") from e
 
 
 def write_report(

@@ -199,12 +199,10 @@ def _pil_limit_off():
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and convert an image to RGB, or raise ``BadImageError`` naming the path.
-
-    The pixel count is checked from the header before decoding, so a
-    decompression bomb is refused without allocating it.
-    """
+def open_header(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image reading its header only (PIL decodes on ``load``), or raise ``BadImageError`` naming the
+    path: a missing or non-image file, or more than ``max_pixels`` pixels (a decompression bomb is refused
+    without allocating it). The caller closes the image. A file may pass and still fail to decode."""
     path = os.fspath(path)
     try:
         with _pil_limit_off():  # our own limit decides; PIL's warning (and its 2x error) would second-guess it
@@ -215,13 +213,21 @@ def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise BadImageError(f"{path}: refused as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{path}: not a readable image ({e})") from e
-    with img:
-        width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise BadImageError(
-                f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
-                "(possible decompression bomb; raise max_image_pixels if the image is genuine)"
-            )
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
+        raise BadImageError(
+            f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+            "(possible decompression bomb; raise max_image_pixels if the image is genuine)"
+        )
+    return img
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and convert an image to RGB, or raise ``BadImageError`` naming the path
+    (``open_header``'s checks first, then the decoding)."""
+    path = os.fspath(path)
+    with open_header(path, max_pixels) as img:
         try:
             with _pil_limit_off():
                 img.load()

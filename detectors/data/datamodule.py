@@ -2,7 +2,8 @@
 
 Batches are ``(images, targets)`` tuples of variable-size images, as torchvision
 detectors expect. With ``generate=True`` the embedded shapes dataset is written to
-``root`` on first use, so the demo configs run on a fresh machine.
+``root`` on first use when it is missing or an empty folder, so the demo configs run on a fresh machine; any
+other root is read as it is (``prepare_data``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from training.distributed import evaluation_sampler
-from training.errors import BadValueError
-from training.images import DEFAULT_MAX_PIXELS
+from training.errors import BadFileError, BadValueError, MissingFileError
+from training.images import DEFAULT_MAX_PIXELS, BadImageError
 
 from .coco import CocoDetection, read_coco_categories
+from .images import ImageFileDataset, bad_images_message
 from .samples import BadSamplePolicy, DetectionDataset, collate_detection
 from .shapes import MANIFEST_NAME, generate_shapes
 from .transforms import detection_transforms
@@ -85,8 +87,11 @@ class DetectionDataModule(L.LightningDataModule):
         aspect_ratio_grouping: batch wide and tall images separately.
         hflip_prob, photometric, scale_jitter: train augmentation (see ``detection_transforms``).
         strict: box anomalies (outside the image, zero size) are errors instead of repaired.
-        on_bad_sample: "raise" stops at an unreadable image naming it; "skip" warns and drops it.
-        generate: write the embedded shapes dataset to ``root`` if it is missing.
+        on_bad_sample: "raise" stops at an unreadable image naming it; "skip" warns and drops it. ``predict``
+            checks every file's header first: "raise" fails before any work, naming the files; a file that
+            fails only when decoded is reported after the others' predictions are written.
+        generate: write the embedded shapes dataset to ``root`` if it is missing or an empty folder (a root
+            holding other files is read as the user's data, untouched; ``prepare_data``).
         predict_images: a directory, glob pattern or file of images to predict on instead of a split
             (``detectors.data.images.ImageFileDataset``; image ids are positions in the sorted file list).
     """
@@ -124,6 +129,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.images_dir = images_dir or default_images
         self.annotations = annotations or default_annotations
         self._class_names: list[str] | None = None
+        self._said_own_data = False
         self.datasets: dict[str, DetectionDataset] = {}
 
     # -- what the model needs to know before setup (LightningCLI links these) --
@@ -138,7 +144,7 @@ class DetectionDataModule(L.LightningDataModule):
                 self._class_names = list(VOC_CLASSES)
             else:
                 self.prepare_data()
-                categories = read_coco_categories(self._annotation_path(hp.val_split))
+                categories = read_coco_categories(self._coco_annotations(hp.val_split))
                 self._class_names = [c["name"] for c in categories]
         return self._class_names
 
@@ -150,14 +156,37 @@ class DetectionDataModule(L.LightningDataModule):
     def _annotation_path(self, split: str) -> str:
         return os.path.join(self.hparams.root, self.annotations.format(split=split))
 
+    def _coco_annotations(self, split: str) -> str:
+        """The split's COCO annotation file, or an error saying which layout the root is read with."""
+        path = self._annotation_path(split)
+        if not os.path.isfile(path):
+            raise MissingFileError(
+                f"{path}: no such COCO annotation file; data root {self.hparams.root} is read as annotations "
+                f"{self.annotations!r}, images {self.images_dir!r} with split {split!r}: set data.init_args."
+                "annotations, images_dir and train_split/val_split to your data's layout (docs/data.md)"
+            )
+        return path
+
     def prepare_data(self) -> None:
+        """With ``generate``, write the shapes dataset into ``root`` when it is missing or an empty folder.
+        A root holding a shapes dataset (its manifest) is used as it is, and a root holding anything else is
+        the user's own data, read as it is: nothing there is written, replaced or removed."""
         hp = self.hparams
-        if hp.generate and not os.path.exists(os.path.join(hp.root, MANIFEST_NAME)):
-            # Said out loud: a mistyped root of one's own data would otherwise train on shapes without a word.
-            root = os.path.abspath(hp.root)
-            rank_zero_info(f"generating the embedded shapes dataset in {root} (data generate: true; not your "
-                           "data? check data.init_args.root, or set generate: false)")  # fmt: skip
-            generate_shapes(hp.root, seed=hp.seed)
+        if not hp.generate or os.path.exists(os.path.join(hp.root, MANIFEST_NAME)):
+            return
+        root = os.path.abspath(hp.root)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise BadFileError(f"{root}: the data root (data.init_args.root) is a file, not a folder")
+        if os.path.isdir(root) and any(os.scandir(root)):
+            if not self._said_own_data:
+                self._said_own_data = True
+                rank_zero_info(f"data root {root} holds files and no shapes dataset: reading it as your data "
+                               "(generate: true writes only into a missing or empty folder)")  # fmt: skip
+            return
+        # Said out loud: a mistyped root of one's own data would otherwise train on shapes without a word.
+        rank_zero_info(f"generating the embedded shapes dataset in {root} (data generate: true; not your "
+                       "data? check data.init_args.root, or set generate: false)")  # fmt: skip
+        generate_shapes(hp.root, seed=hp.seed)
 
     def make_dataset(self, split: str, train: bool) -> DetectionDataset:
         hp = self.hparams
@@ -166,9 +195,8 @@ class DetectionDataModule(L.LightningDataModule):
                       max_image_pixels=hp.max_image_pixels)  # fmt: skip
         if hp.format == "voc":
             return VOCDetection(hp.root, split, classes=self.class_names, **common)
-        ds = CocoDetection(
-            os.path.join(hp.root, self.images_dir.format(split=split)), self._annotation_path(split), **common
-        )
+        images = os.path.join(hp.root, self.images_dir.format(split=split))
+        ds = CocoDetection(images, self._coco_annotations(split), **common)
         if ds.class_names != self.class_names:
             raise BadValueError(
                 f"{ds.annotation_file}: categories {ds.class_names} differ from the "
@@ -191,11 +219,22 @@ class DetectionDataModule(L.LightningDataModule):
             if key not in self.datasets:
                 is_files = key == "predict" and hp.predict_images
                 self.datasets[key] = self.make_image_files() if is_files else self.make_dataset(split, train)
+                if key == "predict":
+                    self._check_predict_images(self.datasets[key])
+
+    def _check_predict_images(self, ds) -> None:
+        """Before any image is predicted, with ``on_bad_sample: raise``: fail naming every file whose header
+        is bad (``skip`` goes on without them). A file that passes and fails only when decoded is skipped and
+        reported by the prediction writer after the other images' results are written, since raising there
+        would throw them away: ``defer_bad_samples``."""
+        if self.hparams.on_bad_sample == "raise" and (bad := ds.header_errors()):
+            message = bad_images_message(list(bad.values()), len(ds))
+            raise BadImageError(f"{message}; nothing was predicted: fix or remove them, or set "
+                                "data.init_args.on_bad_sample skip to predict on the others")  # fmt: skip
+        ds.defer_bad_samples = True
 
     def make_image_files(self):
         """The ``predict_images`` files; a COCO dataset's category ids are kept when its file exists."""
-        from .images import ImageFileDataset
-
         hp = self.hparams
         label_to_cat_id = None
         annotations = self._annotation_path(hp.val_split)

@@ -22,6 +22,8 @@ from torchvision.transforms.v2 import functional as F
 from training.errors import BadValueError
 from training.images import DEFAULT_MAX_PIXELS, BadImageError, open_image
 
+from .images import header_errors, size_error
+
 log = logging.getLogger("litvision")
 
 BadSamplePolicy = Literal["raise", "skip"]
@@ -131,10 +133,27 @@ class DetectionDataset(Dataset):
         self.class_names = list(class_names)
         self.transforms = transforms
         self.on_bad_sample = on_bad_sample
+        self.defer_bad_samples = False
         self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def header_errors(self) -> dict[int, str]:
+        """index -> why the image cannot be read, from the headers alone (``images.header_errors``)."""
+        sizes = [(r.width, r.height) for r in self.records]
+        return header_errors([r.path for r in self.records], self.max_image_pixels, sizes)
+
+    def image_id(self, index: int) -> int:
+        return int(self.records[index].image_id)
+
+    def read_error(self, index: int) -> str | None:
+        """Why sample ``index``'s image cannot be read (decoded in full, size checked), or None."""
+        try:
+            self.load(index)
+        except BadImageError as e:
+            return str(e)
+        return None
 
     @property
     def num_classes(self) -> int:
@@ -151,10 +170,7 @@ class DetectionDataset(Dataset):
         rec = self.records[index]
         img = open_image(rec.path, self.max_image_pixels)
         if img.size != (rec.width, rec.height):
-            raise BadImageError(
-                f"{rec.path}: image is {img.size[0]}x{img.size[1]} but the annotations declare "
-                f"{rec.width}x{rec.height}"
-            )
+            raise BadImageError(size_error(rec.path, img.size, (rec.width, rec.height)))
         image = tv_tensors.Image(F.pil_to_tensor(img))
         target = {
             "boxes": tv_tensors.BoundingBoxes(
@@ -175,7 +191,7 @@ class DetectionDataset(Dataset):
         try:
             image, target = self.load(index)
         except BadImageError as e:
-            if self.on_bad_sample == "raise":
+            if self.on_bad_sample == "raise" and not self.defer_bad_samples:
                 raise
             warnings.warn(f"skipping bad sample {index}: {e}", stacklevel=2)
             return None

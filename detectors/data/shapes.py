@@ -1,8 +1,10 @@
 """Synthetic "shapes" detection dataset: a small, deterministic stand-in for COCO that builds in seconds.
 
-This module checks the parameters, publishes a finished dataset atomically (or keeps an identical one)
-and holds the ``train.py shapes`` command; ``shapes_files`` writes the files and ``shapes_scene`` draws the
-images. Layout written under ``out`` (every box below is integer-aligned, so all layouts round-trip exactly)::
+This module checks the parameters, decides where a dataset may be written (a missing or empty folder, or
+over a shapes dataset, removing only the files the generator wrote: ``generate_shapes``), publishes a finished
+dataset (atomically into a missing or empty folder) and holds the ``train.py shapes`` command;
+``shapes_files`` writes the files and ``shapes_scene`` draws the images. Layout written under ``out``
+(every box below is integer-aligned, so all layouts round-trip exactly)::
 
     images/{train,val}/000001.jpg             image ids are unique across both splits
     annotations/instances_{train,val}.json    COCO: bbox [x, y, w, h] of the VISIBLE mask, RLE segmentation
@@ -10,7 +12,8 @@ images. Layout written under ``out`` (every box below is integer-aligned, so all
     voc/Annotations/000001.xml                VOC boxes xmin, ymin, xmax, ymax = x + 1, y + 1, x + w, y + h
     voc/ImageSets/Main/{train,val,trainval}.txt
     classification/{train,val}/<class>/*.png  (classification=True) crops of the visible boxes plus a margin
-    shapes.json                               manifest: generation parameters and counts
+    shapes.json                               manifest: generation parameters and counts ("replacing": the
+                                              older parameters while an overwrite is under way)
 
 Classes use non-contiguous COCO ids (rectangle=1, ellipse=3, triangle=7) so readers must map ids to
 contiguous labels. Later objects occlude earlier ones, never hiding more than half of one. Each split with
@@ -28,6 +31,7 @@ pixels may differ slightly between machines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,9 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
+from training.checkpoint_io import atomic_write_bytes
 from training.errors import BadValueError, FileTakenError
 
-from .shapes_files import FORMAT_VERSION, MANIFEST_NAME, SPLITS, write_dataset
+from .shapes_files import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    generated_files,
+    layout_folders,
+    write_dataset,
+)
 from .shapes_scene import SHAPES_CATEGORIES
 
 __all__ = ["SHAPES_CATEGORIES", "generate_shapes", "shapes_command"]
@@ -90,78 +102,131 @@ def _paths(out: Path, params: dict) -> dict[str, Path]:
     return paths
 
 
-def _existing(out: Path, params: dict) -> str | None:
-    """None if ``out`` can be (re)generated freely, "same" if it already holds this dataset, else why not."""
+def _manifest_owned(manifest: dict) -> list[dict]:
+    """The parameter sets whose generated files a manifest vouches for: its own and, while a replacement
+    is under way, the replaced dataset's. Raises (KeyError, TypeError, BadValueError) if malformed."""
+    owned = [manifest["parameters"], *manifest.get("replacing", [])]
+    for p in owned:
+        _check_params(p["num_train"], p["num_val"], p["image_size"], p["seed"], p["voc"], p["classification"])
+    return owned
+
+
+def _existing(out: Path, params: dict) -> tuple[str | None, list[dict] | None]:
+    """(state, owned). state: None if ``out`` is missing or an empty folder, "same" if it holds this dataset,
+    else why it cannot be used as it is. owned: the parameter sets whose generated files ``overwrite`` may
+    remove; None where ``out`` is no shapes dataset this version reads, so nothing there is ever removed."""
     if not out.exists() and not out.is_symlink():
-        return None
+        return None, None
     if not out.is_dir():
-        return "exists and is not a directory"
+        return "exists and is not a directory", None
     manifest_path = out / MANIFEST_NAME
     if not manifest_path.is_file():
-        return None if not any(out.iterdir()) else f"exists and is not a shapes dataset (no {MANIFEST_NAME})"
+        if not any(out.iterdir()):
+            return None, None
+        return f"is not empty and holds no shapes dataset (no {MANIFEST_NAME})", None
     try:
         manifest = json.loads(manifest_path.read_text())
-        old = manifest["parameters"]
         version = manifest["format_version"]
+        if version != FORMAT_VERSION:
+            return f"holds a shapes dataset of format version {version}, whose files this version (format "\
+                   f"{FORMAT_VERSION}) does not know", None  # fmt: skip
+        owned = _manifest_owned(manifest)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"has an unreadable {MANIFEST_NAME} ({err})"
-    if version != FORMAT_VERSION:
-        return f"was written by shapes format version {version}, this is version {FORMAT_VERSION}"
+        return f"has an unreadable {MANIFEST_NAME} ({err})", None
+    old = owned[0]
+    if len(owned) > 1:
+        return "holds a shapes dataset whose replacement was interrupted", owned
     if old != params:
         diff = ", ".join(
             f"{k}={old.get(k)!r} (requested {v!r})" for k, v in params.items() if old.get(k) != v
         )
-        return f"holds a shapes dataset generated with different parameters: {diff}"
+        return f"holds a shapes dataset generated with different parameters: {diff}", owned
     missing = [str(p) for p in _paths(out, params).values() if not p.exists()]
-    return f"is incomplete, missing {', '.join(missing)}" if missing else "same"
+    return (f"is incomplete, missing {', '.join(missing)}", owned) if missing else ("same", owned)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory to ``out``; an existing ``out`` is moved aside, then deleted."""
-    if not out.exists() and not out.is_symlink():
-        os.replace(tmp, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, trash / "old")
+def _refusal(out: Path, state: str, owned: list[dict] | None) -> str:
+    if owned is None:
+        return (f"{out} {state}: shapes writes only into a missing or empty folder or over a shapes dataset, "
+                "and never removes files it did not write; choose another out folder (--out)")  # fmt: skip
+    return (f"{out} {state}; pass overwrite=True (--overwrite true) to replace that dataset's files (files "
+            "the generator did not write are kept)")  # fmt: skip
+
+
+def _publish(tmp: Path, out: Path, params: dict) -> bool:
+    """Rename the finished ``tmp`` to ``out``, a missing or empty folder; False (``tmp`` left) if another
+    process published this dataset there first. Removes nothing but an empty folder."""
     try:
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # POSIX rename replaces an empty folder atomically and refuses any other
     except OSError:
-        os.replace(trash / "old", out)  # put the old content back
-        trash.rmdir()
-        raise
-    shutil.rmtree(trash)
+        if _existing(out, params)[0] == "same":
+            return False
+        if not out.is_dir() or any(out.iterdir()):
+            raise
+        out.rmdir()  # systems whose rename refuses every existing folder
+        os.replace(tmp, out)
+    return True
+
+
+def _new_files(tmp: Path, out: Path, old: set[Path]) -> list[Path]:
+    """The files of the dataset in ``tmp`` (relative paths, manifest excluded); FileTakenError if one
+    would replace a file in ``out`` that is not in ``old`` (the generator's), or needs a folder where
+    ``out`` has a file."""
+    new = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    for rel in new:
+        target = out / rel
+        blocked = [target] if target.exists() and target not in old else []
+        blocked += [d for d in target.parents if d.is_relative_to(out) and d.exists() and not d.is_dir()]
+        if blocked:
+            raise FileTakenError(f"{blocked[0]} is not a file of the shapes dataset in {out}, and the new "
+                                 "dataset would overwrite it: move it away or choose another out "
+                                 "(--out)")  # fmt: skip
+    return new
+
+
+def _replace_in_place(tmp: Path, out: Path, params: dict, owned: list[dict]) -> None:
+    """Swap the dataset in ``out`` for the finished one in ``tmp``, removing only the files the generator
+    wrote for the ``owned`` parameter sets: every other file in ``out`` stays. Until the last step the
+    manifest names both datasets, so an interrupted swap is finished by the next overwrite."""
+    old = set().union(*(generated_files(out, p) for p in owned))
+    new = _new_files(tmp, out, old)
+    pending = {"generator": "detectors.data.shapes", "format_version": FORMAT_VERSION, "parameters": params,
+               "replacing": owned}  # fmt: skip
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(pending, indent=2) + "\n").encode())
+    for path in old - {out / MANIFEST_NAME}:
+        path.unlink(missing_ok=True)
+    for folder in layout_folders(out):
+        with contextlib.suppress(OSError):  # kept where a user's file remains in it
+            folder.rmdir()
+    for rel in new:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, out / rel)
+    os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)  # last: no "replacing" in it means complete
 
 
 def _generate(out, num_train, num_val, image_size, seed, voc, classification, overwrite) -> tuple[dict, bool]:
     """``generate_shapes``, plus whether it wrote anything (False: ``out`` already held this dataset)."""
     out = Path(out)
     params = _check_params(num_train, num_val, image_size, seed, voc, classification)
-    state = _existing(out, params)
+    state, owned = _existing(out, params)
     if state == "same":
         return _paths(out, params), False
-    if state is not None and not overwrite:
-        raise FileTakenError(f"{out} {state}; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling so a crash never leaves a half-written dataset at ``out``; the rename is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if state is not None and (owned is None or not overwrite):
+        raise FileTakenError(_refusal(out, state, owned))
+    target = Path(os.path.realpath(out))  # a symlinked folder is written through; the link stays
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built in a sibling, so a crash never leaves a half-written dataset at ``out``.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write_dataset(tmp, params)
+        if state is not None:
+            _replace_in_place(tmp, target, params, owned)
+            return _paths(out, params), True
         # Several processes (DDP ranks, each building its DataModule) may generate at once: whoever
-        # publishes first wins, and the others keep that identical dataset instead of replacing it.
-        if _existing(out, params) == "same":
-            shutil.rmtree(tmp)
-            return _paths(out, params), False
-        try:
-            _publish(tmp, out)
-        except OSError:
-            if _existing(out, params) != "same":
-                raise
-            shutil.rmtree(tmp)
-            return _paths(out, params), False
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _paths(out, params), True
+        # publishes first wins, and the others keep that identical dataset.
+        return _paths(out, params), _publish(tmp, target, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder: whatever is left of it
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -179,11 +244,13 @@ def generate_shapes(
 
     ``image_size`` is (height, width), each >= 160; each split needs >= 4 images. Returns a dict with keys
     root, manifest, {train,val}_images, {train,val}_annotations and, when enabled, voc, classification and
-    {train,val}_classification. If ``out`` already holds a dataset generated with the same parameters nothing
-    is written, even with ``overwrite`` (the parameters determine the content). Raises FileTakenError (a
-    FileExistsError) if ``out`` holds anything else (other parameters, unknown files, an incomplete dataset)
-    unless ``overwrite`` is True, in which case that content is deleted and replaced. Raises BadValueError (a
-    ValueError) for invalid parameters.
+    {train,val}_classification. Writes only into a missing or empty folder, or over a shapes dataset: if
+    ``out`` already holds one generated with the same parameters nothing is written, even with ``overwrite``
+    (the parameters determine the content); one with other parameters, or incomplete, raises FileTakenError
+    (a FileExistsError) unless ``overwrite`` is True, which removes the files the generator wrote there (its
+    manifest says which) and keeps every other file. A folder holding anything else (no manifest) is
+    refused with or without ``overwrite``: nothing in it is touched. Raises BadValueError (a ValueError) for
+    invalid parameters.
     """
     return _generate(out, num_train, num_val, image_size, seed, voc, classification, overwrite)[0]
 
@@ -230,7 +297,7 @@ def shapes_command(
         height, width: image size in pixels (>= 160).
         seed: random seed; the same seed gives the same annotations on any machine.
         voc, classification: also write the Pascal VOC and the image-folder layouts.
-        overwrite: replace a dataset generated with other parameters.
+        overwrite: replace a shapes dataset generated with other parameters (only the files it wrote).
     """
     start = time.perf_counter()
     paths, generated = _generate(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +38,7 @@ DIFFICULT_VISIBLE = 0.6
 EMPTY_FRACTION = 0.05
 JPEG_QUALITY = 92
 _CAT_ID = {c["name"]: c["id"] for c in SHAPES_CATEGORIES}
+_CROP = re.compile(r"(\d{6,})_\d{5,}\.png")  # <image stem>_<annotation id>.png
 
 
 class _Annotated(NamedTuple):
@@ -225,3 +228,37 @@ def write_dataset(root: Path, params: dict) -> None:
     }
     # Written last: a directory with a manifest is a complete dataset.
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def generated_files(root: Path, params: dict) -> set[Path]:
+    """The files under ``root`` that ``write_dataset`` writes for ``params`` and that exist there, manifest
+    included: the only files ``generate_shapes(overwrite=True)`` may remove. Derived from the layout, so a
+    user's file in the folder is never counted, whatever its name, unless it sits where the layout writes."""
+    ids = {"train": range(1, 1 + params["num_train"])}
+    ids["val"] = range(1 + params["num_train"], 1 + params["num_train"] + params["num_val"])
+    files = [root / MANIFEST_NAME]
+    for split in SPLITS:
+        files.append(root / "annotations" / f"instances_{split}.json")
+        files += [root / "images" / split / f"{i:06d}.jpg" for i in ids[split]]
+        if params["voc"]:
+            files.append(root / "voc" / "ImageSets" / "Main" / f"{split}.txt")
+            files += [root / "voc" / "JPEGImages" / f"{i:06d}.jpg" for i in ids[split]]
+            files += [root / "voc" / "Annotations" / f"{i:06d}.xml" for i in ids[split]]
+        if params["classification"]:
+            for kind in KINDS:
+                folder = root / "classification" / split / kind
+                crops = [(n, _CROP.fullmatch(n)) for n in (os.listdir(folder) if folder.is_dir() else [])]
+                files += [folder / n for n, m in crops if m and int(m.group(1)) in ids[split]]
+    if params["voc"]:
+        files.append(root / "voc" / "ImageSets" / "Main" / "trainval.txt")
+    return {f for f in files if f.is_file() and not f.is_symlink()}
+
+
+def layout_folders(root: Path) -> list[Path]:
+    """Every folder ``write_dataset`` may create under ``root``, deepest first (removed when left empty)."""
+    folders = [root / "classification" / s / k for s in SPLITS for k in KINDS]
+    folders += [root / "classification" / s for s in SPLITS] + [root / "classification"]
+    folders += [root / "images" / s for s in SPLITS] + [root / "images", root / "annotations"]
+    main = root / "voc" / "ImageSets" / "Main"
+    voc = root / "voc"
+    return folders + [main, main.parent, voc / "JPEGImages", voc / "Annotations", voc]

@@ -50,6 +50,8 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
     import train
 
     s, out = tiny_setup, tiny_setup["root"] / "report"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")  # an existing folder is fine: only the report's files are written
     train.main(["compare", "--checkpoints", s["paths"]["frcnn"], s["paths"]["retina"], "--data", s["data"],
                 "--out", str(out), "--device", "cpu", "--resamples", "8", "--seed", "3", "--warmup", "1",
                 "--repeats", "2", "--batch_size", "2"])  # fmt: skip
@@ -87,10 +89,23 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
                  "default_rng(3)", "frcnn 64/64"):  # fmt: skip
         assert text in md, text
     assert "95% CI" in stdout and "frcnn" in stdout
+    assert (out / "notes.md").read_text() == "mine"
     for name in ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.png"):
         with Image.open(out / name) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_compare_refuses_an_output_path_before_any_work(tiny_setup, tmp_path, train_py):
+    taken = tmp_path / "report.md"
+    taken.write_text("mine")
+    missing = tmp_path / "no_such.ckpt"  # loading it would fail: the output path must be refused first
+    for out, words in ((taken, "is a file"), (taken / "report", f"cannot be created, {taken} is not a folder")):
+        code, _, err = train_py("compare", "--checkpoints", missing, "--data", tiny_setup["data"], "--out", out,
+                                "--device", "cpu")  # fmt: skip
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert code == 2 and f"{out}" in line and words in line and "no_such" not in line
+    assert taken.read_text() == "mine"
 
 
 def test_compare_refuses_models_with_different_classes(tiny_setup, shapes_dir):

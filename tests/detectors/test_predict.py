@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,7 @@ from detectors.data.coco import CocoDetection
 from detectors.data.images import ImageFileDataset
 from detectors.data.samples import collate_detection
 from detectors.predict import CocoPredictionWriter, merge_rank_files
+from training.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["rectangle", "ellipse", "triangle"]
@@ -220,8 +222,8 @@ def test_rank_files_merge_keeps_one_copy_per_image(tmp_path):
     paths = [tmp_path / "predictions.rank0.json", tmp_path / "predictions.rank1.json"]
     for path, part in zip(paths, (rank0, rank1), strict=True):
         path.write_text(json.dumps(part))
-    results, images = merge_rank_files([str(p) for p in paths])
-    assert sorted(images) == [10, 11, 12]
+    results, images, failed = merge_rank_files([str(p) for p in paths])
+    assert sorted(images) == [10, 11, 12] and failed == {}
     assert sorted((r["image_id"], r["score"]) for r in results) == [
         (10, 0.8),
         (10, 0.9),
@@ -363,3 +365,87 @@ def test_train_py_predict_on_a_glob_of_images(shapes_dir, cli_checkpoint, tmp_pa
         {"id": SHAPES_IDS[n], "name": n} for n in CLASSES
     ]
     assert not (out / "images").exists()
+
+
+# -- unreadable images among good ones: through train.py predict on configs/faster_rcnn.yaml, shrunk ------------
+
+
+def _photos(shapes_dir, folder: Path, broken: bool, cut: bool) -> dict[str, bytes]:
+    """Three good images (000001-000003.jpg), then, sorted after them, a text file named broken.jpg (its
+    header is bad) and/or cut.jpg, the first half of a good JPEG (its header is fine, its pixels are not)."""
+    folder.mkdir()
+    good = sorted((shapes_dir / "images" / "val").glob("*.jpg"))[:3]
+    for i, source in enumerate(good, 1):
+        (folder / f"{i:06d}.jpg").write_bytes(source.read_bytes())
+    if broken:
+        (folder / "broken.jpg").write_text("not an image")
+    if cut:
+        data = good[0].read_bytes()
+        (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _predict_args(shapes_dir, checkpoint, photos, out, *more):
+    return ["predict", "--config", REPO_ROOT / "configs" / "faster_rcnn.yaml", *_data_args(shapes_dir),
+            "--data.init_args.predict_images", photos, "--ckpt_path", checkpoint, "--predict_out", out,
+            "--runs_dir", out.parent / "runs", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            *more]  # fmt: skip
+
+
+def _usage_error(train_py, *args) -> str:
+    """The message of the UsageError train.py ARGS fails with: its "error:" line (exit status 2), or, for an
+    error raised while a LightningCLI subcommand runs, the error train.main lets through where training.cli
+    does not report those as usage errors (yet)."""
+    try:
+        code, _, err = train_py(*args)
+    except UsageError as e:
+        return str(e)
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2, err
+    return line
+
+
+def _written(out: Path) -> tuple[list[int], set[int], list[tuple[int, str, str]]]:
+    """(image ids in images.json, image ids with detections, (id, file name, error) in failed.json)."""
+    images = [i["id"] for i in json.loads((out / "images.json").read_text())]
+    detected = {r["image_id"] for r in json.loads((out / "predictions.json").read_text())}
+    failed = [(f["id"], Path(f["file_name"]).name, f["error"]) for f in json.loads((out / "failed.json").read_text())]
+    return images, detected, failed
+
+
+def test_predict_writes_the_readable_images_and_names_the_unreadable(shapes_dir, cli_checkpoint, tmp_path,
+                                                                     train_py):  # fmt: skip
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    before = _photos(shapes_dir, photos, broken=True, cut=True)
+    with pytest.warns(UserWarning, match=r"2 of 5 images cannot be read: .*broken.jpg.*cut.jpg"):
+        code, _, err = train_py(*_predict_args(shapes_dir, cli_checkpoint, photos, out,
+                                               "--data.init_args.on_bad_sample", "skip"))  # fmt: skip
+    assert code == 0, err[-3000:]
+    images, detected, failed = _written(out)
+    assert images == [0, 1, 2] and detected == {0, 1, 2}  # score_thresh 0: every image has detections
+    assert [(i, name) for i, name, _ in failed] == [(3, "broken.jpg"), (4, "cut.jpg")]
+    assert "not a readable image" in failed[0][2] and "truncated or corrupt" in failed[1][2]
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_predict_with_on_bad_sample_raise_fails_before_the_work(shapes_dir, cli_checkpoint, tmp_path, train_py):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    _photos(shapes_dir, photos, broken=True, cut=False)
+    message = _usage_error(train_py, *_predict_args(shapes_dir, cli_checkpoint, photos, out))  # raise: the default
+    assert f"1 of 4 images cannot be read: {photos}/broken.jpg: not a readable image" in message
+    assert "nothing was predicted" in message and "on_bad_sample skip" in message
+    assert not out.exists()
+
+
+def test_predict_with_raise_still_writes_the_good_images_when_one_fails_to_decode(shapes_dir, cli_checkpoint,
+                                                                                   tmp_path, train_py):  # fmt: skip
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    _photos(shapes_dir, photos, broken=False, cut=True)  # the header check cannot see this one
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dataset's "skipping bad image" as it goes
+        message = _usage_error(train_py, *_predict_args(shapes_dir, cli_checkpoint, photos, out))
+    assert f"1 of 4 images cannot be read: {photos}/cut.jpg: image is truncated or corrupt" in message
+    assert f"the predictions of the other 3 images are written to {out}" in message
+    images, detected, failed = _written(out)
+    assert images == [0, 1, 2] and detected == {0, 1, 2}
+    assert [(i, name) for i, name, _ in failed] == [(3, "cut.jpg")]

@@ -2,6 +2,7 @@ import functools
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ from detectors.data import datamodule
 from detectors.data.datamodule import DetectionDataModule, GroupedBatchSampler
 from detectors.data.shapes import generate_shapes
 from training.errors import BadValueError
+from training.images import BadImageError
 
 from .helpers import coco_dict, write_image, write_voc
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def write_split(root, split, n_images, sizes=((40, 30), (30, 40))):
@@ -103,6 +107,18 @@ def test_skip_policy_drops_bad_images_from_batches(coco_root):
         list(strict.val_dataloader())
 
 
+def test_predict_checks_every_header_before_any_image_is_predicted(coco_root):
+    write_image(coco_root / "images" / "val" / "001.jpg", 50, 50)  # the annotations declare 30 x 40
+    (coco_root / "images" / "val" / "003.jpg").write_text("not an image")
+    dm = DetectionDataModule(str(coco_root), num_workers=0)  # on_bad_sample: raise
+    with pytest.raises(BadImageError, match=r"^2 of 5 images cannot be read: \S*001.jpg: image is 50x50 but the "
+                       r"annotations declare 30x40; \S*003.jpg: not a readable image .*nothing was predicted"):
+        dm.setup("predict")
+    skipping = DetectionDataModule(str(coco_root), num_workers=0, on_bad_sample="skip")
+    skipping.setup("predict")  # goes on; the prediction writer names what was skipped
+    assert len(skipping.datasets["predict"]) == 5
+
+
 def test_splits_must_agree_on_categories(coco_root):
     path = coco_root / "annotations" / "instances_train.json"
     data = json.loads(path.read_text())
@@ -141,3 +157,49 @@ def test_generate_writes_shapes_once(tmp_path, caplog, monkeypatch):
         dm.setup("fit")
     assert "generating" not in caplog.text  # once
     assert len(dm.datasets["train"]) > 0 and len(dm.datasets["val"]) > 0
+
+
+# -- pointing the shipped config at one's own data (generate: true in configs/data/shapes.yaml) -----------------
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fit_args(root, runs) -> list:
+    """configs/faster_rcnn.yaml shrunk in size only, on the data in ``root``; the config's generate: true kept."""
+    return ["fit", "--config", REPO / "configs" / "faster_rcnn.yaml", "--runs_dir", runs,
+            "--data.init_args.root", root, "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
+            "--model.init_args.min_size", "64", "--model.init_args.max_size", "64", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+
+def test_fit_reads_a_users_coco_folder_as_it_is(tmp_path, train_py, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # the config's backbone_checkpoint is missing here: a warning, not an error
+    user = tmp_path / "my_coco"
+    write_split(user, "train", 4)
+    write_split(user, "val", 2)
+    (user / "README.txt").write_text("my data")
+    before = _files(user)
+    with caplog.at_level(logging.INFO):
+        code, out, err = train_py(*_fit_args(user, tmp_path / "runs"))
+    assert code == 0, err[-3000:]
+    assert "generating the embedded shapes dataset" not in caplog.text + out + err
+    assert f"data root {user} holds files and no shapes dataset: reading it as your data" in caplog.text
+    assert _files(user) == before  # nothing written, replaced or removed
+    assert (tmp_path / "runs" / "faster_rcnn" / "checkpoints" / "best.ckpt").is_file()  # trained on it
+
+
+def test_a_users_folder_in_another_layout_fails_saying_which_layout_was_read(tmp_path, train_py, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "coco2017"
+    write_image(user / "val2017" / "000000000139.jpg", 40, 30)
+    (user / "annotations").mkdir()
+    (user / "annotations" / "instances_val2017.json").write_text(json.dumps(coco_dict()))
+    before = _files(user)
+    code, _, err = train_py(*_fit_args(user, tmp_path / "runs"))
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and f"{user}/annotations/instances_val.json: no such COCO annotation file" in line
+    assert "val_split" in line and "overwrite" not in line.replace(str(user), "")
+    assert _files(user) == before

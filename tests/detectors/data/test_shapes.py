@@ -213,18 +213,85 @@ def test_rerun_is_a_no_op_and_other_parameters_raise(dataset):
     assert [p.stat().st_mtime_ns for p in watched] == before
 
 
-def test_unknown_content_raises_and_overwrite_replaces(tmp_path):
+SMALL_SET = ["--height", "160", "--width", "160"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> content)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _error_line(err: str) -> str:
+    (line,) = [line for line in err.splitlines() if "error:" in line]  # the usage line lists --overwrite
+    return line
+
+
+def test_overwrite_never_touches_a_folder_that_is_not_a_shapes_dataset(tmp_path, train_py):
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    (out / "notes.txt").write_text("precious")
+    (out / "images" / "000001.jpg").write_bytes(b"a user's photo, named as the generator names its own")
+    before = _files(out)
+    code, _, err = train_py("shapes", "--out", out, "--num_train", "4", "--num_val", "4", *SMALL_SET,
+                            "--overwrite", "true")  # fmt: skip
+    line = _error_line(err)
+    assert code == 2 and str(out) in line and "holds no shapes dataset" in line
+    assert "overwrite" not in line.replace(str(out), "")  # no advice to force it: nothing there may be removed
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left either
+
+
+def test_overwrite_removes_only_the_files_the_generator_wrote(tmp_path, train_py):
+    out, fresh = tmp_path / "ds", tmp_path / "fresh"
+    generate_shapes(out, num_train=6, num_val=4, image_size=(160, 160))
+    mine = {"notes.txt": b"precious", "images/train/holiday.jpg": b"jpeg bytes",
+            "classification/train/rectangle/my_crop.png": b"png bytes", "voc/Annotations/extra.xml": b"<a/>",
+            "voc/ImageSets/Main/my_split.txt": b"000001\n"}  # fmt: skip
+    for name, content in mine.items():
+        (out / name).write_bytes(content)
+    # Fewer images: 000005-000010 of the old layout have no counterpart in the new one and must go.
+    code, stdout, err = train_py("shapes", "--out", out, "--num_train", "4", "--num_val", "4", *SMALL_SET,
+                                 "--overwrite", "true")  # fmt: skip
+    assert code == 0, err
+    assert "generated in" in stdout
+    generate_shapes(fresh, num_train=4, num_val=4, image_size=(160, 160))
+    assert _files(out) == {**_files(fresh), **mine}  # exactly the new dataset plus every user file, unchanged
+
+
+def test_an_interrupted_overwrite_is_finished_by_the_next(tmp_path, monkeypatch):
+    out, fresh = tmp_path / "ds", tmp_path / "fresh"
+    small = dict(image_size=(160, 160), voc=False)
+    generate_shapes(out, num_train=6, num_val=4, **small)
+    (out / "notes.txt").write_text("precious")
+    real_replace, calls = shapes_module.os.replace, []
+
+    def crash_midway(src, dst):
+        calls.append(dst)
+        if len(calls) == 10:  # the first move publishes the pending manifest, the next ones the new files
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(shapes_module.os, "replace", crash_midway)
+    with pytest.raises(OSError, match="No space"):
+        generate_shapes(out, num_train=4, num_val=4, overwrite=True, **small)
+    monkeypatch.undo()
+    with pytest.raises(FileTakenError, match="replacement was interrupted.*--overwrite"):
+        generate_shapes(out, num_train=4, num_val=4, **small)
+    generate_shapes(out, num_train=4, num_val=4, overwrite=True, **small)
+    generate_shapes(fresh, num_train=4, num_val=4, **small)
+    assert _files(out) == {**_files(fresh), "notes.txt": b"precious"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "fresh"]
+
+
+def test_overwrite_refuses_to_replace_a_user_file_the_new_layout_needs(tmp_path):
     out = tmp_path / "ds"
-    out.mkdir()
-    (out / "mine.txt").write_text("precious")
-    with pytest.raises(FileTakenError, match="not a shapes dataset"):
-        generate_shapes(out, num_train=4, num_val=4, voc=False, classification=False)
-    paths = generate_shapes(out, num_train=4, num_val=4, voc=False, classification=False, overwrite=True)
-    assert not (out / "mine.txt").exists()
-    assert json.loads(paths["manifest"].read_text())["parameters"]["num_train"] == 4
-    paths = generate_shapes(out, num_train=5, num_val=4, voc=False, classification=False, overwrite=True)
-    assert json.loads(paths["manifest"].read_text())["parameters"]["num_train"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary siblings left behind
+    generate_shapes(out, num_train=4, num_val=4, image_size=(160, 160), voc=False, classification=False)
+    (out / "images" / "train" / "000005.jpg").write_text("mine")  # 000005 is a val image of this dataset
+    before = _files(out)
+    with pytest.raises(FileTakenError, match=r"images/train/000005.jpg is not a file of the shapes dataset"):
+        generate_shapes(out, num_train=6, num_val=4, image_size=(160, 160), voc=False, classification=False,
+                        overwrite=True)  # fmt: skip
+    assert _files(out) == before
 
 
 def test_empty_existing_directory_is_used(tmp_path):
