@@ -9,10 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detectors.compare import _model_names, autocast, compare_command, load_detectors
-from detectors.data import DetectionDataModule
+from detectors.compare import _model_names, autocast, load_detectors
 from detectors.module import FasterRCNNModule, RetinaNetModule
-from training.errors import UsageError
+from training.errors import BadValueError
 from training.saving import save_model
 
 CLASSES = ["rectangle", "ellipse", "triangle"]
@@ -108,20 +107,19 @@ def test_compare_refuses_an_output_path_before_any_work(tiny_setup, tmp_path, tr
     assert taken.read_text() == "mine"
 
 
-def test_compare_refuses_models_with_different_classes(tiny_setup, shapes_dir):
-    # A UsageError: train.py prints its message alone ("train.py compare: error: ...", exit status 2).
+def test_compare_refuses_models_with_different_classes(tiny_setup, train_py):
     s = tiny_setup
-    data = DetectionDataModule(str(shapes_dir), batch_size=2, num_workers=0, generate=False)
-    with pytest.raises(UsageError) as exc:
-        compare_command([s["paths"]["frcnn"], s["paths"]["other"]], data, out=str(s["root"] / "refused"))
-    message = str(exc.value)
+    code, _, err = train_py("compare", "--checkpoints", s["paths"]["frcnn"], s["paths"]["other"], "--data", s["data"],
+                            "--out", s["root"] / "refused", "--device", "cpu")  # fmt: skip
+    (message,) = [line for line in err.splitlines() if "error:" in line]  # one line, no traceback
+    assert code == 2 and "Traceback" not in err
     assert s["paths"]["other"] in message and s["paths"]["frcnn"] in message
     assert str(CLASSES) in message and "['cat', 'dog']" in message
     assert not (s["root"] / "refused").exists()
 
 
 def test_models_must_match_the_data_classes(tiny_setup):
-    with pytest.raises(UsageError, match=r"\['cat', 'dog'\].*\['a', 'b', 'c'\]"):
+    with pytest.raises(BadValueError, match=r"\['cat', 'dog'\].*\['a', 'b', 'c'\]"):
         load_detectors([tiny_setup["paths"]["other"]], ["a", "b", "c"], "my data")
 
 
@@ -133,5 +131,5 @@ def test_model_names_tell_checkpoints_apart():
 
 
 def test_half_precision_needs_cuda():
-    with pytest.raises(UsageError, match="needs a CUDA device"):
+    with pytest.raises(BadValueError, match="needs a CUDA device"):
         autocast(torch.device("cpu"), "16")

@@ -316,17 +316,16 @@ def test_bad_parameters_raise_clear_errors(tmp_path, kwargs, message):
     assert not (tmp_path / "ds").exists()
 
 
-def test_shapes_command_reports_counts_and_no_op(tmp_path, capsys):
-    kwargs = dict(out=str(tmp_path / "ds"), num_train=4, num_val=4, voc=False, width=160)
-    shapes_command(**kwargs)
-    first = capsys.readouterr().out
-    assert str(tmp_path / "ds") in first and "generated" in first and "train: 4 images" in first
+def test_shapes_command_reports_counts_and_no_op(tmp_path, train_py):
+    args = ["shapes", "--out", tmp_path / "ds", "--num_train", 4, "--num_val", 4, "--voc", "false", "--width", 160]
+    code, first, _ = train_py(*args)
+    assert code == 0 and str(tmp_path / "ds") in first and "generated" in first and "train: 4 images" in first
     assert not (tmp_path / "ds" / "voc").exists() and (tmp_path / "ds" / "classification").is_dir()
-    shapes_command(**kwargs)
-    assert "nothing written" in capsys.readouterr().out
-    # A UsageError: the command line prints this message alone.
-    with pytest.raises(FileTakenError, match="--overwrite"):
-        shapes_command(**{**kwargs, "width": 170})
+    code, again, _ = train_py(*args)
+    assert code == 0 and "nothing written" in again
+    code, _, err = train_py(*args[:-1], 170)  # other parameters: a usage error, one line, no traceback
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "--overwrite" in line and "Traceback" not in err
 
 
 def test_shapes_command_with_minimum_split_size(tmp_path, capsys):
