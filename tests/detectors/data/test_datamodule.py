@@ -139,12 +139,14 @@ def test_voc_format(tmp_path):
     assert all("difficult" in t for t in targets)
 
 
-def test_generate_writes_shapes_once(tmp_path, caplog, monkeypatch):
-    # The smallest dataset instead of the default 1000 + 60 images (~20 s): what is checked is when and how
-    # prepare_data generates, not the dataset.
-    small = functools.partial(generate_shapes, num_train=4, num_val=4, image_size=(160, 160), voc=False,
-                              classification=False)  # fmt: skip
-    monkeypatch.setattr(datamodule, "generate_shapes", small)
+@pytest.mark.parametrize("size", ["smallest", pytest.param("default", marks=pytest.mark.slow)])
+def test_generate_writes_shapes_once(tmp_path, caplog, monkeypatch, size):
+    # The fast run generates the smallest dataset instead of the default 1000 + 60 images (~20 s): what is
+    # checked is when and how prepare_data generates; the slow run checks it at the default size too.
+    if size == "smallest":
+        small = functools.partial(generate_shapes, num_train=4, num_val=4, image_size=(160, 160), voc=False,
+                                  classification=False)  # fmt: skip
+        monkeypatch.setattr(datamodule, "generate_shapes", small)
     root = tmp_path / "shapes"
     dm = DetectionDataModule(str(root), generate=True, num_workers=0)
     with warnings.catch_warnings(), caplog.at_level(logging.INFO):
