@@ -1,7 +1,6 @@
-"""Resuming the shipped detector configs: a run interrupted after an epoch-end last.ckpt and resumed with
-``--ckpt_path last`` ends bit-identical to the run that was never interrupted (CPU): weights, optimiser,
-schedulers, callback state, loop state. The shipped configs' schedule (warm-up and cosine decay) is the case
-that differed.
+"""Resuming the shipped configs: a run interrupted after an epoch-end last.ckpt and resumed with ``--ckpt_path
+last`` ends bit-identical to the run that was never interrupted (CPU): weights, optimiser, schedulers, callback
+state, loop state. The detector configs' schedule (warm-up and cosine decay) is the case that differed.
 
 The fast tests stop ``train.main`` in this process with an exception raised by a callback at an epoch's start,
 which leaves what a kill there leaves (litvision writes last.ckpt on exceptions only for SIGTERM). The slow test
@@ -54,12 +53,17 @@ class StopAt(Callback):
 
 
 def fit_args(config: str, shapes_dir, runs, epochs: int, val_batches: int = 1) -> list[str]:
-    """A shipped config shrunk in size only: 64-px images, 2 steps of 2 images an epoch, no backbone checkpoint."""
+    """A shipped config shrunk in size only: 64-px detector inputs (32-px crops for the classifiers), 2 steps of 2
+    images an epoch, no backbone checkpoint."""
+    if config in ("classifier", "pretrain"):
+        data = ["--data.init_args.root", shapes_dir / "classification" / "train", "--data.init_args.val_root",
+                shapes_dir / "classification" / "val", "--data.init_args.image_size", "[32, 32]"]  # fmt: skip
+    else:
+        data = ["--data.init_args.root", shapes_dir, "--data.init_args.generate", "false",
+                "--model.init_args.min_size", "64", "--model.init_args.max_size", "64"]  # fmt: skip
     return [str(a) for a in [
-        "fit", "--config", REPO / "configs" / f"{config}.yaml", "--runs_dir", runs,
-        "--data.init_args.root", shapes_dir, "--data.init_args.generate", "false",
+        "fit", "--config", REPO / "configs" / f"{config}.yaml", "--runs_dir", runs, *data,
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
-        "--model.init_args.min_size", "64", "--model.init_args.max_size", "64",
         "--model.init_args.backbone_checkpoint", "null",
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", val_batches,
         "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", epochs,
@@ -106,7 +110,8 @@ def assert_resumed_run_is_exact(uninterrupted: dict, resumed: dict) -> None:
 
 
 # One fast representative: Faster R-CNN's config is the one whose resumed runs differed.
-@pytest.mark.parametrize("config", ["faster_rcnn", pytest.param("retinanet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("config", ["faster_rcnn", *(pytest.param(c, marks=pytest.mark.slow)
+                                                     for c in ("retinanet", "classifier", "pretrain"))])  # fmt: skip
 def test_an_interrupted_and_resumed_run_ends_bit_identical(config, shapes_dir, tmp_path, train_py, monkeypatch):
     monkeypatch.chdir(tmp_path)
     whole, parts = tmp_path / "a" / "runs", tmp_path / "b" / "runs"
@@ -129,7 +134,7 @@ def train_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["faster_rcnn", "retinanet"])
+@pytest.mark.parametrize("config", ["faster_rcnn", "retinanet", "classifier", "pretrain"])
 def test_a_run_killed_with_sigkill_resumes_bit_identical(config, shapes_dir, tmp_path):
     """train.py killed by SIGKILL inside a training epoch and inside a validation, resumed each time."""
     whole = tmp_path / "whole" / "runs"
