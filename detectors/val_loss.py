@@ -46,9 +46,8 @@ VAL_LOSS_SEED = 0
 
 @contextlib.contextmanager
 def loss_mode(model: nn.Module):
-    """Training-mode control flow with inference-mode layers; restores every flag and the RNG.
-
-    Yields ``reseed()``, which seeds the (forked) RNG with ``VAL_LOSS_SEED``: call it before each image's
+    """Training-mode control flow with inference-mode layers, the RNG forked and seeded with ``VAL_LOSS_SEED``;
+    restores every flag and the RNG. Yields ``reseed()``, which seeds it again: call it before each image's
     sampling."""
     flags = {m: m.training for m in model.modules()}
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
@@ -60,6 +59,7 @@ def loss_mode(model: nn.Module):
 
     try:
         with torch.random.fork_rng(devices=devices):
+            reseed()
             model.train()
             for m in model.modules():
                 if isinstance(m, _INFERENCE_ONLY):
@@ -120,7 +120,7 @@ def _rcnn_losses_per_image(model: GeneralizedRCNN, image_list: ImageList, featur
     per_image = []
     with loss_mode(model) as reseed:
         for i, target in enumerate(targets):
-            reseed()
+            reseed()  # each image's sampling starts from the same seed, whatever came before it
             one = ImageList(image_list.tensors[i : i + 1], image_list.image_sizes[i : i + 1])
             maps = OrderedDict((k, v[i : i + 1]) for k, v in features.items())
             per_image.append(_rcnn_losses(model, one, maps, [target]))
@@ -146,7 +146,7 @@ def _retinanet(model: RetinaNet, images, targets, with_loss: bool):
         anchors = model.anchor_generator(image_list, features)
         losses: dict[str, Tensor] = {}
         if with_loss:
-            with loss_mode(model):  # samples nothing: no reseeding
+            with loss_mode(model):
                 losses = model.compute_loss(targets, head_outputs, anchors)
         # The remainder mirrors RetinaNet.forward in eval mode: split outputs per pyramid level.
         per_level = [x.size(2) * x.size(3) for x in features]

@@ -47,7 +47,7 @@ def test_val_loss_is_the_same_at_every_batch_size_and_order(name, images):
     reference = val_losses(module, images, 1, ids)
     assert all(v > 0 for v in reference.values())
     shuffled = torch.randperm(len(ids), generator=torch.Generator().manual_seed(3)).tolist()
-    for batch_size, order in [(2, ids), (4, ids), (8, ids), (3, shuffled)]:
+    for batch_size, order in [(2, ids), (4, shuffled), (8, ids)]:
         got = val_losses(module, images, batch_size, order)
         # Equal up to float summation order: the batch's backbone pass and the epoch mean add in another order.
         assert got == pytest.approx(reference, rel=1e-5, abs=1e-7), (batch_size, order)
