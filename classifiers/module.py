@@ -203,11 +203,12 @@ class FrozenBackboneClassifier(SavableModule, DistributedSteps, L.LightningModul
     def on_validation_epoch_end(self) -> None:
         if not self.computes_epoch_metric(self.val_acc, self.val_acc.update_count > 0):
             return
-        self.log("val_acc", self.val_acc.compute(), prog_bar=True)
-        for name, acc in zip(self.class_names, self.val_acc_per_class.compute().tolist(), strict=True):
-            self.log(f"val_acc/{name}", acc)
+        # compute() gathers across processes
+        self.log_gathered({"val_acc": self.val_acc.compute()}, prog_bar=True)
+        per_class = self.val_acc_per_class.compute().tolist()
+        self.log_gathered({f"val_acc/{name}": acc for name, acc in zip(self.class_names, per_class, strict=True)})
         if self.val_top5 is not None:
-            self.log("val_top5", self.val_top5.compute())
+            self.log_gathered({"val_top5": self.val_top5.compute()})
             self.val_top5.reset()
         self.confusion_matrix = self.val_confusion.compute().cpu()  # rows: true class, columns: predicted
         for metric in (self.val_acc, self.val_acc_per_class, self.val_confusion):

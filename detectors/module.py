@@ -14,7 +14,6 @@ pixels, ``labels`` 1..K, ``iscrowd``, ``area`` (and ``difficult`` for VOC).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -23,7 +22,7 @@ from torch import Tensor
 
 from training.distributed import DistributedSteps, epoch_means
 from training.errors import BadValueError
-from training.optim import build_optimizer
+from training.optim import build_optimizer, lr_schedulers, set_cosine_length
 from training.saving import SavableModule
 
 from . import layout
@@ -71,35 +70,6 @@ def _check_training_options(optimizer: str, backbone_lr_scale: float) -> None:
     if not backbone_lr_scale > 0:
         raise BadValueError(f"backbone_lr_scale must be > 0 (freeze layers with trainable_backbone_layers), "
                             f"got {backbone_lr_scale}")
-
-
-def _lr_schedulers(opt: torch.optim.Optimizer, hp: Any, total_steps: Callable[[], float]) -> list[dict[str, Any]]:
-    """Warm-up, milestones and cosine decay as ``hp`` sets them; ``total_steps()``: the run's optimiser steps.
-
-    Chainable schedulers multiply the current LR, so reductions made by the Keras-style ReduceLROnPlateau
-    callback compose with them instead of being overwritten.
-    """
-    schedulers = []
-    if hp.warmup_iters > 0 and hp.warmup_factor < 1:
-        warmup = torch.optim.lr_scheduler.LinearLR(opt, hp.warmup_factor, 1.0, total_iters=hp.warmup_iters)
-        schedulers.append({"scheduler": warmup, "interval": "step"})
-    if hp.lr_milestones:
-        steps = torch.optim.lr_scheduler.MultiStepLR(opt, hp.lr_milestones, hp.lr_gamma)
-        schedulers.append({"scheduler": steps, "interval": "epoch"})
-    if hp.cosine_decay:
-        total = total_steps()
-        if not 0 < total < float("inf"):
-            raise BadValueError("cosine_decay needs a finite run length: set trainer.max_epochs or max_steps "
-                                f"(estimated optimiser steps: {total})")
-        # The closed form is never used: stepping applies the recursive (multiplicative) form, so the
-        # warm-up and plateau factors carry through. eta_min=0 keeps it purely multiplicative.
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total), eta_min=0.0)
-        schedulers.append({"scheduler": cosine, "interval": "step"})
-    # One name for all of them: LearningRateMonitor would log the same LR once per scheduler, as
-    # "lr-AdamW", "lr-AdamW-1", ..., which reads as several optimisers.
-    for config in schedulers:
-        config["name"] = f"lr-{type(opt).__name__}"
-    return schedulers
 
 
 class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
@@ -283,10 +253,9 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
             return
         values = metrics.compute()
         metrics.reset()
-        # Only scalars reach the logger (val_map, val_ap/<class>, ...); compute() gathered across processes
-        # already, so no sync_dist here.
-        self.log(f"{prefix}_map_50", values.pop("map_50"), prog_bar=True)
-        self.log_dict({f"{prefix}_{k}": float(v) for k, v in values.items()})
+        # Only scalars reach the logger (val_map, val_ap/<class>, ...); compute() gathered across processes.
+        self.log_gathered({f"{prefix}_map_50": values.pop("map_50")}, prog_bar=True)
+        self.log_gathered({f"{prefix}_{k}": float(v) for k, v in values.items()})
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -328,7 +297,21 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
             params = [g for g in params if g["params"]]
         precision = getattr(self._trainer, "precision", None)
         opt = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay, precision)
-        return [opt], _lr_schedulers(opt, hp, lambda: self.trainer.estimated_stepping_batches)
+        return [opt], lr_schedulers(opt, hp.warmup_iters, hp.warmup_factor, hp.lr_milestones, hp.lr_gamma,
+                                    hp.cosine_decay)
+
+    def on_train_start(self) -> None:
+        """The cosine's length, from the Trainer's count of the run's optimiser steps (the same on resuming).
+
+        Not in ``configure_optimizers``: counting the steps there sets up the train loader and creates its first
+        iterator, which draws a random seed, before a resumed run restores its checkpoint's RNG state (Lightning
+        calls ``configure_optimizers`` first; ``training.callbacks.ModelCheckpoint`` restores at fit start). The
+        first resumed epoch then drew another data order, and the run ended with other weights. Here the loader
+        exists already: the count reads its length and draws nothing."""
+        super().on_train_start()
+        if self.hparams.cosine_decay:
+            schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+            set_cosine_length(schedulers, self.trainer.estimated_stepping_batches)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, trainable) parameters of the detector."""

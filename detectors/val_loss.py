@@ -10,9 +10,14 @@ then the heads run:
 * for the loss, with the detector-level modules in training mode (so torchvision
   computes its losses, sampling proposals as in training) but every BatchNorm and
   Dropout still in eval mode -- the loss Keras reports as ``val_loss`` is computed
-  with layers in inference mode -- inside ``torch.random.fork_rng``, seeded with
-  ``VAL_LOSS_SEED``, so the sampling neither advances the RNG that training uses
-  nor depends on it;
+  with layers in inference mode -- inside ``torch.random.fork_rng``, so the sampling
+  neither advances the RNG that training uses nor depends on it. The loss is the mean
+  over the batch's images of each image's own loss, and Faster R-CNN samples each
+  image's anchors and ROIs from ``VAL_LOSS_SEED`` afresh: an image's loss is a
+  function of the weights and that image, whatever batch, process or position it
+  comes in (torchvision's batched loss draws the images' samples one after another
+  from one RNG stream and normalises over the batch's samples, so it changed with
+  the batch size). RetinaNet's loss samples nothing and is already a per-image mean;
 * for the detections, in eval mode, exactly as ``model(images)`` would -- except that under bf16/fp16
   autocast the heads run in float32, so boxes and scores are not rounded to half precision.
 
@@ -28,30 +33,38 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
 
 from training.errors import BadValueError
 
 _INFERENCE_ONLY = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
-# The loss samples anchors and proposals (Faster R-CNN) from this seed, in a forked RNG: val_loss is a function of
-# the weights and the data only -- the same in `fit` and `validate`, and no noise for the callbacks monitoring it.
+# Faster R-CNN's loss samples each image's anchors and proposals from this seed, in a forked RNG: val_loss is a
+# function of the weights and the data only -- the same in `fit` and `validate`, with any batch size and number of
+# processes, and no noise for the callbacks monitoring it.
 VAL_LOSS_SEED = 0
 
 
 @contextlib.contextmanager
 def loss_mode(model: nn.Module):
-    """Training-mode control flow with inference-mode layers; restores every flag and the RNG."""
+    """Training-mode control flow with inference-mode layers, the RNG forked and seeded with ``VAL_LOSS_SEED``;
+    restores every flag and the RNG. Yields ``reseed()``, which seeds it again: call it before each image's
+    sampling."""
     flags = {m: m.training for m in model.modules()}
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+
+    def reseed() -> None:
+        torch.random.default_generator.manual_seed(VAL_LOSS_SEED)
+        for index in devices:  # only the forked (restored) ones: torch.manual_seed would reseed every GPU
+            torch.cuda.default_generators[index].manual_seed(VAL_LOSS_SEED)
+
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.random.default_generator.manual_seed(VAL_LOSS_SEED)
-            for index in devices:  # only the forked (restored) ones: torch.manual_seed would reseed every GPU
-                torch.cuda.default_generators[index].manual_seed(VAL_LOSS_SEED)
+            reseed()
             model.train()
             for m in model.modules():
                 if isinstance(m, _INFERENCE_ONLY):
                     m.eval()
-            yield
+            yield reseed
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -102,13 +115,24 @@ def _rcnn_losses(model: GeneralizedRCNN, image_list, features, targets) -> dict[
     return {**det_losses, **rpn_losses}
 
 
+def _rcnn_losses_per_image(model: GeneralizedRCNN, image_list: ImageList, features, targets) -> dict[str, Tensor]:
+    """The mean over the images of each image's :func:`_rcnn_losses`, its sampling seeded afresh (module doc)."""
+    per_image = []
+    with loss_mode(model) as reseed:
+        for i, target in enumerate(targets):
+            reseed()  # each image's sampling starts from the same seed, whatever came before it
+            one = ImageList(image_list.tensors[i : i + 1], image_list.image_sizes[i : i + 1])
+            maps = OrderedDict((k, v[i : i + 1]) for k, v in features.items())
+            per_image.append(_rcnn_losses(model, one, maps, [target]))
+    return {k: torch.stack([losses[k] for losses in per_image]).mean() for k in per_image[0]}
+
+
 def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
     image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
     losses: dict[str, Tensor] = {}
     with _full_precision(image_list.tensors.device):
         if with_loss:
-            with loss_mode(model):
-                losses = _rcnn_losses(model, image_list, features, targets)
+            losses = _rcnn_losses_per_image(model, image_list, features, targets)
         proposals, _ = model.rpn(image_list, features)
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)

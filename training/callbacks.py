@@ -249,6 +249,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best = float(state_dict.get("keras_best", self.best))
+        self.current_score = state_dict.get("current_score", self.current_score)  # Lightning saves, never restores it
         self._pending_rng = state_dict.get("rng_states")
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:

@@ -129,6 +129,18 @@ def log_epoch_means(module: L.LightningModule, means: nn.ModuleDict, values: dic
         module.log(name, means[name], on_step=False, on_epoch=True, **log_options)
 
 
+def log_gathered(module: L.LightningModule, values: dict[str, Tensor | float], **log_options) -> None:
+    """Log epoch-level values that every process already holds alike: computed from states gathered across
+    processes (a metric's ``compute()``).
+
+    Logged with ``sync_dist=False``, Lightning would warn under DDP, once per name, that the value is not
+    accumulated across processes. ``sync_dist=True`` with ``reduce_fx="max"``: the all-reduce of equal values
+    returns the value itself, bit for bit (a mean would divide a rounded sum by the process count), and on one
+    process it is no operation. One small collective per name and epoch."""
+    for name, value in values.items():
+        module.log(name, value, sync_dist=True, reduce_fx="max", **log_options)
+
+
 class DistributedSteps:
     """Mixin for LightningModules: the steps and epoch ends that one process runs differently from the others,
     kept in step with them under DDP. Set ``self.loss_means = epoch_means(names)`` in ``__init__``; on one
@@ -139,6 +151,10 @@ class DistributedSteps:
     def on_fit_start(self) -> None:
         refuse_skip_with_sync_batchnorm(self)
         super().on_fit_start()
+
+    def log_gathered(self, values: dict[str, Tensor | float], **log_options) -> None:
+        """:func:`log_gathered`."""
+        log_gathered(self, values, **log_options)
 
     def log_epoch_means(self, values: dict[str, Tensor], n: int, **log_options) -> None:
         """:func:`log_epoch_means` into ``self.loss_means``."""

@@ -1,6 +1,7 @@
 """The detection LightningModules: tiny models, real torchvision detectors, no weights."""
 
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -122,7 +123,8 @@ def test_val_loss_pass_changes_no_state(name, shapes_dir):
 
 @pytest.mark.parametrize("name", MODULES)
 def test_val_loss_equals_train_mode_loss_with_inference_layers(name, shapes_dir):
-    """The loss is torchvision's own train-mode loss, computed with BN/Dropout in inference mode."""
+    """The loss is the mean over the images of torchvision's own train-mode loss of each image alone, computed
+    with BN/Dropout in inference mode, each image's sampling (Faster R-CNN) seeded with VAL_LOSS_SEED."""
     module = MODULES[name]()
     images, targets = _shapes_batch(shapes_dir)
     plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
@@ -132,9 +134,12 @@ def test_val_loss_equals_train_mode_loss_with_inference_layers(name, shapes_dir)
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
     model.transform.eval()
-    torch.manual_seed(VAL_LOSS_SEED)  # the seed the val-loss pass samples from
-    with torch.no_grad():
-        expected = model(list(images), plain)
+    per_image = []
+    for image, target in zip(images, plain, strict=True):
+        torch.manual_seed(VAL_LOSS_SEED)  # the seed the val-loss pass samples each image from
+        with torch.no_grad():
+            per_image.append(model([image], [target]))
+    expected = {k: sum(losses[k] for losses in per_image) / len(per_image) for k in per_image[0]}
     model.eval()
     for seed in (123, 7):  # whatever the global RNG state: val_loss depends on the weights and data only
         torch.manual_seed(seed)
@@ -172,6 +177,16 @@ def test_optimizer_holds_only_trainable_params_and_warmup_composes():
 class _StubTrainer:
     def __init__(self, steps):
         self.estimated_stepping_batches = steps
+        self.lr_scheduler_configs = []
+
+
+def _configure_for(module, steps):
+    """configure_optimizers, then train start (where the cosine gets the run's length), as Lightning calls them."""
+    module.trainer = _StubTrainer(steps)
+    [opt], scheds = module.configure_optimizers()
+    module.trainer.lr_scheduler_configs = [SimpleNamespace(**config) for config in scheds]
+    module.on_train_start()
+    return opt, scheds
 
 
 def test_cosine_decay_times_warmup_follows_the_hand_computed_schedule():
@@ -179,8 +194,7 @@ def test_cosine_decay_times_warmup_follows_the_hand_computed_schedule():
     middle halves everything after it."""
     lr, f, warm, total = 0.1, 0.1, 4, 20
     module = tiny(FasterRCNNModule, lr=lr, warmup_iters=warm, warmup_factor=f, cosine_decay=True)
-    module.trainer = _StubTrainer(total)
-    [opt], scheds = module.configure_optimizers()
+    opt, scheds = _configure_for(module, total)
     assert [s["interval"] for s in scheds] == ["step", "step"]
 
     def expected(t):
@@ -202,17 +216,15 @@ def test_cosine_decay_times_warmup_follows_the_hand_computed_schedule():
 def test_every_scheduler_logs_under_the_optimisers_name():
     """LearningRateMonitor names each scheduler of one optimiser apart (lr-SGD, lr-SGD-1, ...) unless named."""
     module = tiny(FasterRCNNModule, warmup_iters=4, warmup_factor=0.1, cosine_decay=True, lr_milestones=[1])
-    module.trainer = _StubTrainer(20)
-    [opt], scheds = module.configure_optimizers()
+    _, scheds = _configure_for(module, 20)
     assert [s["interval"] for s in scheds] == ["step", "epoch", "step"]
     assert {s["name"] for s in scheds} == {"lr-SGD"}
 
 
 def test_cosine_decay_needs_a_finite_run():
     module = tiny(FasterRCNNModule, cosine_decay=True)
-    module.trainer = _StubTrainer(float("inf"))
     with pytest.raises(ValueError, match="max_epochs or max_steps"):
-        module.configure_optimizers()
+        _configure_for(module, float("inf"))
 
 
 def test_missing_backbone_checkpoint_raises_or_warns(tmp_path):

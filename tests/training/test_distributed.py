@@ -142,18 +142,23 @@ def test_ddp_validation_scores_each_image_once(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     expected = validate_on_datamodules(root, one, devices=1)
-    run_script("each_image_once", two, root)
+    run = run_script("each_image_once", two, root, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Values gathered by the metrics' compute() are not synced again: no Lightning advice to sync them.
+    assert "sync_dist=True" not in run.stderr
     got = torch.load(two / "metrics.pt", weights_only=True)
 
     ids = [i for rank in (0, 1) for i in json.loads((two / f"detector-{rank}.json").read_text())]
     assert sorted(ids) == sorted(json.loads((one / "detector-0.json").read_text())) and len(ids) == 5
     counts = [n for rank in (0, 1) for n in json.loads((two / f"classifier-{rank}.json").read_text())]
     assert sum(counts) == len(crops)
-    for family in ("detector", "classifier"):
-        keys = ["val_loss", "val_map", "val_map_50", "val_mar_100"] if family == "detector" else ["val_loss", "val_acc"]
-        for key in keys:  # one process' numbers: per-image weighted losses, the metrics gathered once each
+    for family in ("detector", "fasterrcnn", "classifier"):
+        # one process' numbers: per-image weighted losses (each component), the metrics gathered once each
+        keys = [k for k in expected[family] if k.startswith("val_")]
+        assert "val_loss" in keys and ("val_acc" in keys if family == "classifier" else "val_map" in keys)
+        for key in keys:
             assert got[family][key] == pytest.approx(expected[family][key], rel=1e-5, abs=1e-6), (family, key)
-    assert expected["detector"]["val_loss"] > 0
+        assert expected[family]["val_loss"] > 0
 
 
 def test_epoch_mean_weights_each_batch_by_its_size():

@@ -16,7 +16,7 @@ import torch
 from classifiers.data import collate_classification
 from classifiers.module import FrozenBackboneClassifier
 from detectors.data.samples import collate_detection
-from detectors.module import RetinaNetModule
+from detectors.module import FasterRCNNModule, RetinaNetModule
 
 LR = 0.5
 # RetinaNet: its loss samples no anchors or ROIs, so it does not depend on each process' RNG state
@@ -132,6 +132,19 @@ class RecordingRetinaNet(_RecordsScored, RetinaNetModule):
         self.out = out
 
 
+class RecordingFasterRCNN(_RecordsScored, FasterRCNNModule):
+    """Its val_loss samples anchors and ROIs: the same on any number of processes only if each image's sampling
+    depends on that image alone."""
+
+    family = "fasterrcnn"
+
+    def __init__(self, out: Path):
+        torch.manual_seed(0)
+        super().__init__(**TINY_DETECTOR, score_thresh=0.0, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                         box_batch_size_per_image=16)  # fmt: skip
+        self.out = out
+
+
 class RecordingClassifier(_RecordsScored, FrozenBackboneClassifier):
     family = "classifier"
 
@@ -148,6 +161,7 @@ def validate_on_datamodules(root: Path, out: Path, devices: int) -> dict[str, di
     from detectors.data.datamodule import DetectionDataModule
 
     runs = {"detector": (RecordingRetinaNet, DetectionDataModule(str(root), batch_size=2, num_workers=0)),
+            "fasterrcnn": (RecordingFasterRCNN, DetectionDataModule(str(root), batch_size=2, num_workers=0)),
             "classifier": (RecordingClassifier, ImageFolderDataModule(
                 str(root / "classification" / "train"), val_root=str(root / "classification" / "val"),
                 augment=False, batch_size=2, num_workers=0))}  # fmt: skip
