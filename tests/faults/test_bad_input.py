@@ -61,28 +61,28 @@ def coco_missing(root: Path, split: str) -> Path:
     return path
 
 
-def first_annotation(key: str, value) -> Callable[[dict], None]:
+DELETE = object()  # a value of first_entry: remove the key
+
+
+def first_entry(section: str, key: str, value) -> Callable[[dict], None]:
+    """A change of the first entry of ``section`` ("images", "annotations"): ``key`` set to ``value``."""
+
     def change(data: dict) -> None:
-        ann = next(a for a in data["annotations"])
+        entry = data[section][0]
         if value is DELETE:
-            del ann[key]
+            del entry[key]
         else:
-            ann[key] = value
+            entry[key] = value
 
     return change
+
+
+def first_annotation(key: str, value) -> Callable[[dict], None]:
+    return first_entry("annotations", key, value)
 
 
 def first_image(key: str, value) -> Callable[[dict], None]:
-    def change(data: dict) -> None:
-        if value is DELETE:
-            del data["images"][0][key]
-        else:
-            data["images"][0][key] = value
-
-    return change
-
-
-DELETE = object()
+    return first_entry("images", key, value)
 
 
 def duplicate_image_id(data: dict) -> None:

@@ -293,7 +293,14 @@ def test_a_bad_train_annotation_file_is_refused_before_a_run_folder_exists(shape
 
 
 def test_a_run_stopped_after_a_training_step_keeps_its_logs(shapes_dir, tmp_path, train_py, monkeypatch):
-    """A bad validation image found after the first training step: a usage error, and the step's logs stay."""
+    """A bad validation image found after the first training step: a usage error, and the step's logs stay. Each
+    split was read once, though the CLI sets the data up before the Trainer does."""
+    from detectors.data import DetectionDataModule
+
+    reads = []
+    make_dataset = DetectionDataModule.make_dataset
+    monkeypatch.setattr(DetectionDataModule, "make_dataset", lambda dm, split, train: reads.append(split) or
+                        make_dataset(dm, split, train))  # fmt: skip
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
     shutil.copytree(shapes_dir, data)
@@ -305,6 +312,7 @@ def test_a_run_stopped_after_a_training_step_keeps_its_logs(shapes_dir, tmp_path
                               "--trainer.limit_train_batches", "1", "--trainer.num_sanity_val_steps", "0")  # fmt: skip
     assert code == 2 and "Traceback" not in out + err
     assert f"error: {image}: not a readable image" in err
+    assert sorted(reads) == ["train", "val"]
     rows = list(csv.DictReader((runs / "faster_rcnn" / "version_0" / "metrics.csv").open()))
     assert [r["step"] for r in rows if r.get("train_loss_step")] == ["0"]
 
