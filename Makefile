@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.litvision-installed
 DEMO_DIR ?= demo
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-all test-faults lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fault suite, slow cases included: broken input files through the real commands (tests/faults/).
+test-faults: $(STAMP)
+	$(PY) -m pytest tests/faults -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,12 @@ COCO100 = Path(os.environ.get("LITVISION_COCO100", REPO.parent / "shared" / "dat
 def test_help_lists_subcommands_and_extra_commands(train_py):
     code, out, _ = train_py("--help")
     assert code == 0
-    for word in ("fit", "validate", "test", "predict", "evaluate", "compare", "layers", "shapes", "demo"):
-        assert word in out
+    usage = out.split("\n\n")[0]  # the usage line, however argparse wraps it
+    assert usage.startswith("usage: train.py")
+    (listed,) = re.findall(r"\{([a-z,]+)\}", usage)
+    assert set(listed.split(",")) == {"fit", "validate", "test", "predict", "evaluate", "compare", "layers", "shapes",
+                                      "demo"}  # fmt: skip
+    assert "usage: train.py [options] fit" in train_py("fit", "--help")[1]  # the subcommands' own usage unchanged
     # A typo'd key is an error, even a prefix of a real one (argparse would take it for max_steps).
     code, _, err = train_py("fit", "--config", REPO / "configs" / "faster_rcnn.yaml", "--trainer.max_step", "5",
                             "--print_config")  # fmt: skip
@@ -36,6 +41,36 @@ def test_extra_commands_explain_their_arguments(command, words, train_py):
     assert code == 0 and out.startswith(f"usage: train.py {command}")
     for word in words:
         assert word in out, word
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["evaluate", "--gt", "{tmp}/missing.json", "--predictions", "{tmp}/p.json"], "{tmp}/missing.json: file not found"),
+    (["evaluate", "--gt", "{tmp}/text.json", "--predictions", "{tmp}/p.json"], "{tmp}/text.json: malformed JSON"),
+    (["evaluate", "--gt", "{tmp}/text.json"], "required: predictions"),
+    (["shapes", "--out", "{tmp}/s", "--num_train", "-1"], "num_train must be an integer >= 4, got -1"),
+    (["shapes", "--out", "{tmp}/text.json"], "{tmp}/text.json"),
+    (["layers", "--model.backbone", "resnet5"], "unknown backbone 'resnet5'"),
+    (["layers", "--model.backbone", "resnet18", "--model.freeze", "999"], "freeze=999"),
+    (["compare", "--checkpoints", "{tmp}/missing.ckpt", "--data", "{shapes}"], "{tmp}/missing.ckpt"),
+    (["compare", "--checkpoints", "{tmp}/text.json", "--data", "{shapes}"], "{tmp}/text.json"),
+    (["compare", "--checkpoints", "{tmp}/m.ckpt", "--data", "{tmp}/shapez.yaml"],
+     "{tmp}/shapez.yaml: data config file not found"),
+    (["compare", "--checkpoints", "{tmp}/m.ckpt", "--data", "{shapes}", "--resamples", "-1"], "need resamples >= 0"),
+])  # fmt: skip
+def test_extra_commands_report_bad_arguments_and_missing_files_as_usage_errors(args, says, shapes_dir, tmp_path,
+                                                                                train_py, monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # compare's default --out, comparison/, is relative
+    (tmp_path / "text.json").write_text("not JSON")
+    shapes = tmp_path / "data.yaml"  # the shapes data config, at the test's data
+    shapes.write_text(f"class_path: detectors.data.DetectionDataModule\ninit_args:\n  root: {shapes_dir}\n"
+                      "  generate: false\n  num_workers: 0\n")  # fmt: skip
+    fill = {"tmp": tmp_path, "shapes": shapes}
+    code, out, err = train_py(*(a.format(**fill) for a in args))
+    assert code == 2 and "Traceback" not in out + err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and says.format(**fill) in errors[0], err[-3000:]
+    assert err.startswith(f"usage: train.py {args[0]}")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "comparison").exists()
 
 
 def test_layers_and_shapes_commands(tmp_path, train_py):

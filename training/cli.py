@@ -7,7 +7,8 @@ resuming and usage errors, plus a runner for commands that are plain functions.
 * A new run refuses to overwrite another run's checkpoints.
 * A checkpoint given to any subcommand rebuilds its model as saved, offline (no pretrained weights fetched).
 * A :class:`training.errors.UsageError` is printed as its message alone; any other exception is a bug and
-  keeps its traceback.
+  keeps its traceback. Every split a subcommand uses is read before the Trainer starts, so a bad annotation
+  file is refused before a run folder exists; a run stopped by a usage error before doing anything leaves none.
 * SIGTERM stops a run gracefully and exits with status 143 (128 + SIGTERM), as a job script expects.
 """
 
@@ -30,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
 from training.checkpoint_io import checkpoint_log_position, resolve_ckpt_path
-from training.errors import FileTakenError, usage_error_in
+from training.errors import FileTakenError, MissingFileError, usage_error_in, user_message
 from training.loggers import ResumableCSVLogger
 from training.saving import offline_model_config
 
@@ -47,21 +48,41 @@ LR_MONITOR = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
 @contextlib.contextmanager
 def usage_errors(parser: ArgumentParser):
     """Report a :class:`~training.errors.UsageError` raised inside (or wrapped as the cause of another error,
-    as jsonargparse wraps errors raised while instantiating) with ``parser``'s usage line and its message;
-    exit status 2. ``JSONARGPARSE_DEBUG=1`` shows the traceback. Other exceptions pass through."""
+    as jsonargparse wraps errors raised while instantiating; or raised in a DataLoader worker, whose message
+    torch replaces with the worker's traceback) with ``parser``'s usage line and its message alone; exit
+    status 2. ``JSONARGPARSE_DEBUG=1`` shows the traceback. Other exceptions pass through."""
     try:
         yield
     except Exception as e:
         error = usage_error_in(e)
         if error is None:
             raise
-        parser.error(str(error), ex=error)
+        parser.error(user_message(error), ex=error)
 
 
 class TrainingCLI(LightningCLI):
     """LightningCLI with the Keras-style callbacks, TensorBoard + CSV logs in ``<runs_dir>/<name>/version_N``,
     a ``--ckpt_path last`` that fails instead of silently starting over, and ``--ckpt_path auto``: resume from
-    last.ckpt when there is one, else start. A model family's subclass adds its own arguments and callbacks."""
+    last.ckpt when there is one, else start. A model family's subclass adds its own arguments and callbacks.
+
+    ``commands``: the commands besides LightningCLI's that ``main`` runs, named in the usage line with them.
+    """
+
+    # What Lightning and LightningCLI write into a run's version_N folder (besides events.out.tfevents.*).
+    LOG_FILES = ("hparams.yaml", "config.yaml", "metrics.csv")
+
+    def __init__(self, *args, commands: dict[str, Command] | None = None, **kwargs) -> None:
+        self.commands = dict(commands or {})
+        self._new_log_dirs: list[str] = []  # the run's log folders that did not exist before it
+        super().__init__(*args, **kwargs)
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands and self.commands:
+            # Set after the subcommands are added: argparse builds their prog from the usage in force then.
+            ours = "{" + ",".join(self.subcommands()) + "}"
+            usage = self.parser.format_usage().removeprefix("usage: ").strip().replace("%", "%%")
+            self.parser.usage = usage.replace(ours, "{" + ",".join([*self.subcommands(), *self.commands]) + "}")
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str, default="litvision", help="run name: logs go to RUNS_DIR/NAME")
@@ -162,11 +183,44 @@ class TrainingCLI(LightningCLI):
             tensorboard = {"purge_step": step} if version is not None else {}
             if version is None:
                 version = TensorBoardLogger(sub["runs_dir"], sub["name"]).version
+            folders = (os.path.join(sub["runs_dir"], sub["name"], f"version_{version}"),
+                       os.path.join(sub["runs_dir"], sub["name"]), sub["runs_dir"])  # fmt: skip
+            self._new_log_dirs = [d for d in folders if not os.path.exists(d)]
             config["logger"] = [
                 TensorBoardLogger(sub["runs_dir"], sub["name"], version=version, **tensorboard),
                 ResumableCSVLogger(sub["runs_dir"], sub["name"], version=version),
             ]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """LightningCLI's run, once the subcommand's data is read: a bad annotation file of any split is then a
+        usage error before the Trainer starts and its loggers make a run folder. A usage error raised while the
+        Trainer runs (an image a DataLoader cannot read) is reported the same way, and the run folder of a run
+        that failed before doing anything (``remove_unused_log_dirs``) is removed."""
+        with usage_errors(self.parser):
+            self._read_data(subcommand)
+        with usage_errors(self.parser):
+            try:
+                super()._run_subcommand(subcommand)
+            except Exception as e:
+                # Kept once a training step has run: its logs are the user's (the checkpoints may follow them).
+                unused = subcommand != "fit" or self.trainer.global_step == 0
+                if usage_error_in(e) is not None and unused and self.trainer.is_global_zero:  # the one that logs
+                    remove_unused_log_dirs(self._new_log_dirs, self.LOG_FILES)
+                raise
+
+    def _read_data(self, subcommand: str) -> None:
+        """Set the DataModule up for ``subcommand``'s stage before the Trainer runs. The Trainer's own
+        ``setup`` call then finds the datasets made (a DataModule's ``setup`` keeps what it made, as
+        DetectionDataModule's and the classifier's do), so nothing is read twice. Not where the run's other
+        processes start beside this one (torchrun, SLURM, Lightning's own DDP children): there the data is
+        prepared once, in Lightning's order, before any process sets it up; a bad file is still a usage error."""
+        datamodule = self.datamodule
+        environment = getattr(self.trainer.strategy, "cluster_environment", None)
+        if datamodule is None or (environment is not None and environment.creates_processes_externally):
+            return
+        datamodule.prepare_data()
+        datamodule.setup(subcommand)
 
 
 def refuse_to_overwrite(filepath: str, resume_from: str | None = None) -> None:
@@ -182,6 +236,22 @@ def refuse_to_overwrite(filepath: str, resume_from: str | None = None) -> None:
         raise FileTakenError(f"{held}, which continuing {resume_from} here would overwrite: {elsewhere}")
     resume = "continue that run with --ckpt_path last, " if os.path.exists(last) else ""
     raise FileTakenError(f"{held}, which a new run would overwrite: {resume}{elsewhere}")
+
+
+def remove_unused_log_dirs(folders: list[str], log_files: tuple[str, ...]) -> None:
+    """Remove ``folders`` (a new run's version_N, then the folders above it that it created), which a run that
+    failed before doing anything leaves with only its loggers' files: those files (``log_files`` and TensorBoard
+    event files) are deleted, and each folder only if nothing else is in it."""
+    if not folders:
+        return
+    version = folders[0]
+    for name in os.listdir(version) if os.path.isdir(version) else []:
+        path = os.path.join(version, name)
+        if (name in log_files or name.startswith("events.out.tfevents.")) and os.path.isfile(path):
+            os.remove(path)
+    for folder in folders:
+        with contextlib.suppress(OSError):  # missing, or holding something else: kept
+            os.rmdir(folder)
 
 
 # -- commands besides LightningCLI's -----------------------------------------------------------------------
@@ -235,11 +305,21 @@ def command_parser(name: str, command: Command) -> tuple[ArgumentParser, Any]:
     return parser, function
 
 
+def check_config_files(command: Command, argv: list[str]) -> None:
+    """Refuse a class argument given as a config file that does not exist (``--data configs/data/shapez.yaml``):
+    jsonargparse would take the name for a class path and report why no class of that name can be imported."""
+    for flag, value in zip(argv, argv[1:], strict=False):
+        param = flag.removeprefix("--")
+        if param in command.classes and value.endswith((".yaml", ".yml", ".json")) and not os.path.isfile(value):
+            raise MissingFileError(f"{value}: {param} config file not found")
+
+
 def run_command(name: str, command: Command, argv: list[str]) -> Any:
     """Parse ``argv`` for the command, build its class arguments and call it; a UsageError it raises is
     reported as a usage error of ``train.py NAME``."""
     parser, function = command_parser(name, command)
     with usage_errors(parser):
+        check_config_files(command, argv)
         config = parser.instantiate(parser.parse_args(argv)).as_dict()
         return function(**(config[command.nested] if command.nested else config))
 
@@ -255,7 +335,8 @@ def main(cli: type[TrainingCLI], commands: dict[str, Command], argv: list[str] |
               + f" (python {PROG} COMMAND --help)")  # fmt: skip
     try:
         # allow_abbrev: argparse would take a typo'd --trainer.max_step for --trainer.max_steps.
-        cli(args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"allow_abbrev": False, "epilog": epilog})
+        cli(args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"allow_abbrev": False, "epilog": epilog},
+            commands=commands)
     except SIGTERMException as e:
         # Lightning stops gracefully on SIGTERM, then exits with status 0, as if the run had finished: a job
         # script, a scheduler or the side-by-side demo would take the interrupted run for a complete one.

@@ -40,3 +40,15 @@ def usage_error_in(error: BaseException | None) -> UsageError | None:
             return error
         error = error.__cause__  # not __context__: a bug raised while handling a usage error stays a bug
     return None
+
+
+def user_message(error: UsageError) -> str:
+    """``error``'s message as the user reads it. An error raised in a DataLoader worker process reaches the
+    main process as a copy whose message is the worker's whole traceback (torch's ``ExceptionWrapper``): its
+    original message is what follows the last ``module.ClassName: `` of that traceback."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else text.strip().splitlines()[-1]

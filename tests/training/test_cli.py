@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.cli import Command, refuse_to_overwrite, run_command, usage_errors
+from training.cli import Command, refuse_to_overwrite, remove_unused_log_dirs, run_command, usage_errors
 from training.errors import BadValueError, UsageError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -273,3 +274,62 @@ def test_a_commands_usage_error_is_one_line_with_its_prog_and_a_bug_keeps_its_tr
     assert refused.value.code == 2 and "usage: train.py refuse" in err and "error: value must be >= 0, got -2" in err
     with pytest.raises(ValueError, match="a bug"):
         run_command("refuse", command, ["--value", "1"])
+
+
+def test_a_bad_train_annotation_file_is_refused_before_a_run_folder_exists(shapes_dir, tmp_path, train_py,
+                                                                           monkeypatch):  # fmt: skip
+    """The train split is read before the Trainer starts, as the val split is (it gives the model its classes)."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    annotations = data / "annotations" / "instances_train.json"
+    coco = json.loads(annotations.read_text())
+    coco["annotations"][0]["category_id"] = 99
+    annotations.write_text(json.dumps(coco))
+    code, out, err = train_py(*tiny_fit_args(data, tmp_path / "runs"), "--trainer.max_epochs", "1")
+    assert code == 2 and "Traceback" not in out + err
+    assert f"error: {annotations}: annotation id {coco['annotations'][0]['id']}: category_id 99 is not declared" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_stopped_after_a_training_step_keeps_its_logs(shapes_dir, tmp_path, train_py, monkeypatch):
+    """A bad validation image found after the first training step: a usage error, and the step's logs stay. Each
+    split was read once, though the CLI sets the data up before the Trainer does."""
+    from detectors.data import DetectionDataModule
+
+    reads = []
+    make_dataset = DetectionDataModule.make_dataset
+    monkeypatch.setattr(DetectionDataModule, "make_dataset", lambda dm, split, train: reads.append(split) or
+                        make_dataset(dm, split, train))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    image = data / "images" / "val" / json.loads((data / "annotations" / "instances_val.json").read_text())[
+        "images"][0]["file_name"]  # fmt: skip
+    image.write_bytes(b"")
+    runs = tmp_path / "runs"
+    code, out, err = train_py(*tiny_fit_args(data, runs), "--trainer.max_epochs", "1",
+                              "--trainer.limit_train_batches", "1", "--trainer.num_sanity_val_steps", "0")  # fmt: skip
+    assert code == 2 and "Traceback" not in out + err
+    assert f"error: {image}: not a readable image" in err
+    assert sorted(reads) == ["train", "val"]
+    rows = list(csv.DictReader((runs / "faster_rcnn" / "version_0" / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r.get("train_loss_step")] == ["0"]
+
+
+def test_only_the_loggers_files_of_an_unused_run_folder_are_removed(tmp_path):
+    runs = tmp_path / "runs"
+    version = runs / "name" / "version_0"
+    version.mkdir(parents=True)
+    for name in ("hparams.yaml", "config.yaml", "metrics.csv", "events.out.tfevents.1.host.2.0"):
+        (version / name).write_text("x")
+    folders = [str(version), str(runs / "name"), str(runs)]
+    remove_unused_log_dirs(folders, ("hparams.yaml", "config.yaml", "metrics.csv"))
+    assert not runs.exists()
+    version.mkdir(parents=True)
+    (version / "hparams.yaml").write_text("x")
+    (version / "notes.txt").write_text("a user's file")
+    (runs / "name" / "checkpoints").mkdir()
+    remove_unused_log_dirs([str(version)], ("hparams.yaml",))
+    assert sorted(p.name for p in version.iterdir()) == ["notes.txt"]
+    assert (runs / "name" / "checkpoints").is_dir()
