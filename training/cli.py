@@ -116,11 +116,11 @@ class TrainingCLI(LightningCLI):
                 ckpt_path = self.config[sub]["ckpt_path"] = resolve_ckpt_path(ckpt_path, self._checkpoint_dir(sub))
         if not ckpt_path or not os.path.isfile(ckpt_path):
             return
-        with usage_errors(self.parser):
-            model = offline_model_config(ckpt_path)
+        configured = (self.config[sub].get("model") or {}).get("class_path")
+        with usage_errors(self.parser):  # the config's model class is the user's choice, not the file's
+            model = offline_model_config(ckpt_path, trusted_modules=[configured] if configured else ())
         if model is not None:
             class_path, hparams = model
-            configured = (self.config[sub].get("model") or {}).get("class_path")
             if configured and configured != class_path:  # e.g. a RetinaNet checkpoint with faster_rcnn.yaml
                 self.parser.error(f"{ckpt_path} holds a {class_path.rsplit('.', 1)[-1]} but the config's model is "
                                   f"{configured.rsplit('.', 1)[-1]}: use the config it was trained with")

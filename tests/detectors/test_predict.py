@@ -21,7 +21,6 @@ from detectors.data.coco import CocoDetection
 from detectors.data.images import ImageFileDataset
 from detectors.data.samples import collate_detection
 from detectors.predict import CocoPredictionWriter, merge_rank_files
-from training.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["rectangle", "ellipse", "triangle"]
@@ -393,15 +392,10 @@ def _predict_args(shapes_dir, checkpoint, photos, out, *more):
 
 
 def _usage_error(train_py, *args) -> str:
-    """The message of the UsageError train.py ARGS fails with: its "error:" line (exit status 2), or, for an
-    error raised while a LightningCLI subcommand runs, the error train.main lets through where training.cli
-    does not report those as usage errors (yet)."""
-    try:
-        code, _, err = train_py(*args)
-    except UsageError as e:
-        return str(e)
+    """The "error:" line train.py ARGS fails with: one line, exit status 2, no traceback."""
+    code, _, err = train_py(*args)
     (line,) = [line for line in err.splitlines() if "error:" in line]
-    assert code == 2, err
+    assert code == 2 and "Traceback" not in err, err
     return line
 
 
