@@ -11,6 +11,7 @@ indices; they become 0-based pixel-edge XYXY boxes as in Detectron2:
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 
@@ -37,9 +38,12 @@ def _text(elem: ET.Element, tag: str, where: str) -> str:
 def _number(elem: ET.Element, tag: str, where: str) -> float:
     text = _text(elem, tag, where)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise BadValueError(f"{where}: <{tag}> is not a number: {text!r}") from None
+    if not math.isfinite(value):  # float() reads "nan" and "inf"; a box made of them is no box (COCO refuses it)
+        raise BadValueError(f"{where}: <{tag}> is not a finite number: {text!r}")
+    return value
 
 
 def _voc_box(obj: ET.Element, where: str) -> list[float]:
@@ -106,7 +110,8 @@ class VOCDetection(DetectionDataset):
 
     def _parse(self, index: int, name: str, label_of: dict, keep_difficult: bool, repairs) -> ImageRecord:
         """The record of split entry ``name`` (image id ``index``) from ``Annotations/<name>.xml``."""
-        xml_path = check_inside_root(os.path.join(self.root, "Annotations"), f"{name}.xml", "ImageSets split")
+        split_file = os.path.join(self.root, "ImageSets", "Main", f"{self.split}.txt")
+        xml_path = check_inside_root(os.path.join(self.root, "Annotations"), f"{name}.xml", split_file)
         try:
             ann = ET.parse(xml_path).getroot()
         except FileNotFoundError:

@@ -284,16 +284,14 @@ KINDS = [
     Kind("voc-no-bndbox", "voc", voc_edit(remove("object", "bndbox")), "missing <bndbox>", DATA_COMMANDS),
     Kind("voc-not-a-number", "voc", voc_edit(set_text("xmin", "abc")), "is not a number", DATA_COMMANDS),
     Kind("voc-nan-coordinate", "voc", voc_edit(set_text("xmin", "nan")), "(not a (finite )?number|finite)",
-         DATA_COMMANDS, xfail="detectors/data/voc.py _number accepts 'nan' and 'inf' (float()): the box is dropped "
-         "as degenerate with a warning, where COCO refuses a NaN bbox"),
+         DATA_COMMANDS),
     Kind("voc-undeclared-class", "voc", voc_edit(set_text("name", "dog")), "class 'dog' is not in classes",
          DATA_COMMANDS),
     Kind("voc-zero-width", "voc", voc_edit(set_text("width", "0")), "must be positive", DATA_COMMANDS),
     Kind("voc-negative-box-strict", "voc", voc_edit(flip_box), "non-positive width or height", DATA_COMMANDS,
          STRICT),
     Kind("voc-filename-traversal", "voc", voc_filename_traversal, "resolves outside", DATA_COMMANDS),
-    Kind("voc-split-traversal", "voc", voc_split_traversal, "resolves outside", DATA_COMMANDS,
-         xfail="detectors/data/voc.py names the source 'ImageSets split', not the split file's path"),
+    Kind("voc-split-traversal", "voc", voc_split_traversal, "resolves outside", DATA_COMMANDS),
     # image files (the COCO layout; VOC reads its images through the same DetectionDataset.load)
     Kind("image-zero-byte", "image", image_bytes(lambda b: b""), "not a readable image", DATA_COMMANDS),
     Kind("image-truncated", "image", image_bytes(lambda b: b[: len(b) // 2]), "truncated or corrupt", DATA_COMMANDS),
