@@ -49,6 +49,7 @@ def test_extra_commands_explain_their_arguments(command, words, train_py):
     (["evaluate", "--gt", "{tmp}/text.json"], "required: predictions"),
     (["shapes", "--out", "{tmp}/s", "--num_train", "-1"], "num_train must be an integer >= 4, got -1"),
     (["shapes", "--out", "{tmp}/text.json"], "{tmp}/text.json"),
+    (["shapes", "--out", "{tmp}/text.json/inside"], "cannot create its folder {tmp}/text.json"),  # a file on the path
     (["layers", "--model.backbone", "resnet5"], "unknown backbone 'resnet5'"),
     (["layers", "--model.backbone", "resnet18", "--model.freeze", "999"], "freeze=999"),
     (["compare", "--checkpoints", "{tmp}/missing.ckpt", "--data", "{shapes}"], "{tmp}/missing.ckpt"),

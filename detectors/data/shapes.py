@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from training.checkpoint_io import atomic_write_bytes
-from training.errors import BadValueError, FileTakenError
+from training.errors import BadFileError, BadValueError, FileTakenError
 
 from .shapes_files import (
     FORMAT_VERSION,
@@ -214,7 +214,10 @@ def _generate(out, num_train, num_val, image_size, seed, voc, classification, ov
     if state is not None and (owned is None or not overwrite):
         raise FileTakenError(_refusal(out, state, owned))
     target = Path(os.path.realpath(out))  # a symlinked folder is written through; the link stays
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:  # a file on the path, no write access
+        raise BadFileError(f"{out}: cannot create its folder {target.parent} ({e.strerror})") from None
     # Built in a sibling, so a crash never leaves a half-written dataset at ``out``.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
