@@ -273,18 +273,6 @@ def test_truncated_checkpoints_are_refused_naming_the_file(faster_rcnn_run, trai
         run.assert_nothing_lost()
 
 
-def test_a_truncated_checkpoint_is_refused_naming_the_file(faster_rcnn_run, train_py):
-    """The fast representative: the first of the ten offsets, through the command."""
-    run = faster_rcnn_run
-    data = run.last.read_bytes()
-    truncated = run.dir / "truncated.ckpt"
-    truncated.write_bytes(data[: truncation_offsets(len(data))[0]])
-    code, _, err = train_py(*run.args(), "--ckpt_path", truncated)
-    assert code == 2
-    assert "truncated or corrupt" in one_line_error(err, truncated)
-    run.assert_nothing_lost()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("other", ["classifier", "retinanet"])
 def test_a_checkpoint_of_another_model_is_refused_naming_the_file(other, faster_rcnn_run, trained, train_py):
