@@ -7,9 +7,10 @@ Each case starts from a finished run's ``last.ckpt`` and ``best.ckpt``, makes th
 command fails (exit status non-zero; a one-line usage error naming the file where the file or the disk is the
 user's), and that both checkpoints are byte for byte as they were and still load (``training.saving.load_model``).
 
-Injected faults: ENOSPC and EACCES are raised by the file object ``training.checkpoint_io.atomic_write`` writes
-through (the tests run as root, where chmod does not stop writes, and a tmpfs cannot be mounted in a container);
-the non-finite loss by the detector's loss function at a chosen step.
+Injected faults: ENOSPC is raised by the file object ``training.checkpoint_io.atomic_write`` writes through, half-way
+through a checkpoint; EACCES by its creation of the temporary file (the tests run as root, where chmod 0o500 does
+not stop writes; a folder that is a file is the uninjected case); the non-finite losses by the loss functions at
+the resumed run's second step.
 """
 
 from __future__ import annotations
