@@ -180,6 +180,10 @@ class FrozenBackboneClassifier(SavableModule, DistributedSteps, L.LightningModul
             return self.skip_empty_batch(["train_loss"], training=True, metrics={"train_acc": self.train_acc})
         logits = self(images)
         loss = self.criterion(logits, labels)
+        # Stopped before the optimizer step: last.ckpt is never replaced by diverged weights.
+        self.stop_together(None if torch.isfinite(loss) else FloatingPointError(
+            f"non-finite training loss {loss.item()} at step {self.global_step} (batch {batch_idx} of the epoch). "
+            "Lower the LR."))
         self.train_acc(logits, labels)
         # The epoch value is gathered across processes: callbacks monitoring train_loss must agree on every rank.
         self.log("train_loss_step", loss, prog_bar=True, batch_size=len(labels))

@@ -39,7 +39,7 @@ from training.callback_utils import (
     say,
     split_filepath,
 )
-from training.checkpoint_io import check_resumable, remove_stale_temp_files, use_atomic_checkpoint_io
+from training.checkpoint_io import check_resumable, prepare_checkpoint_folder, use_atomic_checkpoint_io
 from training.errors import BadValueError, MissingFileError
 
 # ----------------------------------------------------------------------------------------- ModelCheckpoint
@@ -218,8 +218,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._fs = get_filesystem(self.dirpath)
         use_atomic_checkpoint_io(trainer)
         if stage == "fit" and trainer.is_global_zero and not trainer.fast_dev_run:
-            # left by a run killed while saving (a fast_dev_run saves nothing and may share a live run's folder)
-            remove_stale_temp_files(self.dirpath)
+            # refused before training when it cannot be written; temporary files left by a run killed while saving
+            # removed (a fast_dev_run saves nothing and may share a live run's folder)
+            prepare_checkpoint_folder(self.dirpath)
         if stage == "fit" and self.save_best_only and self.mode_requested == "auto":
             rank_zero_info(
                 f"ModelCheckpoint: mode='auto' chose '{self.mode}' for monitor '{self.keras_monitor}'"

@@ -15,6 +15,7 @@ objects is refused before any of its code runs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import pickle
@@ -27,11 +28,13 @@ from typing import Any, BinaryIO
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from training.errors import MissingFileError, UsageError
+from training.errors import BadFileError, MissingFileError, UsageError
 
 # The checkpoint entry litvision writes next to Lightning's: the model's class path, the file format and
 # the logger version of the run that wrote it.
 LITVISION_KEY = "litvision"
+# The layout of the files litvision writes; a file of another format is refused, not misread.
+FORMAT_VERSION = 1
 
 
 class CheckpointFileError(UsageError, ValueError):
@@ -47,11 +50,17 @@ class WeightsOnlyCheckpointError(CheckpointFileError):
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """``write(file)`` into a temp file in ``path``'s directory, fsync, then ``os.replace`` it over ``path``:
-    readers see the old file or the whole new one, never a partial write (crash, full disk, SIGKILL)."""
+    readers see the old file or the whole new one, never a partial write (crash, full disk, SIGKILL).
+
+    A write the system refuses (a full disk, a folder that cannot be written) raises ``BadFileError`` naming
+    ``path``: the disk and the folder are the user's to fix, and the file there before is unchanged."""
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -60,13 +69,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         # mkstemp creates 0600; give the file the mode a plain open() would have, or the one it replaces.
         os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        # torch.save reports a failed write of its file object as a RuntimeError raised while handling it.
+        cause = next((c for c in _chain(e) if isinstance(c, OSError)), None)
+        if cause is not None and not isinstance(cause, UsageError):
+            raise _write_error(path, cause) from e
         raise
     _fsync_dir(directory)
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, at most a few deep."""
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _write_error(path: str, error: OSError) -> BadFileError:
+    code = errno.errorcode.get(error.errno) if isinstance(error.errno, int) else None
+    reason = (error.strerror or str(error)) + (f" ({code})" if code else "")
+    kept = "the file there before is unchanged" if os.path.exists(path) else "nothing was written"
+    return BadFileError(f"cannot write {path}: {reason}; {kept}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -99,6 +128,19 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def prepare_checkpoint_folder(directory: str | os.PathLike) -> None:
+    """Before a run saves into ``directory``: a ``BadFileError`` naming it when no file could be written there
+    (a file in its path, or a folder this user cannot write), so that no training is done for nothing; then
+    :func:`remove_stale_temp_files`. Makes nothing: a run that fails before saving leaves no folder behind."""
+    existing = os.path.abspath(os.fspath(directory))
+    while not os.path.exists(existing):  # the part of the path that exists (a file stops it)
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "cannot be written" if os.path.isdir(existing) else "is a file, not a folder"
+        raise BadFileError(f"checkpoint folder {os.fspath(directory)}: cannot be written: {existing} {problem}")
+    remove_stale_temp_files(directory)
 
 
 @functools.cache
@@ -204,7 +246,19 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         raise CheckpointFileError(
             f"{path}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)"
         )
+    _check_format(checkpoint, path)
     return checkpoint
+
+
+def _check_format(checkpoint: Mapping[str, Any], path: str) -> None:
+    """Refuse a file of another litvision format (a file without the entry is a plain Lightning checkpoint)."""
+    info = checkpoint.get(LITVISION_KEY)
+    version = info.get("format", FORMAT_VERSION) if isinstance(info, Mapping) else FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise CheckpointFileError(
+            f"{path}: written in litvision checkpoint format {version!r}, and this litvision reads format "
+            f"{FORMAT_VERSION} only: open it with the litvision version that wrote it, or retrain"
+        )
 
 
 def _unpickler_detail(e: BaseException) -> str:

@@ -32,6 +32,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 from training.checkpoint_io import (
+    FORMAT_VERSION,
     LITVISION_KEY,
     CheckpointFileError,
     atomic_torch_save,
@@ -40,8 +41,6 @@ from training.checkpoint_io import (
     use_atomic_checkpoint_io,
 )
 from training.errors import BadValueError, MissingFileError
-
-FORMAT_VERSION = 1
 
 # Constructor arguments that point at pretrained weights (a download or a local file). load_model sets
 # them to None: the saved state dict replaces those weights anyway, and rebuilding must not touch the net.
