@@ -130,16 +130,21 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
     return removed
 
 
-def prepare_checkpoint_folder(directory: str | os.PathLike) -> None:
-    """Before a run saves into ``directory``: a ``BadFileError`` naming it when no file could be written there
-    (a file in its path, or a folder this user cannot write), so that no training is done for nothing; then
-    :func:`remove_stale_temp_files`. Makes nothing: a run that fails before saving leaves no folder behind."""
+def check_writable_folder(directory: str | os.PathLike, what: str) -> None:
+    """A ``BadFileError`` naming ``what`` and ``directory`` when no file could be written there (a file in its
+    path, or a folder this user cannot write), so that no work is done for nothing. Makes nothing."""
     existing = os.path.abspath(os.fspath(directory))
     while not os.path.exists(existing):  # the part of the path that exists (a file stops it)
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         problem = "cannot be written" if os.path.isdir(existing) else "is a file, not a folder"
-        raise BadFileError(f"checkpoint folder {os.fspath(directory)}: cannot be written: {existing} {problem}")
+        raise BadFileError(f"{what} {os.fspath(directory)}: cannot be written: {existing} {problem}")
+
+
+def prepare_checkpoint_folder(directory: str | os.PathLike) -> None:
+    """Before a run saves into ``directory``: :func:`check_writable_folder`, then
+    :func:`remove_stale_temp_files`. A run that fails before saving leaves no folder behind."""
+    check_writable_folder(directory, "checkpoint folder")
     remove_stale_temp_files(directory)
 
 

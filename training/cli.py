@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from training.callbacks import ModelCheckpoint, ReduceLROnPlateau
-from training.checkpoint_io import checkpoint_log_position, resolve_ckpt_path
+from training.checkpoint_io import check_writable_folder, checkpoint_log_position, resolve_ckpt_path
 from training.errors import FileTakenError, MissingFileError, usage_error_in, user_message
 from training.loggers import ResumableCSVLogger
 from training.saving import offline_model_config
@@ -149,6 +149,8 @@ class TrainingCLI(LightningCLI):
         ckpt_dir = self._checkpoint_dir()
         sub["checkpoint"]["filepath"] = os.path.join(ckpt_dir, os.path.basename(sub["checkpoint"]["filepath"]))
         with usage_errors(self.parser):
+            if sub["trainer"].get("logger") is not False:  # the loggers make it once the Trainer runs
+                check_writable_folder(self.run_dir(), "run folder (--runs_dir/--name)")
             if self.subcommand == "fit" and sub.get("ckpt_path"):
                 sub["ckpt_path"] = resolve_ckpt_path(sub["ckpt_path"], ckpt_dir)
                 here = os.path.realpath(os.path.dirname(os.path.abspath(sub["ckpt_path"])))  # a linked file stays here

@@ -194,9 +194,6 @@ def test_a_checkpoint_folder_that_is_a_file_is_refused_before_training(shapes_di
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=NotADirectoryError,
-                   reason="the TensorBoard logger makes the run folder in Trainer setup and its NotADirectoryError "
-                          "is a traceback: training/cli.py would have to check --runs_dir before the Trainer starts")
 def test_a_run_folder_under_a_file_is_a_usage_error(shapes_dir, tmp_path, train_py, monkeypatch):
     """A run folder that cannot be made (its parent is a file): an error that names it, nothing left behind."""
     monkeypatch.chdir(tmp_path)
