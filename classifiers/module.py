@@ -177,7 +177,8 @@ class FrozenBackboneClassifier(SavableModule, DistributedSteps, L.LightningModul
     def training_step(self, batch, batch_idx: int):
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable
-            return self.skip_empty_batch(["train_loss"], training=True, metrics={"train_acc": self.train_acc})
+            return self.skip_empty_batch(["train_loss"], training=True, metrics={"train_acc": self.train_acc},
+                                        stop_together=True)  # joins the others' non-finite loss check
         logits = self(images)
         loss = self.criterion(logits, labels)
         # Stopped before the optimizer step: last.ckpt is never replaced by diverged weights.
