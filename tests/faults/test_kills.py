@@ -10,9 +10,10 @@ bytes in the temporary file, before the atomic rename). A kill before any ``last
 form one chain: each resumed run is the next one killed, and after each kill the ``last.ckpt`` left must equal the
 uninterrupted run's at the same step, so every resume is checked, not only the end.
 
-Every run is ``train.main`` in a process forked from this one (the kill ends that process, as it would a user's
-``train.py``): an interpreter start with torch and Lightning imports would cost ~10 s of the ~4 s each short run
-takes. All ``slow`` (``make test-faults``); ``make test`` keeps tests/test_resume_shipped.py's fast case.
+Every run is ``train.main`` in a process forked from this one (the signal ends that process, as it would a user's
+``train.py``): a new interpreter importing torch and Lightning (~10 s here) would make each of the 80 short runs
+(~2-3 s) several times longer. The uninterrupted run of each config is made once for the module. All ``slow``
+(``make test-faults``); ``make test`` keeps tests/test_resume_shipped.py's fast case.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def train_forked(args: list[str], cwd: Path, log: Path) -> int:
             os.dup2(fd, 2)
             sys.stdout = sys.stderr = open(1, "w", closefd=False)  # noqa: SIM115 (the child ends with os._exit)
             os.chdir(cwd)
+            sys.argv = ["train.py"]  # not pytest's, which LightningCLI would warn about
             torch.set_num_threads(1)
             from train import main
 
