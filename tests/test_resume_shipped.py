@@ -2,17 +2,13 @@
 last`` ends bit-identical to the run that was never interrupted (CPU): weights, optimiser, schedulers, callback
 state, loop state. The detector configs' schedule (warm-up and cosine decay) is the case that differed.
 
-The fast tests stop ``train.main`` in this process with an exception raised by a callback at an epoch's start,
-which leaves what a kill there leaves (litvision writes last.ckpt on exceptions only for SIGTERM). The slow test
-kills a ``train.py`` process with SIGKILL from a callback inside it, at a chosen step: no race with a signal sent
-from outside.
+The tests stop ``train.main`` in this process with an exception raised by a callback at an epoch's start, which
+leaves what a kill there leaves (litvision writes last.ckpt on exceptions only for SIGTERM). Real kills (SIGKILL
+and SIGTERM at 13 points of each config's run, inside checkpoint writes included) are tests/faults/test_kills.py,
+which uses this module's harness.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,29 +23,14 @@ class Interrupted(Exception):
 
 
 class StopAt(Callback):
-    """Stops the run at the start of training epoch ``epoch`` (0-based), of the training step ``step``, or of the
-    second validation batch of epoch ``validation``: raises :class:`Interrupted`, or with ``kill`` SIGKILLs this
-    process."""
+    """Stops the run at the start of training epoch ``epoch`` (0-based): raises :class:`Interrupted`."""
 
-    def __init__(self, epoch: int = -1, step: int = -1, validation: int = -1, kill: bool = False):
-        self.epoch, self.step, self.validation, self.kill = epoch, step, validation, kill
-
-    def _stop(self) -> None:
-        if self.kill:
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise Interrupted
+    def __init__(self, epoch: int):
+        self.epoch = epoch
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
-            self._stop()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
-            self._stop()
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not trainer.sanity_checking and trainer.current_epoch == self.validation and batch_idx == 1:
-            self._stop()
+            raise Interrupted
 
 
 def fit_args(config: str, shapes_dir, runs, epochs: int, val_batches: int = 1) -> list[str]:
@@ -125,28 +106,3 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(config, shapes_dir, t
     uninterrupted, resumed = last_checkpoint(whole, config), last_checkpoint(parts, config)
     assert uninterrupted["global_step"] == 4
     assert_resumed_run_is_exact(uninterrupted, resumed)
-
-
-def train_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["faster_rcnn", "retinanet", "classifier", "pretrain"])
-def test_a_run_killed_with_sigkill_resumes_bit_identical(config, shapes_dir, tmp_path):
-    """train.py killed by SIGKILL inside a training epoch and inside a validation, resumed each time."""
-    whole = tmp_path / "whole" / "runs"
-    run = train_process(fit_args(config, shapes_dir, whole, 3, val_batches=2), tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    uninterrupted = last_checkpoint(whole, config)
-    for where, step in [("step", 3), ("validation", 1)]:  # 2 steps an epoch: last.ckpt at step 2, then killed
-        runs = tmp_path / where / "runs"
-        run = train_process([*fit_args(config, shapes_dir, runs, 3, 2), *stop_callback(**{where: step, "kill": True})],
-                            tmp_path)  # fmt: skip
-        assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
-        assert last_checkpoint(runs, config)["global_step"] == 2
-        run = train_process([*fit_args(config, shapes_dir, runs, 3, 2), "--ckpt_path", "last"], tmp_path)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert_resumed_run_is_exact(uninterrupted, last_checkpoint(runs, config))
