@@ -1,6 +1,7 @@
 """training.demo, `make demo`'s job: with tiny time budgets every stage runs and a re-run reuses what is done;
 the detectors side by side (child processes: real), a failing one, a signal to the demo alone."""
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -95,16 +96,31 @@ def test_a_signal_to_the_demo_alone_stops_the_children_and_keeps_a_finished_one(
 
     handler = signal.getsignal(signal.SIGTERM)
 
-    def short_one_running() -> bool:  # -ww: ps cuts lines at $COLUMNS, which may be set under pytest
-        ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-        return any(str(runs) in args and "faster_rcnn.yaml" in args for args in ps)
+    def child_states() -> dict[int, str]:
+        """pid -> state of this process's children; "Z": exited, its status not yet collected by the demo.
+        (A process that is exiting has no command line any more but is not yet "Z": ps cannot tell.)"""
+        states = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == os.getpid():
+                    states[int(stat.parent.name)] = fields[0]
+        return states
+
+    def is_retinanet(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return b"retinanet.yaml" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return False
 
     def signal_when_the_short_one_is_done():
         log = runs / "faster_rcnn" / "demo.log"
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and "max_epochs=1` reached" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.2)
-        while time.monotonic() < deadline and short_one_running():  # its process exits after the message
+        while time.monotonic() < deadline:  # its process exits after the message: wait until it has
+            states = child_states()
+            if all(state == "Z" for pid, state in states.items() if not is_retinanet(pid)):
+                break
             time.sleep(0.2)
         if signal.getsignal(signal.SIGTERM) is not handler:  # never SIGTERM pytest itself once the demo returned
             os.kill(os.getpid(), signal.SIGTERM)
