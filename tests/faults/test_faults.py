@@ -29,28 +29,10 @@ import pytest
 import torch
 
 import training.checkpoint_io as checkpoint_io
+from tests.test_resume_shipped import fit_args  # a shipped config shrunk in size only
 from training.checkpoint_io import LITVISION_KEY, CheckpointFileError
 from training.saving import load_model
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def fit_args(config: str, shapes_dir, runs, epochs: int) -> list[str]:
-    """A shipped config shrunk in size only: 64-px detector inputs (32-px crops for the classifier), 2 steps of 2
-    images an epoch, one validation batch, no backbone checkpoint."""
-    if config == "classifier":
-        data = ["--data.init_args.root", shapes_dir / "classification" / "train", "--data.init_args.val_root",
-                shapes_dir / "classification" / "val", "--data.init_args.image_size", "[32, 32]"]  # fmt: skip
-    else:
-        data = ["--data.init_args.root", shapes_dir, "--data.init_args.generate", "false",
-                "--model.init_args.min_size", "64", "--model.init_args.max_size", "64"]  # fmt: skip
-    return [str(a) for a in [
-        "fit", "--config", REPO / "configs" / f"{config}.yaml", "--runs_dir", runs, *data,
-        "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
-        "--model.init_args.backbone_checkpoint", "null",
-        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", epochs,
-    ]]  # fmt: skip
 
 
 def digest(path: Path) -> str:
