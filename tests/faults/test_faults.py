@@ -34,7 +34,6 @@ from training.checkpoint_io import LITVISION_KEY, CheckpointFileError
 from training.saving import load_model
 
 
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
