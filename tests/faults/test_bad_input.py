@@ -31,6 +31,29 @@ DATA_COMMANDS = ("fit:train", "fit:val", "validate", "predict", "compare")
 # -- how each kind breaks a copy of the data: (data root, split) -> the file it broke -----------------------
 
 
+Locate = Callable[[Path, str], Path]  # (data root, split) -> one file of that split
+
+
+def rewritten(locate: Locate, content: Callable[[bytes], bytes]) -> Callable[[Path, str], Path]:
+    """Breaks the located file by replacing its bytes with ``content(its bytes)``."""
+    def breaks(root: Path, split: str) -> Path:
+        path = locate(root, split)
+        path.write_bytes(content(path.read_bytes()))
+        return path
+
+    return breaks
+
+
+def deleted(locate: Locate) -> Callable[[Path, str], Path]:
+    """Breaks the split by deleting the located file."""
+    def breaks(root: Path, split: str) -> Path:
+        path = locate(root, split)
+        path.unlink()
+        return path
+
+    return breaks
+
+
 def coco_file(root: Path, split: str) -> Path:
     return root / "annotations" / f"instances_{split}.json"
 
@@ -44,21 +67,6 @@ def coco_edit(change: Callable[[dict], object]) -> Callable[[Path, str], Path]:
         return path
 
     return breaks
-
-
-def coco_bytes(content: Callable[[bytes], bytes]) -> Callable[[Path, str], Path]:
-    def breaks(root: Path, split: str) -> Path:
-        path = coco_file(root, split)
-        path.write_bytes(content(path.read_bytes()))
-        return path
-
-    return breaks
-
-
-def coco_missing(root: Path, split: str) -> Path:
-    path = coco_file(root, split)
-    path.unlink()
-    return path
 
 
 DELETE = object()  # a value of first_entry: remove the key
@@ -125,27 +133,6 @@ def voc_edit(change: Callable[[ET.Element], object]) -> Callable[[Path, str], Pa
     return breaks
 
 
-def voc_bytes(content: Callable[[bytes], bytes]) -> Callable[[Path, str], Path]:
-    def breaks(root: Path, split: str) -> Path:
-        path = voc_xml(root, split)
-        path.write_bytes(content(path.read_bytes()))
-        return path
-
-    return breaks
-
-
-def voc_missing_xml(root: Path, split: str) -> Path:
-    path = voc_xml(root, split)
-    path.unlink()
-    return path
-
-
-def voc_missing_split(root: Path, split: str) -> Path:
-    path = voc_split_file(root, split)
-    path.unlink()
-    return path
-
-
 def voc_split_traversal(root: Path, split: str) -> Path:
     path = voc_split_file(root, split)
     path.write_text("../../../../etc/passwd\n" + path.read_text())
@@ -191,21 +178,6 @@ def image_file(root: Path, split: str) -> Path:
     return root / "images" / split / data["images"][0]["file_name"]
 
 
-def image_bytes(content: Callable[[bytes], bytes]) -> Callable[[Path, str], Path]:
-    def breaks(root: Path, split: str) -> Path:
-        path = image_file(root, split)
-        path.write_bytes(content(path.read_bytes()))
-        return path
-
-    return breaks
-
-
-def image_missing(root: Path, split: str) -> Path:
-    path = image_file(root, split)
-    path.unlink()
-    return path
-
-
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -245,12 +217,12 @@ STRICT = ("--data.init_args.strict", "true")
 
 KINDS = [
     # COCO instances files
-    Kind("coco-malformed", "coco", coco_bytes(lambda b: b.replace(b'"images":', b'"images"', 1)), "malformed JSON"),
-    Kind("coco-truncated", "coco", coco_bytes(lambda b: b[: len(b) // 2]), "malformed JSON"),
-    Kind("coco-empty", "coco", coco_bytes(lambda b: b""), "malformed JSON"),
-    Kind("coco-not-utf8", "coco", coco_bytes(lambda b: b"\xff\xfe" + b), "not UTF-8"),
-    Kind("coco-missing-file", "coco", coco_missing, "no such COCO annotation file|file not found"),  # data | evaluate
-    Kind("coco-not-an-object", "coco", coco_bytes(lambda b: b"[]"), "expected a (JSON|COCO ground-truth) object"),
+    Kind("coco-malformed", "coco", rewritten(coco_file, lambda b: b.replace(b'"images":', b'"images"', 1)), "malformed JSON"),
+    Kind("coco-truncated", "coco", rewritten(coco_file, lambda b: b[: len(b) // 2]), "malformed JSON"),
+    Kind("coco-empty", "coco", rewritten(coco_file, lambda b: b""), "malformed JSON"),
+    Kind("coco-not-utf8", "coco", rewritten(coco_file, lambda b: b"\xff\xfe" + b), "not UTF-8"),
+    Kind("coco-missing-file", "coco", deleted(coco_file), "no such COCO annotation file|file not found"),  # data | evaluate
+    Kind("coco-not-an-object", "coco", rewritten(coco_file, lambda b: b"[]"), "expected a (JSON|COCO ground-truth) object"),
     Kind("coco-no-images", "coco", coco_edit(lambda d: d.pop("images")), "'images'"),
     Kind("coco-no-categories", "coco", coco_edit(lambda d: d.pop("categories")), "'categories'"),
     Kind("coco-no-bbox", "coco", coco_edit(first_annotation("bbox", DELETE)), "missing key 'bbox'"),
@@ -275,11 +247,11 @@ KINDS = [
          DATA_COMMANDS, STRICT),
     Kind("coco-categories-differ", "coco", coco_edit(rename_categories), "differ from", ("fit:train",)),
     # Pascal VOC files
-    Kind("voc-malformed", "voc", voc_bytes(lambda b: b.replace(b"</size>", b"", 1)), "malformed XML", DATA_COMMANDS),
-    Kind("voc-truncated", "voc", voc_bytes(lambda b: b[: len(b) // 2]), "malformed XML", DATA_COMMANDS),
-    Kind("voc-empty", "voc", voc_bytes(lambda b: b""), "malformed XML", DATA_COMMANDS),
-    Kind("voc-missing-xml", "voc", voc_missing_xml, "annotation file not found", DATA_COMMANDS),
-    Kind("voc-missing-split-file", "voc", voc_missing_split, "split file not found", DATA_COMMANDS),
+    Kind("voc-malformed", "voc", rewritten(voc_xml, lambda b: b.replace(b"</size>", b"", 1)), "malformed XML", DATA_COMMANDS),
+    Kind("voc-truncated", "voc", rewritten(voc_xml, lambda b: b[: len(b) // 2]), "malformed XML", DATA_COMMANDS),
+    Kind("voc-empty", "voc", rewritten(voc_xml, lambda b: b""), "malformed XML", DATA_COMMANDS),
+    Kind("voc-missing-xml", "voc", deleted(voc_xml), "annotation file not found", DATA_COMMANDS),
+    Kind("voc-missing-split-file", "voc", deleted(voc_split_file), "split file not found", DATA_COMMANDS),
     Kind("voc-no-size", "voc", voc_edit(remove("", "size")), "missing <size>", DATA_COMMANDS),
     Kind("voc-no-bndbox", "voc", voc_edit(remove("object", "bndbox")), "missing <bndbox>", DATA_COMMANDS),
     Kind("voc-not-a-number", "voc", voc_edit(set_text("xmin", "abc")), "is not a number", DATA_COMMANDS),
@@ -293,14 +265,14 @@ KINDS = [
     Kind("voc-filename-traversal", "voc", voc_filename_traversal, "resolves outside", DATA_COMMANDS),
     Kind("voc-split-traversal", "voc", voc_split_traversal, "resolves outside", DATA_COMMANDS),
     # image files (the COCO layout; VOC reads its images through the same DetectionDataset.load)
-    Kind("image-zero-byte", "image", image_bytes(lambda b: b""), "not a readable image", DATA_COMMANDS),
-    Kind("image-truncated", "image", image_bytes(lambda b: b[: len(b) // 2]), "truncated or corrupt", DATA_COMMANDS),
-    Kind("image-not-an-image", "image", image_bytes(lambda b: b"GIF? no: just text\n" * 20), "not a readable image",
+    Kind("image-zero-byte", "image", rewritten(image_file, lambda b: b""), "not a readable image", DATA_COMMANDS),
+    Kind("image-truncated", "image", rewritten(image_file, lambda b: b[: len(b) // 2]), "truncated or corrupt", DATA_COMMANDS),
+    Kind("image-not-an-image", "image", rewritten(image_file, lambda b: b"GIF? no: just text\n" * 20), "not a readable image",
          DATA_COMMANDS),
-    Kind("image-decompression-bomb", "image", image_bytes(lambda b: png_bomb(100_000, 100_000)),
+    Kind("image-decompression-bomb", "image", rewritten(image_file, lambda b: png_bomb(100_000, 100_000)),
          "(decompression bomb|exceeds the limit)", DATA_COMMANDS),
-    Kind("image-missing", "image", image_missing, "image file not found", DATA_COMMANDS),
-    Kind("image-other-size", "image", image_bytes(other_size_jpeg), "image is 80x60 but the annotations declare",
+    Kind("image-missing", "image", deleted(image_file), "image file not found", DATA_COMMANDS),
+    Kind("image-other-size", "image", rewritten(image_file, other_size_jpeg), "image is 80x60 but the annotations declare",
          DATA_COMMANDS),
 ]
 BY_NAME = {k.name: k for k in KINDS}
