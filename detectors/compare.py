@@ -2,10 +2,11 @@
 
 :func:`compare` loads every checkpoint (``training.saving.load_model``), runs each model once over the split
 (eval mode, no grad, optional CUDA autocast) and scores the per-image detections with the project's
-evaluator (``detectors.evaluation``: pycocotools-exact COCO metrics, VOC07/VOC2010 AP@0.5). It then draws
-the paired bootstrap of every pair's mAP difference (``detectors.bootstrap``), measures each model's speed,
-and writes the report (``detectors.report``: ``comparison.md``, ``.csv``, ``.json`` and four PNG plots in the
-output folder; the tables printed). :func:`compare_command` is ``python train.py compare``.
+evaluator (``detectors.evaluation``: pycocotools-exact COCO metrics, VOC07/VOC2010 AP@0.5) and counts its
+confusion matrix (``detectors.confusion``: predicted against true class at one IoU and score threshold). It
+then draws the paired bootstrap of every pair's mAP difference (``detectors.bootstrap``), measures each
+model's speed, and writes the report (``detectors.report``: ``comparison.md``, ``.csv``, ``.json``, four PNG
+plots and each model's confusion matrix as PNG and CSV in the output folder; the tables printed). :func:`compare_command` is ``python train.py compare``.
 
 Speed (:func:`measure_speed`): images already on the device (no decoding, no host-to-device copy),
 ``warmup`` untimed calls, then the median of ``repeats`` timed calls (CUDA synchronised); latency at batch 1
@@ -34,6 +35,7 @@ from training.errors import BadValueError
 from training.saving import load_model
 
 from .bootstrap import bootstrap_maps, difference_interval
+from .confusion import Confusion, confusion_matrix
 from .evaluation import CocoResult, coco_evaluate, evaluate_detections
 from .report import check_report_folder, write_report
 
@@ -52,7 +54,8 @@ class ModelEntry:
     ``min_size``/``max_size``); ``preds``: one dict per image of the split, ``boxes: FloatTensor[D, 4]`` x1 y1
     x2 y2 absolute pixels, ``scores: FloatTensor[D]``, ``labels: Int64Tensor[D]`` in 1..K (CPU);
     ``metrics``: ``detectors.evaluation.evaluate_detections`` keys (-1: no ground truth); ``coco``: the COCO
-    evaluation behind them (PR curves, AP per IoU); ``latency_ms`` at batch 1 and ``throughput`` in images/s.
+    evaluation behind them (PR curves, AP per IoU); ``confusion``: its confusion matrix
+    (``detectors.confusion``); ``latency_ms`` at batch 1 and ``throughput`` in images/s.
     """
 
     name: str
@@ -62,6 +65,7 @@ class ModelEntry:
     preds: list[dict] = field(default_factory=list, repr=False)
     metrics: dict[str, float] = field(default_factory=dict)
     coco: CocoResult | None = field(default=None, repr=False)
+    confusion: Confusion | None = field(default=None, repr=False)
     latency_ms: float = math.nan
     throughput: float = math.nan
 
@@ -197,16 +201,22 @@ def compare(
     seed: int = 0,
     warmup: int = 3,
     repeats: int = 20,
+    confusion_score: float = 0.25,
+    confusion_iou: float = 0.5,
     console: Console | None = None,
 ) -> dict:
     """Evaluate ``checkpoints`` on one split of ``data`` (a ``DetectionDataModule``, or a LightningDataModule
     with ``class_names`` and ``(images, targets)`` batches) and write the report to ``out`` (module
-    docstring). ``batch_size`` (throughput) defaults to the data's; ``resamples=0`` skips the bootstrap.
-    Returns the content of ``comparison.json``."""
+    docstring). ``batch_size`` (throughput) defaults to the data's; ``resamples=0`` skips the bootstrap;
+    the confusion matrices count detections scoring >= ``confusion_score`` matched at IoU >=
+    ``confusion_iou``. Returns the content of ``comparison.json``."""
     console = console or Console()
     if resamples < 0 or warmup < 0 or repeats < 1:
         raise BadValueError(f"need resamples >= 0, warmup >= 0, repeats >= 1; got {resamples}, {warmup}, "
                             f"{repeats}")  # fmt: skip
+    if not 0 <= confusion_score <= 1 or not 0 < confusion_iou <= 1:
+        raise BadValueError(f"need 0 <= --confusion_score <= 1 and 0 < --confusion_iou <= 1; got "
+                            f"{confusion_score} and {confusion_iou}")  # fmt: skip
     hp = getattr(data, "hparams", {})
     split_name = hp.get("val_split", "val") if split == "val" else hp.get("test_split") or hp.get("val_split")
     data_name = f"{type(data).__name__}(root={hp.get('root', '?')!r}), split {split_name!r}"
@@ -225,6 +235,7 @@ def compare(
     for e in entries:
         e.coco = coco_evaluate(e.preds, targets, class_names)
         e.metrics = evaluate_detections(e.preds, targets, class_names, coco=e.coco)  # COCO evaluated once
+        e.confusion = confusion_matrix(e.preds, targets, class_names, confusion_iou, confusion_score)
         e.latency_ms, e.throughput = measure_speed(e.module, images, dev, precision, batch_size, warmup,
                                                    repeats)  # fmt: skip
     maps = np.full((len(entries), 0), math.nan)
@@ -235,6 +246,12 @@ def compare(
                                   step=lambda: progress.advance(task))  # fmt: skip
     settings = _settings(data_name, len(targets), class_names, entries, dev, precision, batch_size, warmup,
                          repeats, resamples, seed)  # fmt: skip
+    settings["confusion"] = (
+        f"IoU >= {confusion_iou:g}, score >= {confusion_score:g}; per image, detections by descending score "
+        "take the untaken object of their class with the highest IoU (the COCO matching; crowd and "
+        "difficult objects ignored), then leftovers an untaken object of another class (wrong class); "
+        "detections left: background false positives; objects left: missed"
+    )
     return write_report(Path(out), entries, _pairs(entries, maps, seed), settings, class_names, console)
 
 
@@ -285,10 +302,14 @@ def compare_command(
     seed: int = 0,
     warmup: int = 3,
     repeats: int = 20,
+    confusion_score: float = 0.25,
+    confusion_iou: float = 0.5,
 ) -> dict:
-    """Compare detector checkpoints on one split: metrics, bootstrap CIs of mAP differences, speed, plots.
+    """Compare detector checkpoints on one split: metrics, bootstrap CIs of mAP differences, speed, plots,
+    confusion matrices.
 
-    Writes OUT/comparison.md, .csv, .json and PNG plots (detectors.compare describes the method).
+    Writes OUT/comparison.md, .csv, .json, PNG plots and each model's confusion matrix (confusion_MODEL.png,
+    .csv); detectors.compare describes the method, detectors.confusion the matrix.
 
     Args:
         checkpoints: model files (best.ckpt, last.ckpt, model.save() files) trained on the same classes.
@@ -303,6 +324,8 @@ def compare_command(
         seed: seed of the bootstrap resampling.
         warmup: untimed calls before timing.
         repeats: timed calls; their median is reported.
+        confusion_score: the confusion matrices count the detections scoring at least this.
+        confusion_iou: the IoU at which a detection takes an object in the confusion matrices.
     """
     return compare(checkpoints, data, out, split, device, precision, batch_size, resamples, seed, warmup,
-                   repeats)  # fmt: skip
+                   repeats, confusion_score, confusion_iou)  # fmt: skip

@@ -4,11 +4,14 @@
 fills (each model's description, per-image detections, metrics, COCO evaluation and speed), the pairwise
 mAP differences with their bootstrap intervals, and the settings, and writes into the output folder:
 
-    comparison.md    the settings, the tables below as markdown, and links to the plots
-    comparison.csv   one row per model: description, metrics, per-class AP, speed, device, precision
-    comparison.json  {"settings", "models" (the CSV rows plus mAP at each IoU threshold), "pairs", "plots"};
-                     NaN written as null
+    comparison.md    the settings, the tables below as markdown, the confusion readings, links to the plots
+    comparison.csv   one row per model: description, metrics, per-class AP, speed, device, precision, the
+                     shares of its errors (wrong class, background false positives, missed objects)
+    comparison.json  {"settings", "models" (the CSV rows plus mAP at each IoU threshold and the confusion
+                     matrix), "pairs", "plots"}; NaN written as null
     pr_curves.png, ap_vs_iou.png, per_class_ap.png, speed_accuracy.png
+    confusion_MODEL.png, confusion_MODEL.csv   per model: its confusion matrix (``detectors.confusion``),
+                     normalised by true class with the counts annotated, and its counts
 
 Tables (printed with rich, and in the markdown): models (detector kind, backbone, parameters, resize, speed),
 accuracy (the :data:`METRIC_KEYS` columns), per-class AP, and the mAP differences A - B with their 95%
@@ -37,9 +40,10 @@ from training.errors import BadFileError, FileTakenError
 
 if TYPE_CHECKING:
     from .compare import ModelEntry
+    from .confusion import Confusion
 
-__all__ = ["METRIC_KEYS", "PLOTS", "check_report_folder",
-           "plot_ap_vs_iou", "plot_per_class_ap", "plot_pr_curves",
+__all__ = ["METRIC_KEYS", "PLOTS", "check_report_folder", "confusion_stems",
+           "plot_ap_vs_iou", "plot_confusion", "plot_per_class_ap", "plot_pr_curves",
            "plot_speed_accuracy", "write_report"]  # fmt: skip
 
 # evaluator key -> column header (COCO's abbreviations: AP50 = AP at IoU 0.5, APs = small objects, ...)
@@ -132,7 +136,48 @@ def plot_speed_accuracy(entries: Sequence[ModelEntry], path: Path, setting: str)
     _figure(path, draw, (6.5, 4.5))
 
 
+def plot_confusion(confusion: Confusion, name: str, path: Path) -> None:
+    """The matrix as a heat map normalised by true class (each column sums to 1), every cell annotated with
+    its count and share; rows predicted class, columns true class, background last."""
+    shares, counts = confusion.normalised(), confusion.matrix
+    labels = [*confusion.class_names, "background"]
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        image = ax.imshow(np.ma.masked_invalid(shares), cmap="Blues", vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (column)")
+        for (p, t), count in np.ndenumerate(counts):
+            if p == t == len(labels) - 1:
+                continue  # background on background: not counted
+            share = shares[p, t]
+            text = f"{count}\n{share:.0%}" if math.isfinite(share) else f"{count}"
+            dark = math.isfinite(share) and share > 0.6  # white text on the dark cells
+            ax.text(t, p, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        many = len(labels) > 8
+        ax.set_xticks(
+            range(len(labels)), labels, rotation=45 if many else 0, ha="right" if many else "center"
+        )
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set(
+            xlabel="true class",
+            ylabel="predicted class",
+            title=f"{name}: IoU >= {confusion.iou_threshold:g}, score >= {confusion.score_threshold:g}",
+        )
+
+    side = max(5.0, 0.6 * len(labels) + 3)
+    _figure(path, draw, (side + 1, side))
+
+
 # ------------------------------------------------------------------------------------------------ report
+
+
+def confusion_stems(names: Sequence[str]) -> list[str]:
+    """File stems ``confusion_NAME`` of the models' confusion files: characters other than letters, digits,
+    ``-`` ``_`` ``.`` replaced by ``_`` (model names may hold ``/``); a stem two names share gets the model's
+    position appended."""
+    safe = ["confusion_" + "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in n)
+            for n in names]  # fmt: skip
+    return [s if safe.count(s) == 1 else f"{s}_{i + 1}" for i, s in enumerate(safe)]
 
 
 def _atomic_write(path: Path, write: Callable, binary: bool = False) -> None:
@@ -190,13 +235,24 @@ def _tables(rows: list[dict], pairs: list[dict], class_names: Sequence[str], res
     return [models, accuracy, per_class, *([diff] if pairs else [])]  # one model: no pairs to compare
 
 
-def _markdown(tables: list[Table], settings: dict) -> str:
+def _confusion_title(entries: Sequence[ModelEntry]) -> str:
+    c = entries[0].confusion
+    return f"Confusion at IoU >= {c.iou_threshold:g}, score >= {c.score_threshold:g}"
+
+
+def _markdown(tables: list[Table], settings: dict, entries: Sequence[ModelEntry], stems: list[str]) -> str:
     lines = ["# Detector comparison", "", *(f"- {k.replace('_', ' ')}: {v}" for k, v in settings.items())]
     for table in tables:
         cells = [list(c.cells) for c in table.columns]
         lines += ["", f"## {table.title}", "", "| " + " | ".join(str(c.header) for c in table.columns) + " |",
                   "|" + "---|" * len(cells)]  # fmt: skip
         lines += ["| " + " | ".join(str(col[i]) for col in cells) + " |" for i in range(table.row_count)]
+    lines += ["", f"## {_confusion_title(entries)}", "",
+              "Rows: predicted class; columns: true class, each normalised to sum to 1. Background column: "
+              "detections that took no object; background row: objects no detection took.", "",
+              *(f"- {e.confusion.reading(e.name)} ([matrix]({s}.png), [counts]({s}.csv))"
+                for e, s in zip(entries, stems, strict=True)), "",
+              *(f"![{s}.png]({s}.png)" for s in stems)]  # fmt: skip
     return "\n".join([*lines, "", "## Plots", "", *(f"![{p}]({p})" for p in PLOTS)]) + "\n"
 
 
@@ -237,15 +293,19 @@ def write_report(
 
     ``pairs``: one dict per compared pair, keys a, b, map_a, map_b, difference, ci_low, ci_high (NaN: no
     interval), excludes_zero. ``settings`` are printed first, key by key; it needs device, precision and
-    batch_size (repeated in every CSV row, the conditions of the speed numbers) and bootstrap_resamples."""
+    batch_size (repeated in every CSV row, the conditions of the speed numbers) and bootstrap_resamples.
+    Every entry needs its ``confusion`` (``detectors.confusion.confusion_matrix``), all at the same
+    thresholds."""
     common = {k: settings[k] for k in ("device", "precision", "batch_size")}
     rows = [{**e.info, **{k: e.metrics[k] for k in METRIC_KEYS},
              **{f"ap/{n}": e.metrics[f"ap/{n}"] for n in class_names},
-             "latency_ms": e.latency_ms, "throughput_ips": e.throughput, **common}
+             "latency_ms": e.latency_ms, "throughput_ips": e.throughput, **common,
+             **{f"errors/{k}": v for k, v in e.confusion.shares().items()}}
             for e in entries]  # fmt: skip
     tables = _tables(rows, pairs, class_names, settings["bootstrap_resamples"])
+    stems = confusion_stems([e.name for e in entries])
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "comparison.md", lambda f: f.write(_markdown(tables, settings)))
+    _atomic_write(folder / "comparison.md", lambda f: f.write(_markdown(tables, settings, entries, stems)))
 
     def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -253,10 +313,14 @@ def write_report(
         writer.writerows(rows)
 
     _atomic_write(folder / "comparison.csv", write_csv)
-    for row, e in zip(rows, entries, strict=True):  # JSON only: mAP at each IoU threshold (ap_vs_iou.png)
+    for row, e, stem in zip(rows, entries, stems, strict=True):  # JSON only: mAP per IoU, confusion matrix
         row["ap_per_iou"] = dict(zip((f"{t:.2f}" for t in e.coco.iou_thresholds),
                                      _class_mean(e.coco.ap_per_iou()).tolist(), strict=True))  # fmt: skip
-    report = {"settings": settings, "models": rows, "pairs": pairs, "plots": list(PLOTS)}
+        row["confusion"] = {**e.confusion.to_dict(), "png": f"{stem}.png", "csv": f"{stem}.csv"}
+        _atomic_write(folder / f"{stem}.csv", lambda f, c=e.confusion: csv.writer(f).writerows(c.table()))
+        plot_confusion(e.confusion, e.name, folder / f"{stem}.png")
+    plots = [*PLOTS, *(f"{s}.png" for s in stems)]
+    report = {"settings": settings, "models": rows, "pairs": pairs, "plots": plots}
     _atomic_write(folder / "comparison.json", lambda f: json.dump(_json_safe(report), f, indent=2))
     plot_pr_curves(entries, folder / PLOTS[0])
     plot_ap_vs_iou(entries, folder / PLOTS[1])
@@ -267,5 +331,9 @@ def write_report(
         console.print(f"{key.replace('_', ' ')}: {value}", highlight=False)
     for table in tables:
         console.print(table)
-    console.print(f"report: {folder}/comparison.md, .csv, .json and {len(PLOTS)} PNG plots", highlight=False)
+    console.print(_confusion_title(entries), style="italic", highlight=False)
+    for e in entries:
+        console.print(e.confusion.reading(e.name), highlight=False)
+    console.print(f"report: {folder}/comparison.md, .csv, .json and {len(plots)} PNG plots (confusion matrices: "
+                  f"{', '.join(f'{s}.png' for s in stems)}, counts in .csv)", highlight=False)  # fmt: skip
     return report

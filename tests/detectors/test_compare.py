@@ -42,7 +42,7 @@ def tiny_setup(shapes_dir, tmp_path_factory):
         f"init_args:\n  root: {shapes_dir}\n  batch_size: 2\n  num_workers: 0\n  generate: false\n"
     )
     params = {n: sum(p.numel() for p in m.model.parameters()) for n, m in models.items()}
-    return {"root": root, "paths": paths, "data": str(data), "params": params}
+    return {"root": root, "paths": paths, "data": str(data), "params": params, "shapes": shapes_dir}
 
 
 def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
@@ -53,7 +53,7 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
     (out / "notes.md").write_text("mine")  # an existing folder is fine: only the report's files are written
     train.main(["compare", "--checkpoints", s["paths"]["frcnn"], s["paths"]["retina"], "--data", s["data"],
                 "--out", str(out), "--device", "cpu", "--resamples", "8", "--seed", "3", "--warmup", "1",
-                "--repeats", "2", "--batch_size", "2"])  # fmt: skip
+                "--repeats", "2", "--batch_size", "2", "--confusion_score", "0.05"])  # fmt: skip
     stdout = capsys.readouterr().out
 
     metrics = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100", "voc07_ap50",
@@ -89,10 +89,43 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
         assert text in md, text
     assert "95% CI" in stdout and "frcnn" in stdout
     assert (out / "notes.md").read_text() == "mine"
-    for name in ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.png"):
+    check_confusion_files(out, report, md, stdout, s["shapes"])
+    for name in ("pr_curves.png", "ap_vs_iou.png", "per_class_ap.png", "speed_accuracy.png",
+                 "confusion_frcnn.png", "confusion_retina.png"):  # fmt: skip
         with Image.open(out / name) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 300
+
+
+def check_confusion_files(out, report, md, stdout, shapes):
+    """Each model's confusion CSV holds counts whose class columns sum to the val objects of each class (read
+    from the COCO file), matching comparison.json; the report's reading is computed from those counts."""
+    coco = json.loads((shapes / "annotations" / "instances_val.json").read_text())
+    ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    objects = [sum(a["category_id"] == i for a in coco["annotations"]) for i in ids]
+    assert sum(objects) > 0
+    for model in report["models"]:
+        with open(out / f"confusion_{model['model']}.csv", newline="") as f:
+            header, *rows = list(csv.reader(f))
+        assert header == ["predicted \\ true", *CLASSES, "background"]
+        counts = np.array([[int(v) for v in r[1:]] for r in rows])
+        assert counts.tolist() == model["confusion"]["matrix"] and model["confusion"]["score_threshold"] == 0.05
+        assert counts[:, :3].sum(axis=0).tolist() == objects and counts[3, 3] == 0
+        wrong, fp, missed = counts[:3, :3].sum() - np.trace(counts[:3, :3]), counts[:3, 3].sum(), counts[3].sum()
+        errors = wrong + fp + missed
+        reading = (f"{model['model']}: of its {errors} errors, {wrong / errors:.0%} wrong class, "
+                   f"{fp / errors:.0%} background false positives")  # fmt: skip
+        assert reading in md and reading in stdout
+        assert f"[counts](confusion_{model['model']}.csv)" in md
+    assert "## Confusion at IoU >= 0.5, score >= 0.05" in md
+
+
+def test_compare_refuses_bad_confusion_thresholds(tiny_setup, train_py):
+    s = tiny_setup
+    code, _, err = train_py("compare", "--checkpoints", s["paths"]["frcnn"], "--data", s["data"], "--out",
+                            s["root"] / "bad", "--device", "cpu", "--confusion_score", "1.5")  # fmt: skip
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "--confusion_score" in line and "1.5" in line and "Traceback" not in err
 
 
 def test_compare_refuses_an_output_path_before_any_work(tiny_setup, tmp_path, train_py):

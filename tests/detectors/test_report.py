@@ -13,6 +13,7 @@ from PIL import Image
 from rich.console import Console
 
 from detectors.compare import ModelEntry
+from detectors.confusion import confusion_matrix
 from detectors.evaluation import coco_evaluate, evaluate_detections
 from detectors.report import METRIC_KEYS, PLOTS, _tables, write_report
 
@@ -34,7 +35,9 @@ def _entry(name: str, found: bool, latency: float) -> ModelEntry:
             "backbone": "resnet18_fpn", "params": 1_234_567, "trainable_params": 1_000, "min_size": 64,
             "max_size": 64}  # fmt: skip
     metrics = evaluate_detections(preds, TARGETS, CLASSES, coco=coco)
-    return ModelEntry(name, f"{name}.ckpt", torch.nn.Identity(), info, preds, metrics, coco, latency, 10.0)
+    confusion = confusion_matrix(preds, TARGETS, CLASSES)
+    return ModelEntry(name, f"{name}.ckpt", torch.nn.Identity(), info, preds, metrics, coco, confusion, latency,
+                      10.0)  # fmt: skip
 
 
 def _pair(a: str, b: str, map_a: float, map_b: float, low: float, high: float, excludes_zero: bool) -> dict:
@@ -50,7 +53,8 @@ def test_report_files(tmp_path):
     write_report(tmp_path, entries, pairs, SETTINGS, CLASSES, console)
 
     report = json.loads((tmp_path / "comparison.json").read_text())
-    assert report["settings"] == SETTINGS and report["plots"] == list(PLOTS)
+    confusion_pngs = ["confusion_exact.png", "confusion_blind.png"]
+    assert report["settings"] == SETTINGS and report["plots"] == [*PLOTS, *confusion_pngs]
     assert report["pairs"][1]["ci_low"] is None  # NaN written as null
     exact = report["models"][0]
     assert exact["latency_ms"] is None and exact["map"] == pytest.approx(1.0)
@@ -60,6 +64,17 @@ def test_report_files(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["exact", "blind"] and rows[0]["latency_ms"] == "nan"
     assert "ap_per_iou" not in rows[0] and [k for k in METRIC_KEYS if k not in rows[0]] == []
+    # the blind model's two errors are the two missed objects; the exact one has none (shares n/a)
+    assert [rows[1][f"errors/{k}"] for k in ("wrong_class", "background_fp", "missed")] == ["0.0", "0.0", "1.0"]
+    assert rows[0]["errors/missed"] == "nan" and "confusion" not in rows[0]
+    blind = report["models"][1]["confusion"]  # rows predicted, columns true: the background row holds both
+    assert blind["matrix"] == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]
+    assert blind["labels"] == [*CLASSES, "background"] and blind["csv"] == "confusion_blind.csv"
+    assert (blind["missed"], blind["errors"], blind["iou_threshold"], blind["score_threshold"]) == (2, 2, 0.5, 0.25)
+    assert exact["confusion"]["matrix"][0][0] == exact["confusion"]["matrix"][1][1] == 1
+    assert exact["confusion"]["shares"]["missed"] is None  # no errors: NaN, written as null
+    with open(tmp_path / "confusion_blind.csv", newline="") as f:
+        assert list(csv.reader(f))[-1] == ["background", "1", "1", "0", "0"]
 
     md = (tmp_path / "comparison.md").read_text()
     assert "| triangle | n/a | n/a |" in md
@@ -68,8 +83,15 @@ def test_report_files(tmp_path):
     assert "| exact | blind | 1.000 | 0.000 | +1.0000 | [+1.0000, +1.0000] | yes |" in md
     assert "| exact | exact | 1.000 | 1.000 | +0.0000 | n/a | no |" in md  # no resamples: no interval
     assert "- bootstrap resamples: 8" in md and all(f"![{p}]({p})" in md for p in PLOTS)
-    assert "Per-class AP" in console.export_text()
-    for name in PLOTS:
+    assert "## Confusion at IoU >= 0.5, score >= 0.25" in md
+    assert ("- blind: of its 2 errors, 0% wrong class, 0% background false positives, 100% missed objects; 0 of "
+            "2 objects found with the right class ([matrix](confusion_blind.png), [counts](confusion_blind.csv))"
+            in md)  # fmt: skip
+    assert "- exact: no errors; 2 of 2 objects found with the right class" in md
+    assert all(f"![{p}]({p})" in md for p in confusion_pngs)
+    printed = console.export_text()
+    assert "Per-class AP" in printed and "blind: of its 2 errors" in printed
+    for name in [*PLOTS, *confusion_pngs]:
         with Image.open(tmp_path / name) as im:
             im.verify()
             assert im.format == "PNG"
