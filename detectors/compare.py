@@ -6,7 +6,8 @@ evaluator (``detectors.evaluation``: pycocotools-exact COCO metrics, VOC07/VOC20
 confusion matrix (``detectors.confusion``: predicted against true class at one IoU and score threshold). It
 then draws the paired bootstrap of every pair's mAP difference (``detectors.bootstrap``), measures each
 model's speed, and writes the report (``detectors.report``: ``comparison.md``, ``.csv``, ``.json``, four PNG
-plots and each model's confusion matrix as PNG and CSV in the output folder; the tables printed). :func:`compare_command` is ``python train.py compare``.
+plots and each model's confusion matrix as PNG and CSV in the output folder; the tables printed).
+:func:`compare_command` is ``python train.py compare``.
 
 Speed (:func:`measure_speed`): images already on the device (no decoding, no host-to-device copy),
 ``warmup`` untimed calls, then the median of ``repeats`` timed calls (CUDA synchronised); latency at batch 1
@@ -245,13 +246,7 @@ def compare(
             maps = bootstrap_maps([e.preds for e in entries], targets, class_names, resamples, seed,
                                   step=lambda: progress.advance(task))  # fmt: skip
     settings = _settings(data_name, len(targets), class_names, entries, dev, precision, batch_size, warmup,
-                         repeats, resamples, seed)  # fmt: skip
-    settings["confusion"] = (
-        f"IoU >= {confusion_iou:g}, score >= {confusion_score:g}; per image, detections by descending score "
-        "take the untaken object of their class with the highest IoU (the COCO matching; crowd and "
-        "difficult objects ignored), then leftovers an untaken object of another class (wrong class); "
-        "detections left: background false positives; objects left: missed"
-    )
+                         repeats, resamples, seed, confusion_iou, confusion_score)  # fmt: skip
     return write_report(Path(out), entries, _pairs(entries, maps, seed), settings, class_names, console)
 
 
@@ -272,6 +267,7 @@ def _pairs(entries: Sequence[ModelEntry], maps: np.ndarray, seed: int) -> list[d
 def _settings(
     data_name: str, images: int, class_names: Sequence[str], entries: Sequence[ModelEntry], dev: torch.device,
     precision: Precision, batch_size: int, warmup: int, repeats: int, resamples: int, seed: int,
+    confusion_iou: float, confusion_score: float,
 ) -> dict:  # fmt: skip
     """How the comparison was made, as the report states it (its first lines and ``settings`` in JSON)."""
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
@@ -287,6 +283,12 @@ def _settings(
                      f"replacement (numpy default_rng({seed})), the same resamples for every model; 95% CI = "
                      "2.5-97.5 percentiles of the resampled mAP differences. A CI excluding 0: the "
                      "difference is unlikely to come from which images happen to be in the split.",
+        "confusion": f"IoU >= {confusion_iou:g}, score >= {confusion_score:g}; per image, detections by "
+                     "descending score take the untaken object of their class with the highest IoU (COCO's "
+                     "matching; crowd and difficult objects ignored); a detection that took none and "
+                     "overlaps an object of another class counts as wrong class on it (found or not); other "
+                     "detections: background false positives; objects neither taken nor overlapped by a "
+                     "wrong class: missed",
     }  # fmt: skip
 
 

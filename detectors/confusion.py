@@ -3,37 +3,41 @@ misses.
 
 :func:`confusion_matrix` matches one model's detections to the ground truth at one IoU threshold (default 0.5)
 among the detections scoring at least ``score_threshold`` (default 0.25) and counts the outcome in a
-(K+1)x(K+1) matrix, **rows the predicted class, columns the true class**, index K (last) the background:
+(K+1)x(K+1) matrix, **rows the predicted class, columns the true class**, index K (last) the background.
+Every counted detection lands in exactly one cell of its row; objects nothing found land in the last row:
 
-- ``matrix[p, t]``, p, t < K: an object of class t+1 matched by a detection labelled p+1 (the diagonal:
-  correct; off it: found with the wrong class);
-- ``matrix[p, K]``: a detection labelled p+1 that took no object (a background false positive: on nothing, or
-  a duplicate on an object another detection took);
-- ``matrix[K, t]``: an object of class t+1 no detection took (missed);
-- ``matrix[K, K]`` is always 0 (background never predicted on background is not counted).
+- ``matrix[p, p]``: correct, a detection of class p+1 that took an object of its class;
+- ``matrix[p, t]``, t != p: wrong class, a detection of class p+1 on an object of class t+1;
+- ``matrix[p, K]``: a background false positive, a detection of class p+1 on no object (or a duplicate of
+  its own class on an object another detection of that class took: ``duplicates`` counts those);
+- ``matrix[K, t]``: a missed object of class t+1, one no detection took or lies on with the wrong class;
+- ``matrix[K, K]`` is always 0.
 
-Matching, per image, each detection and each object used at most once, detections in descending score order
-(stable: input order on ties):
+Matching, per image, detections in descending score order (stable: input order on ties):
 
-1. Same class, the COCO way (pycocotools' ``evaluateImg`` at one IoU threshold): a detection takes the
-   untaken object of its class with the highest IoU >= the threshold. Failing that, a detection overlapping
-   an ignored region of its class (``iscrowd`` by pycocotools' intersection over the detection's area,
-   ``difficult`` by IoU as the VOC devkit does) by at least the threshold is ignored: counted nowhere, and an
-   ignored region absorbs any number of them. Ignored regions are never missed objects. So the diagonal is
-   exactly the true positives COCO evaluation counts at this IoU among these detections, and a row's
-   off-diagonal sum is the false positives it counts for that class.
-2. Wrong class: a detection left over takes the untaken object (of any class; only other classes remain)
-   with the highest IoU >= the threshold: a confusion.
-3. Detections still left are background false positives; ``duplicates`` counts those that overlap an already
-   taken object by at least the threshold. Objects still untaken are missed.
+1. Correct, the COCO way (pycocotools' ``evaluateImg`` at one IoU threshold): a detection takes the untaken
+   object of its class with the highest IoU >= the threshold, each object taken once. Failing that, a
+   detection overlapping an ignored region of its class by at least the threshold (``iscrowd``: pycocotools'
+   intersection over the detection's area; ``difficult``: IoU, as the VOC devkit) is ignored, counted
+   nowhere; a region absorbs any number of them. Ignored regions are never missed. So the diagonal is exactly
+   the true positives of COCO evaluation at this IoU among these detections, and the rest of a row its false
+   positives of that class.
+2. Wrong class: a detection that took nothing counts against the object of another class it overlaps most at
+   IoU >= the threshold, whether or not that object was also found with its own class (as TIDE, Bolya et al.
+   2020, counts classification errors): a second box with another class on a found object is how a
+   one-stage detector's independent per-class scores go wrong, and it must show in the off-diagonal cells.
+   ``wrong_on_found`` counts those.
+3. Detections still left are background false positives; objects neither taken nor lain on are missed.
 
-Same class first means a correct detection is never displaced by a higher-scored wrong-class one on the same
-object: that wrong-class box is a duplicate, the false positive COCO evaluation also counts. Ultralytics'
-``ConfusionMatrix`` differs (docs/compare.md, "Confusion matrices").
+A class column can therefore sum to more than the objects of its class (an object found right may also carry
+wrong-class boxes, an object several), so the normalised matrix divides each class column by the number of
+objects of that class (:meth:`normalised`).
+Ultralytics' ``ConfusionMatrix`` differs (docs/compare.md, "Confusion matrices").
 
-Inputs are the evaluators' per-image dicts (``detectors.evaluation``): predictions ``boxes: FloatTensor[D, 4]``
-x1 y1 x2 y2 absolute pixels, ``scores: FloatTensor[D]``, ``labels: Int64Tensor[D]`` in 1..K; targets
-``boxes: FloatTensor[G, 4]``, ``labels: Int64Tensor[G]``, optional ``iscrowd`` / ``difficult`` [G].
+Inputs are the evaluators' per-image dicts (``detectors.evaluation``): predictions
+``boxes: FloatTensor[D, 4]`` x1 y1 x2 y2 absolute pixels, ``scores: FloatTensor[D]``,
+``labels: Int64Tensor[D]`` in 1..K; targets ``boxes: FloatTensor[G, 4]``, ``labels: Int64Tensor[G]``, optional
+``iscrowd`` / ``difficult`` [G].
 """
 
 from __future__ import annotations
@@ -61,13 +65,17 @@ class Confusion:
     """One model's matrix and how it was made (module docstring).
 
     ``matrix``: int64 [K+1, K+1], rows predicted class, columns true class, index K background;
-    ``duplicates``: background false positives overlapping an object another detection took;
-    ``ignored``: detections absorbed by crowd / difficult regions (in no cell)."""
+    ``objects``: int64 [K], the objects of each class (ignored regions not counted); ``wrong_on_found``:
+    wrong-class detections on objects also found with their own class; ``duplicates``: background false
+    positives on an object of their class another detection took; ``ignored``: detections absorbed by crowd
+    or difficult regions (in no cell)."""
 
     matrix: np.ndarray
+    objects: np.ndarray
     class_names: list[str]
     iou_threshold: float
     score_threshold: float
+    wrong_on_found: int = 0
     duplicates: int = 0
     ignored: int = 0
 
@@ -88,11 +96,6 @@ class Confusion:
         return int(self.matrix[-1, :-1].sum())
 
     @property
-    def objects(self) -> int:
-        """Objects counted (not ignored): the sum of the K class columns."""
-        return int(self.matrix[:, :-1].sum())
-
-    @property
     def errors(self) -> int:
         return self.wrong_class + self.background_fp + self.missed
 
@@ -102,41 +105,43 @@ class Confusion:
         return {k: getattr(self, k) / total if total else math.nan for k in ERROR_KINDS}
 
     def normalised(self) -> np.ndarray:
-        """float64 [K+1, K+1]: each column divided by its sum (normalised by true class: column t is where the
-        objects of class t went, its diagonal cell the recall at these thresholds; the background column is
-        how the background false positives split over the predicted classes). NaN in empty columns and in
-        the background/background cell."""
-        sums = self.matrix.sum(axis=0, keepdims=True).astype(np.float64)
+        """float64 [K+1, K+1], normalised by true class: each class column divided by the number of objects of
+        that class (diagonal: recall at these thresholds; last row: the share missed; other cells: wrong-class
+        detections per object), the background column by its sum (how the background false positives split
+        over the predicted classes). NaN in columns without objects or false positives, and in the
+        background/background cell."""
+        sums = np.append(self.objects, self.matrix[:-1, -1].sum()).astype(np.float64)[None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.matrix / np.where(sums > 0, sums, np.nan)
         out[-1, -1] = math.nan
         return out
 
     def reading(self, name: str) -> str:
-        """The one-line reading of the report: the split of the errors, and how many objects were found."""
+        """The report's one line: the split of the errors, and how many objects were found."""
+        found = f"{self.correct} of {int(self.objects.sum())} objects found with the right class"
         if not self.errors:
-            return f"{name}: no errors; {self.correct} of {self.objects} objects found with the right class"
+            return f"{name}: no errors; {found}"
         shares = self.shares()
-        dup = f" ({self.duplicates} of them duplicates on found objects)" if self.duplicates else ""
-        return (f"{name}: of its {self.errors} errors, {shares['wrong_class']:.0%} wrong class, "
-                f"{shares['background_fp']:.0%} background false positives{dup}, {shares['missed']:.0%} "
-                f"missed objects; {self.correct} of {self.objects} objects found with the right "
-                "class")  # fmt: skip
+        on_found = f" ({self.wrong_on_found} on objects also found right)" if self.wrong_on_found else ""
+        dup = f" ({self.duplicates} duplicate{'s' * (self.duplicates != 1)})" if self.duplicates else ""
+        return (f"{name}: of its {self.errors} errors, {shares['wrong_class']:.0%} wrong class{on_found}, "
+                f"{shares['background_fp']:.0%} background false positives{dup}, "
+                f"{shares['missed']:.0%} missed objects; {found}")  # fmt: skip
 
     def table(self) -> list[list[str | int]]:
         """The CSV: a header (``predicted \\ true``, the class names, ``background``), then one row of counts
         per predicted class and the background row."""
         labels = [*self.class_names, "background"]
-        return [["predicted \\ true", *labels],
-                *([label, *map(int, row)] for label, row in zip(labels, self.matrix, strict=True))]  # fmt: skip
+        rows = ([label, *map(int, row)] for label, row in zip(labels, self.matrix, strict=True))
+        return [["predicted \\ true", *labels], *rows]
 
     def to_dict(self) -> dict:
         """comparison.json's ``confusion`` of a model: thresholds, labels, counts, error counts and shares."""
         return {"iou_threshold": self.iou_threshold, "score_threshold": self.score_threshold,
                 "labels": [*self.class_names, "background"], "matrix": self.matrix.tolist(),
-                "correct": self.correct, "objects": self.objects, "errors": self.errors,
-                **{k: getattr(self, k) for k in ERROR_KINDS}, "duplicates": self.duplicates,
-                "ignored": self.ignored, "shares": self.shares()}  # fmt: skip
+                "objects": self.objects.tolist(), "correct": self.correct, "errors": self.errors,
+                **{k: getattr(self, k) for k in ERROR_KINDS}, "wrong_on_found": self.wrong_on_found,
+                "duplicates": self.duplicates, "ignored": self.ignored, "shares": self.shares()}  # fmt: skip
 
 
 def _overlaps(d_boxes: torch.Tensor, g_boxes: torch.Tensor, crowd: np.ndarray) -> np.ndarray:
@@ -148,7 +153,9 @@ def _overlaps(d_boxes: torch.Tensor, g_boxes: torch.Tensor, crowd: np.ndarray) -
         wh = np.clip(np.minimum(d[..., 2:], g[..., 2:]) - np.maximum(d[..., :2], g[..., :2]), 0, None)
         area = (d[..., 2] - d[..., 0]) * (d[..., 3] - d[..., 1])
         with np.errstate(invalid="ignore", divide="ignore"):
-            iou[:, crowd] = np.nan_to_num(wh.prod(-1) / area)  # a zero-area detection overlaps nothing
+            iou[:, crowd] = np.nan_to_num(
+                wh.prod(-1) / area, nan=0.0
+            )  # a zero-area detection overlaps nothing
     return iou
 
 
@@ -161,28 +168,25 @@ def _best(overlap: np.ndarray, allowed: np.ndarray, threshold: float) -> int:
 
 def match_image(
     overlap: np.ndarray, d_labels: np.ndarray, g_labels: np.ndarray, ignored: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """The three steps of the module docstring in one image, detections already in descending score order.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1 and 2 of the module docstring in one image, detections already in descending score order.
 
     ``overlap``: float64 [D, G] (:func:`_overlaps`); ``d_labels`` int [D], ``g_labels`` int [G];
-    ``ignored`` bool [G]. Returns (the object each detection took, int [D], -1 none, -2 ignored; whether each
-    object was taken, bool [G]; the number of duplicates)."""
-    taken_by = np.full(len(d_labels), -1)
+    ``ignored`` bool [G]. Returns (the object each detection counts against, int [D]: -1 none (background),
+    -2 ignored; which detections took their object with their own class, bool [D])."""
+    target = np.full(len(d_labels), -1)
+    correct = np.zeros(len(d_labels), dtype=bool)
     taken = np.zeros(len(g_labels), dtype=bool)
-    for i, label in enumerate(d_labels):  # 1. same class, regular objects first, then ignored regions
+    for i, label in enumerate(d_labels):  # 1. its own class: regular objects first, then ignored regions
         same = g_labels == label
         j = _best(overlap[i], same & ~ignored & ~taken, threshold)
         if j >= 0:
-            taken_by[i], taken[j] = j, True
+            target[i], correct[i], taken[j] = j, True, True
         elif _best(overlap[i], same & ignored, threshold) >= 0:
-            taken_by[i] = -2
-    for i in np.flatnonzero(taken_by == -1):  # 2. wrong class, on objects still untaken
-        j = _best(overlap[i], ~ignored & ~taken, threshold)
-        if j >= 0:
-            taken_by[i], taken[j] = j, True
-    left = taken_by == -1  # 3. background false positives; duplicates overlap a taken object
-    duplicates = int((overlap[left][:, taken & ~ignored] >= threshold).any(axis=1).sum()) if left.any() else 0
-    return taken_by, taken, duplicates
+            target[i] = -2
+    for i in np.flatnonzero(target == -1):  # 2. wrong class: the other class's object it overlaps most
+        target[i] = _best(overlap[i], (g_labels != d_labels[i]) & ~ignored, threshold)
+    return target, correct
 
 
 def confusion_matrix(
@@ -193,12 +197,12 @@ def confusion_matrix(
     is ``class_names[i]``), counting the detections with score >= ``score_threshold`` matched at IoU >=
     ``iou_threshold`` (module docstring)."""
     if not 0 < iou_threshold <= 1 or not 0 <= score_threshold <= 1:
-        raise BadValueError(f"confusion matrix: need 0 < IoU threshold <= 1 and 0 <= score threshold <= 1, got "
-                            f"{iou_threshold} and {score_threshold}")  # fmt: skip
+        raise BadValueError(f"confusion matrix: need 0 < IoU threshold <= 1 and 0 <= score threshold <= 1, "
+                            f"got {iou_threshold} and {score_threshold}")  # fmt: skip
     k = len(class_names)
     check_inputs(preds, targets, k)
-    matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
-    duplicates = ignored_dets = 0
+    matrix, objects = np.zeros((k + 1, k + 1), dtype=np.int64), np.zeros(k, dtype=np.int64)
+    wrong_on_found = duplicates = ignored_dets = 0
     for p, t in zip(preds, targets, strict=True):
         scores = as_cpu(p["scores"], torch.float64).reshape(-1)
         order = torch.argsort(scores, descending=True, stable=True)
@@ -210,14 +214,21 @@ def confusion_matrix(
         crowd = _flag(t, "iscrowd", len(g_labels))
         ignored = crowd | _flag(t, "difficult", len(g_labels))
         overlap = _overlaps(d_boxes, g_boxes, crowd)
-        taken_by, taken, dups = match_image(overlap, d_labels, g_labels, ignored, iou_threshold)
-        hit = taken_by >= 0
-        np.add.at(matrix, (d_labels[hit] - 1, g_labels[taken_by[hit]] - 1), 1)
-        np.add.at(matrix, (d_labels[taken_by == -1] - 1, k), 1)
-        np.add.at(matrix, (k, g_labels[~taken & ~ignored] - 1), 1)
-        duplicates += dups
-        ignored_dets += int((taken_by == -2).sum())
-    return Confusion(matrix, list(class_names), iou_threshold, score_threshold, duplicates, ignored_dets)
+        target, correct = match_image(overlap, d_labels, g_labels, ignored, iou_threshold)
+        on_object, background = target >= 0, target == -1
+        np.add.at(matrix, (d_labels[on_object] - 1, g_labels[target[on_object]] - 1), 1)
+        np.add.at(matrix, (d_labels[background] - 1, k), 1)
+        found = np.zeros(len(g_labels), dtype=bool)
+        found[target[correct]] = True
+        lain_on = np.zeros(len(g_labels), dtype=bool)
+        lain_on[target[on_object]] = True
+        np.add.at(matrix, (k, g_labels[~lain_on & ~ignored] - 1), 1)
+        np.add.at(objects, g_labels[~ignored] - 1, 1)
+        wrong_on_found += int(found[target[on_object & ~correct]].sum())
+        duplicates += int((overlap[background][:, found] >= iou_threshold).any(axis=1).sum())
+        ignored_dets += int((target == -2).sum())
+    return Confusion(matrix, objects, list(class_names), iou_threshold, score_threshold, wrong_on_found,
+                     duplicates, ignored_dets)  # fmt: skip
 
 
 def _flag(target: dict, key: str, n: int) -> np.ndarray:

@@ -137,15 +137,17 @@ def plot_speed_accuracy(entries: Sequence[ModelEntry], path: Path, setting: str)
 
 
 def plot_confusion(confusion: Confusion, name: str, path: Path) -> None:
-    """The matrix as a heat map normalised by true class (each column sums to 1), every cell annotated with
-    its count and share; rows predicted class, columns true class, background last."""
+    """The matrix as a heat map normalised by true class (``Confusion.normalised``: a class column per object
+    of that class, the background column per false positive), every cell annotated with its count and that
+    share; rows predicted class, columns true class, background last."""
     shares, counts = confusion.normalised(), confusion.matrix
     labels = [*confusion.class_names, "background"]
 
     def draw(fig):
+        fig.set_layout_engine("constrained")  # "tight" cuts the row labels once a colorbar is added
         ax = fig.add_subplot()
         image = ax.imshow(np.ma.masked_invalid(shares), cmap="Blues", vmin=0, vmax=1)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (column)")
+        fig.colorbar(image, ax=ax, shrink=0.8, label="count / objects of the true class (background: / FPs)")
         for (p, t), count in np.ndenumerate(counts):
             if p == t == len(labels) - 1:
                 continue  # background on background: not counted
@@ -165,7 +167,7 @@ def plot_confusion(confusion: Confusion, name: str, path: Path) -> None:
         )
 
     side = max(5.0, 0.6 * len(labels) + 3)
-    _figure(path, draw, (side + 1, side))
+    _figure(path, draw, (side + 1.5, side))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -334,6 +336,7 @@ def write_report(
     console.print(_confusion_title(entries), style="italic", highlight=False)
     for e in entries:
         console.print(e.confusion.reading(e.name), highlight=False)
-    console.print(f"report: {folder}/comparison.md, .csv, .json and {len(plots)} PNG plots (confusion matrices: "
-                  f"{', '.join(f'{s}.png' for s in stems)}, counts in .csv)", highlight=False)  # fmt: skip
+    matrices = ", ".join(f"{s}.png" for s in stems)
+    console.print(f"report: {folder}/comparison.md, .csv, .json and {len(plots)} PNG plots (confusion "
+                  f"matrices: {matrices}, counts in .csv)", highlight=False)  # fmt: skip
     return report

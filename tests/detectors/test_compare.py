@@ -98,25 +98,30 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
 
 
 def check_confusion_files(out, report, md, stdout, shapes):
-    """Each model's confusion CSV holds counts whose class columns sum to the val objects of each class (read
-    from the COCO file), matching comparison.json; the report's reading is computed from those counts."""
+    """Each model's confusion CSV holds the counts of comparison.json, whose objects are the val objects of
+    each class (read from the COCO file); the report's reading is computed from those counts."""
     coco = json.loads((shapes / "annotations" / "instances_val.json").read_text())
     ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
     objects = [sum(a["category_id"] == i for a in coco["annotations"]) for i in ids]
     assert sum(objects) > 0
     for model in report["models"]:
-        with open(out / f"confusion_{model['model']}.csv", newline="") as f:
+        name, confusion = model["model"], model["confusion"]
+        with open(out / f"confusion_{name}.csv", newline="") as f:
             header, *rows = list(csv.reader(f))
         assert header == ["predicted \\ true", *CLASSES, "background"]
         counts = np.array([[int(v) for v in r[1:]] for r in rows])
-        assert counts.tolist() == model["confusion"]["matrix"] and model["confusion"]["score_threshold"] == 0.05
-        assert counts[:, :3].sum(axis=0).tolist() == objects and counts[3, 3] == 0
-        wrong, fp, missed = counts[:3, :3].sum() - np.trace(counts[:3, :3]), counts[:3, 3].sum(), counts[3].sum()
+        assert counts.tolist() == confusion["matrix"] and confusion["score_threshold"] == 0.05
+        assert confusion["objects"] == objects and counts[3, 3] == 0
+        assert (np.diag(counts)[:3] + counts[3, :3] <= objects).all()  # found right or missed: at most once
+        correct, fp, missed = np.trace(counts[:3, :3]), counts[:3, 3].sum(), counts[3].sum()
+        wrong = counts[:3, :3].sum() - correct
         errors = wrong + fp + missed
-        reading = (f"{model['model']}: of its {errors} errors, {wrong / errors:.0%} wrong class, "
-                   f"{fp / errors:.0%} background false positives")  # fmt: skip
-        assert reading in md and reading in stdout
-        assert f"[counts](confusion_{model['model']}.csv)" in md
+        for text in (f"{name}: of its {errors} errors, {wrong / errors:.0%} wrong class",
+                     f"{fp / errors:.0%} background false positives", f"{missed / errors:.0%} missed objects",
+                     f"{correct} of {sum(objects)} objects found with the right class",
+                     f"[counts](confusion_{name}.csv)"):  # fmt: skip
+            assert text in md, text
+        assert f"{name}: of its {errors} errors" in stdout
     assert "## Confusion at IoU >= 0.5, score >= 0.05" in md
 
 

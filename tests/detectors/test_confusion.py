@@ -44,8 +44,8 @@ def hand_case() -> tuple[list[dict], list[dict]]:
     # 4. a difficult rectangle with a rectangle on it (IoU 0.81): ignored, as the VOC devkit does
     targets.append(img([[0, 0, 10, 10]], [RECT], difficult=[True]))
     preds.append(img([[0, 0, 9, 9]], [RECT], [0.8]))
-    # 5. a rectangle E: an ellipse on it scored 0.9, a rectangle on it scored 0.6. Same class first: the
-    #    rectangle is correct -> [rect, rect] and the ellipse a duplicate -> [ell, bg]
+    # 5. a rectangle E: an ellipse on it scored 0.9, a rectangle on it scored 0.6. Own class first: the
+    #    rectangle is correct -> [rect, rect]; the ellipse is wrong class on a found object -> [ell, rect]
     targets.append(img([[0, 0, 10, 10]], [RECT]))
     preds.append(img([[0, 0, 10, 10], [0, 1, 10, 10]], [ELL, RECT], [0.9, 0.6]))
     # 6. a triangle found by a triangle scored exactly the threshold: counted (score >= 0.25) -> [tri, tri]
@@ -57,7 +57,7 @@ def hand_case() -> tuple[list[dict], list[dict]]:
 # rows: predicted rectangle, ellipse, triangle, background; columns: true, same order
 HAND_MATRIX = [
     [2, 0, 0, 1],  # d1 and image 5's rectangle correct; d3 a duplicate
-    [0, 0, 0, 2],  # d6 on nothing, the ellipse of image 5 a duplicate
+    [1, 0, 0, 1],  # the ellipse on image 5's found rectangle; d6 on nothing
     [0, 1, 1, 1],  # d2 on the ellipse B; image 6's triangle; d7 on an empty image
     [0, 1, 1, 0],  # image 3's ellipse, C (its only detection scored below the threshold)
 ]
@@ -66,16 +66,17 @@ HAND_MATRIX = [
 def test_hand_built_matrix():
     c = confusion_matrix(*hand_case(), CLASSES)
     np.testing.assert_array_equal(c.matrix, HAND_MATRIX)
-    assert (c.correct, c.wrong_class, c.background_fp, c.missed, c.errors) == (3, 1, 4, 2, 7)
-    assert c.duplicates == 2 and c.ignored == 2 and c.objects == 6  # d3 and image 5's ellipse; d5, image 4
-    assert c.shares() == pytest.approx({"wrong_class": 1 / 7, "background_fp": 4 / 7, "missed": 2 / 7})
-    assert c.reading("m") == ("m: of its 7 errors, 14% wrong class, 57% background false positives (2 of them "
-                              "duplicates on found objects), 29% missed objects; 3 of 6 objects found with the "
-                              "right class")  # fmt: skip
-    norm = c.normalised()  # per true class (column): rectangle 2/2; ellipse 1 wrong of 2, 1 missed; ...
-    np.testing.assert_allclose(norm[:, 0], [1, 0, 0, 0])
-    np.testing.assert_allclose(norm[:, 1], [0, 0, 0.5, 0.5])
-    np.testing.assert_allclose(norm[:, 3][:3], [1 / 4, 2 / 4, 1 / 4])
+    assert (c.correct, c.wrong_class, c.background_fp, c.missed, c.errors) == (3, 2, 3, 2, 7)
+    assert c.objects.tolist() == [2, 2, 2]  # A, E; B, image 3's; C, image 6's (not the crowd, the difficult)
+    assert (c.wrong_on_found, c.duplicates, c.ignored) == (1, 1, 2)  # image 5's ellipse; d3; d5, image 4's
+    assert c.shares() == pytest.approx({"wrong_class": 2 / 7, "background_fp": 3 / 7, "missed": 2 / 7})
+    assert c.reading("m") == ("m: of its 7 errors, 29% wrong class (1 on objects also found right), 43% "
+                              "background false positives (1 duplicate), 29% missed objects; 3 of 6 objects "
+                              "found with the right class")  # fmt: skip
+    norm = c.normalised()  # class columns per object of the class, the background column per false positive
+    np.testing.assert_allclose(norm[:, 0], [1, 0.5, 0, 0])  # both rectangles found; one also as an ellipse
+    np.testing.assert_allclose(norm[:, 1], [0, 0, 0.5, 0.5])  # ellipses: one called a triangle, one missed
+    np.testing.assert_allclose(norm[:3, 3], [1 / 3, 1 / 3, 1 / 3])
     assert math.isnan(norm[3, 3])
 
 
@@ -84,11 +85,12 @@ def test_thresholds_change_the_counts():
     low = confusion_matrix(preds, targets, CLASSES, score_threshold=0.05)  # d4 now counts: C found as ellipse
     assert low.matrix[ELL - 1, TRI - 1] == 1 and low.matrix[3, TRI - 1] == 0
     # IoU 0.95: image 6's triangle (IoU 0.81) is a false positive and its object missed; image 5's rectangle
-    # (IoU 0.9) too, so the ellipse (IoU 1) takes the object: wrong class; d3 (IoU 0.9) is on nothing
+    # (IoU 0.9) too, but its ellipse (IoU 1) still lies on it: wrong class, not missed; d3 (IoU 0.9): nothing
     strict = confusion_matrix(preds, targets, CLASSES, iou_threshold=0.95)
     assert strict.matrix[TRI - 1, TRI - 1] == 0 and strict.matrix[3, TRI - 1] == 2
     assert strict.matrix[ELL - 1, RECT - 1] == 1 and strict.matrix[RECT - 1, 3] == 3
-    assert strict.duplicates == 0 and strict.ignored == 1  # image 4's rectangle (IoU 0.81) no longer ignored
+    assert strict.wrong_on_found == strict.duplicates == 0  # E is found by nothing; d3 overlaps A too little
+    assert strict.ignored == 1  # image 4's rectangle (IoU 0.81 with its difficult object) no longer ignored
 
 
 def test_same_class_first_then_the_best_overlap():
@@ -104,9 +106,9 @@ def test_same_class_first_then_the_best_overlap():
 
 
 def test_diagonal_and_false_positives_are_pycocotools(tmp_path):
-    """Same-class matching is COCO's: per class, the diagonal is pycocotools' TP count at IoU 0.5 among the
+    """Own-class matching is COCO's: per class, the diagonal is pycocotools' TP count at IoU 0.5 among the
     detections scoring >= the threshold, a row's other cells its FP count, ignored detections its dtIgnore,
-    a column's sum its non-ignored ground truth (a synthetic set with crowd regions and wrong classes)."""
+    the objects its non-ignored ground truth (a synthetic set with crowd regions and wrong classes)."""
     gt, dets = synthetic(seed=3)
     threshold = 0.4
     gt_data, preds = load_dicts(tmp_path, gt, dets)
@@ -129,7 +131,7 @@ def test_diagonal_and_false_positives_are_pycocotools(tmp_path):
     assert tp.sum() > 10 and fp.sum() > 10 and ignored > 0 and c.wrong_class > 0  # every rule exercised
     np.testing.assert_array_equal(np.diag(c.matrix)[:k], tp)
     np.testing.assert_array_equal(c.matrix[:k].sum(axis=1) - np.diag(c.matrix)[:k], fp)
-    np.testing.assert_array_equal(c.matrix[:, :k].sum(axis=0), positives)
+    np.testing.assert_array_equal(c.objects, positives)
     assert c.ignored == ignored
 
 
@@ -139,7 +141,7 @@ def test_no_errors_and_empty_split():
     assert perfect.errors == 0 and all(math.isnan(v) for v in perfect.shares().values())
     assert perfect.reading("p") == "p: no errors; 1 of 1 objects found with the right class"
     nothing = confusion_matrix([img([], [], [])], [img([], [])], CLASSES)
-    assert nothing.matrix.sum() == 0 and np.isnan(nothing.normalised()).all()
+    assert nothing.matrix.sum() == nothing.objects.sum() == 0 and np.isnan(nothing.normalised()).all()
 
 
 @pytest.mark.parametrize(("iou", "score"), [(0.0, 0.25), (1.5, 0.25), (0.5, -0.1), (0.5, 2.0)])

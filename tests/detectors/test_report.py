@@ -36,8 +36,8 @@ def _entry(name: str, found: bool, latency: float) -> ModelEntry:
             "max_size": 64}  # fmt: skip
     metrics = evaluate_detections(preds, TARGETS, CLASSES, coco=coco)
     confusion = confusion_matrix(preds, TARGETS, CLASSES)
-    return ModelEntry(name, f"{name}.ckpt", torch.nn.Identity(), info, preds, metrics, coco, confusion, latency,
-                      10.0)  # fmt: skip
+    return ModelEntry(name, f"{name}.ckpt", torch.nn.Identity(), info, preds, metrics, coco, confusion,
+                      latency, 10.0)  # fmt: skip
 
 
 def _pair(a: str, b: str, map_a: float, map_b: float, low: float, high: float, excludes_zero: bool) -> dict:
@@ -65,12 +65,14 @@ def test_report_files(tmp_path):
     assert [r["model"] for r in rows] == ["exact", "blind"] and rows[0]["latency_ms"] == "nan"
     assert "ap_per_iou" not in rows[0] and [k for k in METRIC_KEYS if k not in rows[0]] == []
     # the blind model's two errors are the two missed objects; the exact one has none (shares n/a)
-    assert [rows[1][f"errors/{k}"] for k in ("wrong_class", "background_fp", "missed")] == ["0.0", "0.0", "1.0"]
+    shares = [rows[1][f"errors/{k}"] for k in ("wrong_class", "background_fp", "missed")]
+    assert shares == ["0.0", "0.0", "1.0"]
     assert rows[0]["errors/missed"] == "nan" and "confusion" not in rows[0]
     blind = report["models"][1]["confusion"]  # rows predicted, columns true: the background row holds both
     assert blind["matrix"] == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]
     assert blind["labels"] == [*CLASSES, "background"] and blind["csv"] == "confusion_blind.csv"
-    assert (blind["missed"], blind["errors"], blind["iou_threshold"], blind["score_threshold"]) == (2, 2, 0.5, 0.25)
+    assert (blind["missed"], blind["errors"]) == (2, 2)
+    assert (blind["iou_threshold"], blind["score_threshold"]) == (0.5, 0.25)
     assert exact["confusion"]["matrix"][0][0] == exact["confusion"]["matrix"][1][1] == 1
     assert exact["confusion"]["shares"]["missed"] is None  # no errors: NaN, written as null
     with open(tmp_path / "confusion_blind.csv", newline="") as f:
@@ -84,9 +86,9 @@ def test_report_files(tmp_path):
     assert "| exact | exact | 1.000 | 1.000 | +0.0000 | n/a | no |" in md  # no resamples: no interval
     assert "- bootstrap resamples: 8" in md and all(f"![{p}]({p})" in md for p in PLOTS)
     assert "## Confusion at IoU >= 0.5, score >= 0.25" in md
-    assert ("- blind: of its 2 errors, 0% wrong class, 0% background false positives, 100% missed objects; 0 of "
-            "2 objects found with the right class ([matrix](confusion_blind.png), [counts](confusion_blind.csv))"
-            in md)  # fmt: skip
+    assert ("- blind: of its 2 errors, 0% wrong class, 0% background false positives, 100% missed objects; "
+            "0 of 2 objects found with the right class ([matrix](confusion_blind.png), "
+            "[counts](confusion_blind.csv))" in md)  # fmt: skip
     assert "- exact: no errors; 2 of 2 objects found with the right class" in md
     assert all(f"![{p}]({p})" in md for p in confusion_pngs)
     printed = console.export_text()
