@@ -152,10 +152,8 @@ def _overlaps(d_boxes: torch.Tensor, g_boxes: torch.Tensor, crowd: np.ndarray) -
         d, g = d_boxes.numpy()[:, None, :], g_boxes.numpy()[None, crowd, :]
         wh = np.clip(np.minimum(d[..., 2:], g[..., 2:]) - np.maximum(d[..., :2], g[..., :2]), 0, None)
         area = (d[..., 2] - d[..., 0]) * (d[..., 3] - d[..., 1])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou[:, crowd] = np.nan_to_num(
-                wh.prod(-1) / area, nan=0.0
-            )  # a zero-area detection overlaps nothing
+        with np.errstate(invalid="ignore", divide="ignore"):  # a zero-area detection overlaps nothing
+            iou[:, crowd] = np.nan_to_num(wh.prod(-1) / area, nan=0.0)
     return iou
 
 

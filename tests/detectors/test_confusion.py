@@ -48,15 +48,16 @@ def hand_case() -> tuple[list[dict], list[dict]]:
     #    rectangle is correct -> [rect, rect]; the ellipse is wrong class on a found object -> [ell, rect]
     targets.append(img([[0, 0, 10, 10]], [RECT]))
     preds.append(img([[0, 0, 10, 10], [0, 1, 10, 10]], [ELL, RECT], [0.9, 0.6]))
-    # 6. a triangle found by a triangle scored exactly the threshold: counted (score >= 0.25) -> [tri, tri]
-    targets.append(img([[0, 0, 10, 10]], [TRI]))
-    preds.append(img([[1, 1, 10, 10]], [TRI], [0.25]))
+    # 6. a triangle found by a triangle scored exactly the threshold: counted (score >= 0.25) -> [tri, tri];
+    #    a rectangle found by a rectangle at IoU exactly 0.5: counted (IoU >= 0.5) -> [rect, rect]
+    targets.append(img([[0, 0, 10, 10], [20, 0, 30, 10]], [TRI, RECT]))
+    preds.append(img([[1, 1, 10, 10], [20, 0, 30, 5]], [TRI, RECT], [0.25, 0.9]))
     return preds, targets
 
 
 # rows: predicted rectangle, ellipse, triangle, background; columns: true, same order
 HAND_MATRIX = [
-    [2, 0, 0, 1],  # d1 and image 5's rectangle correct; d3 a duplicate
+    [3, 0, 0, 1],  # d1, image 5's and image 6's rectangles correct; d3 a duplicate
     [1, 0, 0, 1],  # the ellipse on image 5's found rectangle; d6 on nothing
     [0, 1, 1, 1],  # d2 on the ellipse B; image 6's triangle; d7 on an empty image
     [0, 1, 1, 0],  # image 3's ellipse, C (its only detection scored below the threshold)
@@ -66,15 +67,15 @@ HAND_MATRIX = [
 def test_hand_built_matrix():
     c = confusion_matrix(*hand_case(), CLASSES)
     np.testing.assert_array_equal(c.matrix, HAND_MATRIX)
-    assert (c.correct, c.wrong_class, c.background_fp, c.missed, c.errors) == (3, 2, 3, 2, 7)
-    assert c.objects.tolist() == [2, 2, 2]  # A, E; B, image 3's; C, image 6's (not the crowd, the difficult)
+    assert (c.correct, c.wrong_class, c.background_fp, c.missed, c.errors) == (4, 2, 3, 2, 7)
+    assert c.objects.tolist() == [3, 2, 2]  # A, E, image 6's; B, image 3's; C, image 6's (no crowd, difficult)
     assert (c.wrong_on_found, c.duplicates, c.ignored) == (1, 1, 2)  # image 5's ellipse; d3; d5, image 4's
     assert c.shares() == pytest.approx({"wrong_class": 2 / 7, "background_fp": 3 / 7, "missed": 2 / 7})
     assert c.reading("m") == ("m: of its 7 errors, 29% wrong class (1 on objects also found right), 43% "
-                              "background false positives (1 duplicate), 29% missed objects; 3 of 6 objects "
+                              "background false positives (1 duplicate), 29% missed objects; 4 of 7 objects "
                               "found with the right class")  # fmt: skip
     norm = c.normalised()  # class columns per object of the class, the background column per false positive
-    np.testing.assert_allclose(norm[:, 0], [1, 0.5, 0, 0])  # both rectangles found; one also as an ellipse
+    np.testing.assert_allclose(norm[:, 0], [1, 1 / 3, 0, 0])  # all 3 rectangles found; one also as an ellipse
     np.testing.assert_allclose(norm[:, 1], [0, 0, 0.5, 0.5])  # ellipses: one called a triangle, one missed
     np.testing.assert_allclose(norm[:3, 3], [1 / 3, 1 / 3, 1 / 3])
     assert math.isnan(norm[3, 3])
@@ -88,7 +89,7 @@ def test_thresholds_change_the_counts():
     # (IoU 0.9) too, but its ellipse (IoU 1) still lies on it: wrong class, not missed; d3 (IoU 0.9): nothing
     strict = confusion_matrix(preds, targets, CLASSES, iou_threshold=0.95)
     assert strict.matrix[TRI - 1, TRI - 1] == 0 and strict.matrix[3, TRI - 1] == 2
-    assert strict.matrix[ELL - 1, RECT - 1] == 1 and strict.matrix[RECT - 1, 3] == 3
+    assert strict.matrix[ELL - 1, RECT - 1] == 1 and strict.matrix[RECT - 1, 3] == 4  # + image 6's rectangle
     assert strict.wrong_on_found == strict.duplicates == 0  # E is found by nothing; d3 overlaps A too little
     assert strict.ignored == 1  # image 4's rectangle (IoU 0.81 with its difficult object) no longer ignored
 
