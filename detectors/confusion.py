@@ -157,11 +157,11 @@ def _overlaps(d_boxes: torch.Tensor, g_boxes: torch.Tensor, crowd: np.ndarray) -
     return iou
 
 
-def _best(overlap: np.ndarray, allowed: np.ndarray, threshold: float) -> int:
-    """Index of the highest ``overlap`` among ``allowed`` columns that reaches ``threshold``; -1 if none."""
-    candidates = np.where(allowed & (overlap >= threshold), overlap, -1.0)
-    j = int(np.argmax(candidates)) if len(candidates) else -1
-    return j if j >= 0 and candidates[j] >= 0 else -1
+def _most(overlap: np.ndarray, allowed: np.ndarray) -> int:
+    """Column of the highest ``overlap`` [G] among the ``allowed`` ones (at least one); the last on ties, as
+    pycocotools' ``evaluateImg`` (two copies of one object: the same one taken as there)."""
+    masked = np.where(allowed, overlap, -np.inf)
+    return len(masked) - 1 - int(np.argmax(masked[::-1]))
 
 
 def match_image(
@@ -175,15 +175,20 @@ def match_image(
     target = np.full(len(d_labels), -1)
     correct = np.zeros(len(d_labels), dtype=bool)
     taken = np.zeros(len(g_labels), dtype=bool)
-    for i, label in enumerate(d_labels):  # 1. its own class: regular objects first, then ignored regions
-        same = g_labels == label
-        j = _best(overlap[i], same & ~ignored & ~taken, threshold)
-        if j >= 0:
+    same = d_labels[:, None] == g_labels[None, :]
+    reach = overlap >= threshold  # [D, G]; a NaN IoU (two empty boxes) reaches nothing
+    own = same & reach & ~ignored
+    # 1. its own class, greedy in score order; only detections with a candidate can change what is taken
+    for i in np.flatnonzero(own.any(axis=1)):
+        free = own[i] & ~taken
+        if free.any():
+            j = _most(overlap[i], free)
             target[i], correct[i], taken[j] = j, True, True
-        elif _best(overlap[i], same & ignored, threshold) >= 0:
-            target[i] = -2
-    for i in np.flatnonzero(target == -1):  # 2. wrong class: the other class's object it overlaps most
-        target[i] = _best(overlap[i], (g_labels != d_labels[i]) & ~ignored, threshold)
+    target[~correct & (same & reach & ignored).any(axis=1)] = -2  # absorbed by an ignored region of its class
+    # 2. wrong class: the other class's object it overlaps most, taken or not (no order needed)
+    other = ~same & reach & ~ignored
+    for i in np.flatnonzero((target == -1) & other.any(axis=1)):
+        target[i] = _most(overlap[i], other[i])
     return target, correct
 
 

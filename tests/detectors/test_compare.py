@@ -131,6 +131,7 @@ def test_compare_refuses_bad_confusion_thresholds(tiny_setup, train_py):
                             s["root"] / "bad", "--device", "cpu", "--confusion_score", "1.5")  # fmt: skip
     (line,) = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and "--confusion_score" in line and "1.5" in line and "Traceback" not in err
+    assert not (s["root"] / "bad").exists()
 
 
 def test_compare_refuses_an_output_path_before_any_work(tiny_setup, tmp_path, train_py):

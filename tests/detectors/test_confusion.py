@@ -10,8 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
+from torchvision.ops import box_iou
 
-from detectors.confusion import confusion_matrix
+from detectors.confusion import confusion_matrix, match_image
 from detectors.report import confusion_stems, plot_confusion
 from training.errors import BadValueError
 
@@ -134,6 +135,17 @@ def test_diagonal_and_false_positives_are_pycocotools(tmp_path):
     np.testing.assert_array_equal(c.matrix[:k].sum(axis=1) - np.diag(c.matrix)[:k], fp)
     np.testing.assert_array_equal(c.objects, positives)
     assert c.ignored == ignored
+
+
+def test_tied_objects_are_taken_last_first_as_pycocotools():
+    # two copies of one rectangle: the first detection takes the last copy (pycocotools' evaluateImg keeps the
+    # last of equal IoUs); the second detection overlaps the first copy more (IoU 0.9 vs 0.81) and takes it
+    target = img([[0, 0, 10, 10], [0, 0, 10, 10]], [RECT, RECT])
+    pred = img([[0, 0, 10, 10], [0, 0, 10, 9]], [RECT, RECT], [0.9, 0.8])
+    overlap = box_iou(pred["boxes"].double(), target["boxes"].double()).numpy()
+    target_of, correct = match_image(overlap, np.array([RECT, RECT]), np.array([RECT, RECT]),
+                                     np.zeros(2, dtype=bool), 0.5)  # fmt: skip
+    assert target_of.tolist() == [1, 0] and correct.all()
 
 
 def test_no_errors_and_empty_split():
