@@ -36,7 +36,7 @@ from training.errors import BadValueError
 from training.saving import load_model
 
 from .bootstrap import bootstrap_maps, difference_interval
-from .confusion import Confusion, confusion_matrix
+from .confusion import Confusion, check_thresholds, confusion_matrix
 from .evaluation import CocoResult, coco_evaluate, evaluate_detections
 from .report import check_report_folder, write_report
 
@@ -215,9 +215,7 @@ def compare(
     if resamples < 0 or warmup < 0 or repeats < 1:
         raise BadValueError(f"need resamples >= 0, warmup >= 0, repeats >= 1; got {resamples}, {warmup}, "
                             f"{repeats}")  # fmt: skip
-    if not 0 <= confusion_score <= 1 or not 0 < confusion_iou <= 1:
-        raise BadValueError(f"need 0 <= --confusion_score <= 1 and 0 < --confusion_iou <= 1; got "
-                            f"{confusion_score} and {confusion_iou}")  # fmt: skip
+    check_thresholds(confusion_iou, confusion_score, ("--confusion_iou", "--confusion_score"))
     hp = getattr(data, "hparams", {})
     split_name = hp.get("val_split", "val") if split == "val" else hp.get("test_split") or hp.get("val_split")
     data_name = f"{type(data).__name__}(root={hp.get('root', '?')!r}), split {split_name!r}"

@@ -54,10 +54,9 @@ from training.errors import BadValueError
 
 from .evaluation.inputs import as_cpu, check_inputs
 
-__all__ = ["Confusion", "confusion_matrix", "match_image"]
+__all__ = ["ERROR_KINDS", "Confusion", "check_thresholds", "confusion_matrix", "match_image"]
 
-ERROR_KINDS = {"wrong_class": "wrong class", "background_fp": "background false positives",
-               "missed": "missed objects"}  # fmt: skip
+ERROR_KINDS = ("wrong_class", "background_fp", "missed")  # what the report's line splits the errors into
 
 
 @dataclass
@@ -192,6 +191,18 @@ def match_image(
     return target, correct
 
 
+def check_thresholds(
+    iou_threshold: float,
+    score_threshold: float,
+    names: tuple[str, str] = ("IoU threshold", "score threshold"),
+) -> None:
+    """Refuse an IoU threshold outside (0, 1] or a score threshold outside [0, 1]; ``names`` as the user gave
+    them (``compare``'s options)."""
+    if not 0 < iou_threshold <= 1 or not 0 <= score_threshold <= 1:
+        raise BadValueError(f"confusion matrix: need 0 < {names[0]} <= 1 and 0 <= {names[1]} <= 1, got "
+                            f"{iou_threshold} and {score_threshold}")  # fmt: skip
+
+
 def confusion_matrix(
     preds: Sequence[dict], targets: Sequence[dict], class_names: Sequence[str], iou_threshold: float = 0.5,
     score_threshold: float = 0.25,
@@ -199,9 +210,7 @@ def confusion_matrix(
     """The confusion matrix of per-image ``preds`` against ``targets`` (same order; labels 1..K, label i + 1
     is ``class_names[i]``), counting the detections with score >= ``score_threshold`` matched at IoU >=
     ``iou_threshold`` (module docstring)."""
-    if not 0 < iou_threshold <= 1 or not 0 <= score_threshold <= 1:
-        raise BadValueError(f"confusion matrix: need 0 < IoU threshold <= 1 and 0 <= score threshold <= 1, "
-                            f"got {iou_threshold} and {score_threshold}")  # fmt: skip
+    check_thresholds(iou_threshold, score_threshold)
     k = len(class_names)
     check_inputs(preds, targets, k)
     matrix, objects = np.zeros((k + 1, k + 1), dtype=np.int64), np.zeros(k, dtype=np.int64)

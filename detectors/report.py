@@ -250,8 +250,10 @@ def _markdown(tables: list[Table], settings: dict, entries: Sequence[ModelEntry]
                   "|" + "---|" * len(cells)]  # fmt: skip
         lines += ["| " + " | ".join(str(col[i]) for col in cells) + " |" for i in range(table.row_count)]
     lines += ["", f"## {_confusion_title(entries)}", "",
-              "Rows: predicted class; columns: true class, each normalised to sum to 1. Background column: "
-              "detections that took no object; background row: objects no detection took.", "",
+              "Rows: predicted class; columns: true class. Background column: detections on no object (or "
+              "duplicates); background row: objects no detection found or lay on. The PNGs divide each class "
+              "column by the objects of the class (diagonal: recall) and the background column by its sum "
+              "(docs/compare.md, \"Confusion matrices\").", "",
               *(f"- {e.confusion.reading(e.name)} ([matrix]({s}.png), [counts]({s}.csv))"
                 for e, s in zip(entries, stems, strict=True)), "",
               *(f"![{s}.png]({s}.png)" for s in stems)]  # fmt: skip

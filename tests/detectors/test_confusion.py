@@ -159,7 +159,8 @@ def test_no_errors_and_empty_split():
 
 @pytest.mark.parametrize(("iou", "score"), [(0.0, 0.25), (1.5, 0.25), (0.5, -0.1), (0.5, 2.0)])
 def test_thresholds_are_checked(iou, score):
-    with pytest.raises(BadValueError, match="threshold"):
+    says = f"IoU threshold <= 1 and 0 <= score threshold <= 1, got {iou} and {score}"
+    with pytest.raises(BadValueError, match=says):
         confusion_matrix([img([], [], [])], [img([], [])], CLASSES, iou, score)
 
 
