@@ -53,7 +53,8 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
     (out / "notes.md").write_text("mine")  # an existing folder is fine: only the report's files are written
     train.main(["compare", "--checkpoints", s["paths"]["frcnn"], s["paths"]["retina"], "--data", s["data"],
                 "--out", str(out), "--device", "cpu", "--resamples", "8", "--seed", "3", "--warmup", "1",
-                "--repeats", "2", "--batch_size", "2", "--confusion_score", "0.05"])  # fmt: skip
+                "--repeats", "2", "--batch_size", "2", "--confusion_score", "0.05",
+                "--confusion_iou", "0.4"])  # fmt: skip
     stdout = capsys.readouterr().out
 
     metrics = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100", "voc07_ap50",
@@ -62,7 +63,8 @@ def test_compare_command_writes_the_report(tiny_setup, capsys, one_thread):
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["frcnn", "retina"]
     for col in ("detector", "backbone", "params", "min_size", "max_size", "latency_ms", "throughput_ips",
-                "device", "precision", *metrics, *(f"ap/{c}" for c in CLASSES)):  # fmt: skip
+                "device", "precision", *metrics, *(f"ap/{c}" for c in CLASSES), "errors/wrong_class",
+                "errors/background_fp", "errors/missed"):  # fmt: skip
         assert col in rows[0], col
     assert [r["detector"] for r in rows] == ["two-stage", "one-stage"]
     assert [int(r["params"]) for r in rows] == [s["params"]["frcnn"], s["params"]["retina"]]
@@ -110,7 +112,8 @@ def check_confusion_files(out, report, md, stdout, shapes):
             header, *rows = list(csv.reader(f))
         assert header == ["predicted \\ true", *CLASSES, "background"]
         counts = np.array([[int(v) for v in r[1:]] for r in rows])
-        assert counts.tolist() == confusion["matrix"] and confusion["score_threshold"] == 0.05
+        assert counts.tolist() == confusion["matrix"]
+        assert (confusion["iou_threshold"], confusion["score_threshold"]) == (0.4, 0.05)
         assert confusion["objects"] == objects and counts[3, 3] == 0
         assert (np.diag(counts)[:3] + counts[3, :3] <= objects).all()  # found right or missed: at most once
         correct, fp, missed = np.trace(counts[:3, :3]), counts[:3, 3].sum(), counts[3].sum()
@@ -122,7 +125,7 @@ def check_confusion_files(out, report, md, stdout, shapes):
                      f"[counts](confusion_{name}.csv)"):  # fmt: skip
             assert text in md, text
         assert f"{name}: of its {errors} errors" in stdout
-    assert "## Confusion at IoU >= 0.5, score >= 0.05" in md
+    assert "## Confusion at IoU >= 0.4, score >= 0.05" in md and "- confusion: IoU >= 0.4, score >= 0.05;" in md
 
 
 def test_compare_refuses_bad_confusion_thresholds(tiny_setup, train_py):
