@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -162,7 +163,29 @@ class DetectionDataset(Dataset):
 
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image, read from the annotations (no image is opened)."""
-        return [r.width / r.height for r in self.records]
+        return [r.width / r.height if r.height else 1.0 for r in self.records]  # 0: size unknown (YOLO)
+
+    def to_coco(self, image_ids: Sequence[int] | None = None) -> dict:
+        """The records of ``image_ids`` (default: all) as a COCO instances dict, for scoring predictions of
+        data without a COCO file (VOC, YOLO) with ``train.py evaluate``: category id = label, unless the
+        dataset maps labels to ids (``label_to_cat_id``); bbox ``[x, y, w, h]`` from the XYXY boxes (float64,
+        where ``x + w`` gives ``x2`` back); ``area`` and ``iscrowd`` as the records hold them."""
+        to_id = getattr(self, "label_to_cat_id", None) or {k: k for k in range(1, len(self.class_names) + 1)}
+        wanted = None if image_ids is None else set(image_ids)
+        images, annotations = [], []
+        for r in self.records:
+            if wanted is not None and int(r.image_id) not in wanted:
+                continue
+            images.append({"id": int(r.image_id), "file_name": r.path, "width": r.width, "height": r.height})
+            xyxy = np.asarray(r.boxes, np.float64).reshape(-1, 4)
+            xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+            for box, label, area, crowd in zip(xywh.tolist(), r.labels.tolist(), r.area.tolist(),
+                                               r.iscrowd.tolist(), strict=True):  # fmt: skip
+                annotations.append({"id": len(annotations) + 1, "image_id": int(r.image_id),
+                                    "category_id": to_id[int(label)], "bbox": box, "area": float(area),
+                                    "iscrowd": int(crowd)})  # fmt: skip
+        categories = [{"id": to_id[k], "name": n} for k, n in enumerate(self.class_names, start=1)]
+        return {"images": images, "annotations": annotations, "categories": categories}
 
     def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """Sample ``index`` before ``transforms``: the uint8[3, H, W] image and its target (class docstring);
