@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from detectors.data.coco import CocoDetection
 from detectors.data.images import ImageFileDataset
 from detectors.data.samples import collate_detection
+from detectors.data.voc import VOCDetection
 from detectors.data.yolo import YoloDetection
 from detectors.predict import CocoPredictionWriter, merge_rank_files
 
@@ -495,12 +496,13 @@ class NearTruth(L.LightningModule):
         return out
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_evaluate_on_written_yolo_files_equals_pycocotools(shapes_dir, tmp_path, train_py, split):
+@pytest.mark.parametrize(("layout", "split"), [("yolo", "train"), ("yolo", "val"), ("voc", "val")])
+def test_evaluate_on_written_yolo_and_voc_files_equals_pycocotools(shapes_dir, tmp_path, train_py, layout, split):
     from .evaluation.helpers import COCO_KEYS, pycocotools_eval
 
     out = tmp_path / "out"
-    _predict(NearTruth(), YoloDetection(shapes_dir, split), CocoPredictionWriter(str(out)))
+    data = YoloDetection(shapes_dir, split) if layout == "yolo" else VOCDetection(shapes_dir / "voc", split, CLASSES)
+    _predict(NearTruth(), data, CocoPredictionWriter(str(out)))
     gt_file, dt_file = out / "ground_truth.json", out / "predictions.json"
     code, _, err = train_py("evaluate", "--gt", gt_file, "--predictions", dt_file, "--out", tmp_path / "m.json")
     assert code == 0, err[-3000:]
