@@ -164,9 +164,11 @@ def _yolo_labels(hw: tuple[int, int], objects: list[_Annotated]) -> str:
 
 
 def _yolo_yaml(seed: int) -> str:
+    """No ``path``: the yaml's folder is the root, for litvision and for Ultralytics (which would resolve a
+    relative ``path`` against the working directory or its datasets_dir setting)."""
     names = "".join(f"  {i}: {name}\n" for i, name in enumerate(KINDS))
     return (f"# litvision synthetic shapes, seed {seed}: YOLO (Ultralytics) layout over the COCO copy's images\n"
-            f"path: .\ntrain: images/train\nval: images/val\nnames:\n{names}")  # fmt: skip
+            f"train: images/train\nval: images/val\nnames:\n{names}")  # fmt: skip
 
 
 def _coco_file(split: str, seed: int, images: list[dict], annotations: list[dict]) -> dict:
