@@ -56,8 +56,8 @@ def read_data_yaml(path: str | os.PathLike) -> YoloLayout:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise MissingFileError(f"{path}: file not found (a YOLO dataset's root holds data.yaml)") from None
-    except IsADirectoryError:
-        raise BadFileError(f"{path}: is a folder, expected the YOLO dataset's data.yaml") from None
+    except OSError as e:  # a folder, no permission
+        raise BadFileError(f"{path}: cannot be read as the YOLO dataset's data.yaml ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise BadValueError(f"{path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
@@ -106,7 +106,7 @@ def split_images(layout: YoloLayout, split: str) -> list[str]:
     """The sorted image paths of ``split`` (a key of data.yaml): folders searched recursively, ``.txt`` lists
     read line by line (a relative line is relative to the list's folder and must stay inside the root)."""
     if split not in layout.splits:
-        known = ", ".join(repr(k) for k in layout.splits) or "none"
+        known = ", ".join(repr(k) for k, v in layout.splits.items() if isinstance(v, (str, list))) or "none"
         raise BadValueError(f"{layout.file}: no split {split!r} (its splits: {known}); set data.init_args."
                             "train_split/val_split/test_split to a key of data.yaml")  # fmt: skip
     entries = layout.splits[split]
@@ -134,6 +134,8 @@ def _listed_images(list_file: str, root: str) -> list[str]:
     try:
         with open(list_file, encoding="utf-8") as f:
             lines = f.read().splitlines()
+    except OSError as e:
+        raise BadFileError(f"{list_file}: cannot be read as a list of images ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise BadValueError(f"{list_file}: not UTF-8 text ({e})") from None
     paths = []
@@ -164,8 +166,8 @@ def read_labels(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray, li
             lines = f.read().splitlines()
     except FileNotFoundError:
         lines = []
-    except IsADirectoryError:
-        raise BadFileError(f"{path}: is a folder, expected a label file") from None
+    except OSError as e:  # a folder, a file where a folder of the path should be, no permission
+        raise BadFileError(f"{path}: cannot be read as a label file ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise BadValueError(f"{path}: not UTF-8 text ({e})") from None
     classes, boxes, numbers = [], [], []

@@ -9,7 +9,7 @@ import torch
 
 from detectors.data import CocoDetection, DetectionDataModule, VOCDetection
 from detectors.data.yolo import TOLERANCE, YoloDetection, label_path
-from training.errors import BadValueError, MissingFileError
+from training.errors import BadFileError, BadValueError, MissingFileError
 from training.images import BadImageError
 
 from .helpers import write_image
@@ -240,3 +240,10 @@ def test_fit_trains_on_the_yolo_copy(shapes_dir, tmp_path, train_py, monkeypatch
     ckpt = torch.load(tmp_path / "runs" / "faster_rcnn" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2  # two training steps on the YOLO copy
     assert ckpt["hyper_parameters"]["class_names"] == ["rectangle", "ellipse", "triangle"]  # from data.yaml
+
+
+def test_a_label_path_that_is_a_folder_is_named(tmp_path):
+    root = hand_made(tmp_path / "ds")
+    (root / "labels" / "train" / "d.txt").mkdir()  # where d.jpg's label file would be
+    with pytest.raises(BadFileError, match=rf"^{root}/labels/train/d.txt: cannot be read as a label file"):
+        YoloDetection(root, "train")
