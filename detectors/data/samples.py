@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -187,11 +188,16 @@ class DetectionDataset(Dataset):
         categories = [{"id": to_id[k], "name": n} for k, n in enumerate(self.class_names, start=1)]
         return {"images": images, "annotations": annotations, "categories": categories}
 
+    def open_image(self, rec: ImageRecord) -> Image.Image:
+        """The record's image, 8-bit RGB, in the frame its boxes are in (a reader whose files need more, such
+        as YOLO's EXIF orientation, overrides it); raises BadImageError naming the file."""
+        return open_image(rec.path, self.max_image_pixels)
+
     def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """Sample ``index`` before ``transforms``: the uint8[3, H, W] image and its target (class docstring);
         raises BadImageError for a file that cannot be read or whose size differs from the annotations."""
         rec = self.records[index]
-        img = open_image(rec.path, self.max_image_pixels)
+        img = self.open_image(rec)
         if img.size != (rec.width, rec.height):
             raise BadImageError(size_error(rec.path, img.size, (rec.width, rec.height)))
         image = tv_tensors.Image(F.pil_to_tensor(img))

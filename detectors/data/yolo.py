@@ -9,7 +9,9 @@ last ``/images/`` of the image's path by ``/labels/`` and its extension by ``.tx
 file is an image without objects.
 
 A label row is ``class cx cy w h``, the box centre and size normalised to 0..1 by the image's width and height;
-YOLO class ``c`` is label ``c + 1``. The image's size comes from its header (read once, here). Boxes become
+YOLO class ``c`` is label ``c + 1``. The image's size comes from its header (read once, here). An EXIF
+orientation tag in the header is applied, as Ultralytics (OpenCV) and the browsers annotation tools run in
+show the image: the boxes are drawn on the upright image, and the sample is that image. Boxes become
 XYXY absolute pixels once, here; corners within ``TOLERANCE`` outside the image (a writer's rounding) are
 snapped to its edge, farther ones are clamped as the COCO reader clamps (a warning; ``strict`` makes it an
 error), and so are zero-size boxes (dropped). A malformed row is an error naming the file and line.
@@ -23,17 +25,35 @@ from dataclasses import dataclass
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from training.errors import BadFileError, BadValueError, MissingFileError
-from training.images import DEFAULT_MAX_PIXELS, BadImageError, find_images, is_image_file, open_header
+from training.images import (
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    find_images,
+    is_image_file,
+    open_header,
+    open_image,
+)
 
-from .images import bad_images_message
+from .images import bad_images_message, header_errors
 from .samples import BadSamplePolicy, BoxRepairLog, DetectionDataset, ImageRecord, check_inside_root
 
 DATA_YAML = "data.yaml"
 # Normalised values this far outside 0..1 are a writer's rounding, not a box outside the image: under a pixel
 # for images up to 1,000 px, and above the rounding of writers with 3 or more decimals (5e-4).
 TOLERANCE = 1e-3
+# EXIF orientation -> the transpose that shows the image upright (the table of PIL's ImageOps.exif_transpose).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass
@@ -200,6 +220,18 @@ def _row(fields: list[str], num_classes: int, where: str, boxes: list) -> int:
     return int(cls)
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) an open image's header declares, 1 where none. A PNG whose EXIF chunk
+    follows the pixels would need them decoded to find it: taken as 1, as the header says nothing."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError):  # a corrupt EXIF block: the pixels may still be fine
+        return 1
+    return value if value in range(1, 9) else 1
+
+
 def to_pixels(cxcywh: np.ndarray, width: int, height: int) -> np.ndarray:
     """Normalised ``[N, 4]`` cx cy w h -> XYXY absolute pixels (float64), corners within ``TOLERANCE`` outside
     0..1 snapped to the edge."""
@@ -231,29 +263,45 @@ class YoloDetection(DetectionDataset):
         self.layout = read_data_yaml(os.path.join(os.fspath(root), data_yaml))
         self.split = split
         paths = split_images(self.layout, split)
-        sizes = self._sizes(paths, on_bad_sample, max_image_pixels)
+        sizes, self.orientations = self._sizes(paths, on_bad_sample, max_image_pixels)
         repairs = BoxRepairLog(f"{self.layout.file} split {split!r}", strict)
         records = [self._record(i, p, s, repairs) for i, (p, s) in enumerate(zip(paths, sizes, strict=True))]
         repairs.report()
         super().__init__(records, self.layout.names, transforms, on_bad_sample, max_image_pixels)
 
     @staticmethod
-    def _sizes(paths: list[str], on_bad_sample: str, max_pixels: int | None) -> list[tuple[int, int] | None]:
-        """(width, height) of each image from its header; None where it cannot be read (an error with
-        "raise", naming the first five)."""
+    def _sizes(paths: list[str], on_bad_sample: str, max_pixels: int | None) -> tuple[list, list[int]]:
+        """(upright (width, height) of each image from its header, or None where it cannot be read: an error
+        with "raise", naming the first five; EXIF orientation of each, 1 where none)."""
         sizes: list[tuple[int, int] | None] = []
-        errors = []
+        orientations, errors = [], []
         for path in paths:
             try:
                 with open_header(path, max_pixels) as img:
-                    sizes.append(img.size)
+                    orientation = _orientation(img)
+                    width, height = img.size
             except BadImageError as e:
                 sizes.append(None)
+                orientations.append(1)
                 errors.append(str(e))
+                continue
+            sizes.append((height, width) if orientation in (5, 6, 7, 8) else (width, height))
+            orientations.append(orientation)
         if errors and on_bad_sample == "raise":
             raise BadImageError(f"{bad_images_message(errors, len(paths))}; fix or remove them, or set "
                                 "data.init_args.on_bad_sample skip to go on without them")  # fmt: skip
-        return sizes
+        return sizes, orientations
+
+    def open_image(self, rec: ImageRecord) -> Image.Image:
+        """The record's image, upright as its EXIF orientation says (the frame of its labels)."""
+        img = open_image(rec.path, self.max_image_pixels)
+        method = UPRIGHT.get(self.orientations[rec.image_id])
+        return img.transpose(method) if method is not None else img
+
+    def header_errors(self) -> dict[int, str]:
+        """index -> why the image cannot be read, from the headers alone; the sizes are the headers' own (turned
+        upright), so only the readability is checked."""
+        return header_errors([r.path for r in self.records], self.max_image_pixels)
 
     def _record(self, index: int, path: str, size: tuple[int, int] | None, repairs: BoxRepairLog) -> ImageRecord:
         labels_file = label_path(path)

@@ -4,6 +4,7 @@ malformed rows and data.yaml files, and format yolo through the DataModule and `
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +248,23 @@ def test_a_label_path_that_is_a_folder_is_named(tmp_path):
     (root / "labels" / "train" / "d.txt").mkdir()  # where d.jpg's label file would be
     with pytest.raises(BadFileError, match=rf"^{root}/labels/train/d.txt: cannot be read as a label file"):
         YoloDetection(root, "train")
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_exif_orientation_is_applied_as_annotation_tools_show_the_image(tmp_path, orientation):
+    from PIL import Image, ImageOps
+
+    root = hand_made(tmp_path / "ds")
+    path = root / "images" / "train" / "b.jpg"  # stored 40 x 20; tag 6: shown 20 x 40 (turned 90 degrees)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.open(path).save(path, exif=exif)
+    (root / "labels" / "train" / "b.txt").write_text("0 0.5 0.25 0.5 0.25\n")  # drawn on the upright image
+    ds = YoloDetection(root, "train")
+    upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # PIL's own reading of the tag
+    width, height = upright.size
+    assert (width, height) == ((20, 40) if orientation == 6 else (40, 20))
+    image, target = ds[1]
+    assert torch.equal((image * 255).round().to(torch.uint8), torch.from_numpy(np.array(upright)).permute(2, 0, 1))
+    assert target["boxes"].tolist() == [[width / 4, height / 8, width * 3 / 4, height * 3 / 8]]
+    assert ds.header_errors() == {}
