@@ -513,6 +513,7 @@ def test_evaluate_on_written_yolo_and_voc_files_equals_pycocotools(shapes_dir, t
     assert {k: metrics[f"ap/{k}"] for k in per_class} == pytest.approx(per_class, abs=1e-6)
 
 
+@pytest.mark.slow  # the fast path: the writer test above, and fit on format yolo (tests/detectors/data/test_yolo.py)
 def test_train_py_predict_then_evaluate_on_yolo_data_equals_pycocotools(shapes_dir, cli_checkpoint, tmp_path,
                                                                           train_py):  # fmt: skip
     from .evaluation.helpers import COCO_KEYS, pycocotools_eval
