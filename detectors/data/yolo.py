@@ -10,7 +10,7 @@ file is an image without objects.
 
 A label row is ``class cx cy w h``, the box centre and size normalised to 0..1 by the image's width and height;
 YOLO class ``c`` is label ``c + 1``. The image's size comes from its header (read once, here). An EXIF
-orientation tag in the header is applied, as Ultralytics (OpenCV) and the browsers annotation tools run in
+orientation tag in the header is applied, as Ultralytics (OpenCV) and the browsers that annotation tools run in
 show the image: the boxes are drawn on the upright image, and the sample is that image. Boxes become
 XYXY absolute pixels once, here; corners within ``TOLERANCE`` outside the image (a writer's rounding) are
 snapped to its edge, farther ones are clamped as the COCO reader clamps (a warning; ``strict`` makes it an
