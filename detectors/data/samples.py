@@ -1,8 +1,9 @@
-"""What COCO and VOC have in common once parsed: a list of images with their boxes.
+"""What COCO, VOC and YOLO have in common once parsed: a list of images with their boxes.
 
-Format readers (``coco.py``, ``voc.py``) only parse and validate files into
+Format readers (``coco.py``, ``voc.py``, ``yolo.py``) only parse and validate files into
 ``ImageRecord`` lists; this module turns a record into a training sample, repairs
-box anomalies once, and applies the one bad-sample policy.
+box anomalies once, applies the one bad-sample policy, and writes records back out as
+COCO ground truth (``to_coco``) for data without a COCO file.
 """
 
 from __future__ import annotations
