@@ -24,7 +24,7 @@ from training.images import DEFAULT_MAX_PIXELS, BadImageError
 from .coco import CocoDetection, read_coco_categories
 from .images import ImageFileDataset, bad_images_message
 from .samples import BadSamplePolicy, DetectionDataset, collate_detection
-from .shapes import MANIFEST_NAME, generate_shapes
+from .shapes import MANIFEST_NAME, add_yolo_copy, generate_shapes
 from .transforms import detection_transforms
 from .voc import VOC_CLASSES, VOCDetection
 from .yolo import DATA_YAML, YoloDetection, read_data_yaml
@@ -165,11 +165,11 @@ class DetectionDataModule(L.LightningDataModule):
         return len(self.class_names) + 1
 
     def _yolo_yaml(self) -> str:
-        """The YOLO dataset's yaml; a shapes dataset written before the YOLO copy existed is told how to get it."""
+        """The YOLO dataset's yaml; a shapes dataset written without the YOLO copy is told how to get it."""
         path = os.path.join(self.hparams.root, self.annotations)
         if not os.path.exists(path) and os.path.isfile(os.path.join(self.hparams.root, MANIFEST_NAME)):
-            raise MissingFileError(f"{path}: file not found; this shapes dataset has no YOLO copy: write it with "
-                                   f"python train.py shapes --out {self.hparams.root} --overwrite true")  # fmt: skip
+            raise MissingFileError(f"{path}: file not found; this shapes dataset has no YOLO copy: data.init_args."
+                                   "generate true adds it (its other files stay as they are)")  # fmt: skip
         return path
 
     def _annotation_path(self, split: str) -> str:
@@ -188,9 +188,14 @@ class DetectionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """With ``generate``, write the shapes dataset into ``root`` when it is missing or an empty folder.
-        A root holding a shapes dataset (its manifest) is used as it is, and a root holding anything else is
-        the user's own data, read as it is: nothing there is written, replaced or removed."""
+        A root holding a shapes dataset (its manifest) is used as it is (with format yolo, its YOLO copy is
+        added if it has none), and a root holding anything else is the user's own data, read as it is: nothing
+        there is written, replaced or removed."""
         hp = self.hparams
+        if hp.generate and hp.format == "yolo" and os.path.exists(os.path.join(hp.root, MANIFEST_NAME)) \
+                and not os.path.exists(os.path.join(hp.root, self.annotations)):  # fmt: skip
+            rank_zero_info(f"adding a YOLO copy to the shapes dataset in {hp.root} (data generate: true)")
+            add_yolo_copy(hp.root)
         if not hp.generate or os.path.exists(os.path.join(hp.root, MANIFEST_NAME)):
             return
         root = os.path.abspath(hp.root)

@@ -54,10 +54,11 @@ from .shapes_files import (
     generated_files,
     layout_folders,
     write_dataset,
+    yolo_copy,
 )
 from .shapes_scene import SHAPES_CATEGORIES
 
-__all__ = ["SHAPES_CATEGORIES", "generate_shapes", "shapes_command"]
+__all__ = ["SHAPES_CATEGORIES", "add_yolo_copy", "generate_shapes", "shapes_command"]
 
 MIN_SPLIT_IMAGES = 4  # images 0..2 carry the forced anchors, the 4th leaves room for an empty image
 MIN_SIDE = 160  # a never-occluded triangle with area > 96**2 needs a bounding box of about 140 x 140
@@ -211,6 +212,36 @@ def _replace_in_place(tmp: Path, out: Path, params: dict, owned: list[dict]) -> 
     os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)  # last: no "replacing" in it means complete
 
 
+def _add_yolo_copy(out: Path, old: dict, params: dict) -> None:
+    """Add the YOLO copy to the shapes dataset in ``out`` written with ``old`` (``params`` with yolo=False, from
+    before the copy existed): new files only, derived from its COCO files, and the manifest last. A file at
+    one of their paths stops it, unless it holds what would be written there (an interrupted addition)."""
+    missing = [str(p) for p in _paths(out, old).values() if not p.exists()]
+    if missing:
+        raise FileTakenError(_refusal(out, f"is incomplete, missing {', '.join(missing)}", [old]))
+    files = yolo_copy(out, params)
+    for path, text in files.items():
+        blocked = [d for d in path.parents if d.is_relative_to(out) and d.exists() and not d.is_dir()]
+        if path.exists() and (not path.is_file() or path.read_text() != text):
+            blocked.insert(0, path)
+        if blocked:
+            raise FileTakenError(f"{blocked[0]} is not a file of the shapes dataset in {out}, and its YOLO copy "
+                                 "would overwrite it: move it away or choose another out (--out)")  # fmt: skip
+    # Each file written beside the dataset, then renamed into place: an interruption leaves whole files only.
+    target = Path(os.path.realpath(out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.yolo-", dir=target.parent))
+    try:
+        for i, (path, text) in enumerate(files.items()):
+            (tmp / str(i)).write_text(text)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / str(i), path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["parameters"] = params
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
 def _generate(out, num_train, num_val, image_size, seed, voc, classification, yolo,
               overwrite) -> tuple[dict, bool]:  # fmt: skip
     """``generate_shapes``, plus whether it wrote anything (False: ``out`` already held this dataset)."""
@@ -219,6 +250,9 @@ def _generate(out, num_train, num_val, image_size, seed, voc, classification, yo
     state, owned = _existing(out, params)
     if state == "same":
         return _paths(out, params), False
+    if params["yolo"] and owned == [{**params, "yolo": False}]:  # only the YOLO copy is missing: it is added
+        _add_yolo_copy(out, owned[0], params)
+        return _paths(out, params), True
     if state is not None and (owned is None or not overwrite):
         raise FileTakenError(_refusal(out, state, owned))
     target = Path(os.path.realpath(out))  # a symlinked folder is written through; the link stays
@@ -266,6 +300,18 @@ def generate_shapes(
     invalid parameters.
     """
     return _generate(out, num_train, num_val, image_size, seed, voc, classification, yolo, overwrite)[0]
+
+
+def add_yolo_copy(out: str | os.PathLike) -> dict[str, Path]:
+    """Add the YOLO copy to the shapes dataset in ``out`` written without it (by an older version, or with
+    yolo=False), with the parameters its manifest holds; its other files stay as they are. Returns the paths."""
+    out = Path(out)
+    try:
+        (p,) = _manifest_owned(json.loads((out / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadFileError(f"{out}: no complete shapes dataset to add a YOLO copy to ({err})") from None
+    return generate_shapes(out, p["num_train"], p["num_val"], tuple(p["image_size"]), p["seed"], p["voc"],
+                           p["classification"], yolo=True)  # fmt: skip
 
 
 def _print_summary(paths: dict[str, Path], state: str) -> None:

@@ -171,6 +171,24 @@ def _yolo_yaml(seed: int) -> str:
             f"train: images/train\nval: images/val\nnames:\n{names}")  # fmt: skip
 
 
+def yolo_copy(root: Path, params: dict) -> dict[Path, str]:
+    """The YOLO copy's files (path -> text) of the shapes dataset in ``root``, derived from its COCO files: the
+    same files ``write_dataset`` writes with yolo=True, for a dataset written before the copy existed."""
+    name_of = {c["id"]: c["name"] for c in SHAPES_CATEGORIES}
+    hw = tuple(params["image_size"])
+    files = {root / YOLO_YAML: _yolo_yaml(params["seed"])}
+    for split in SPLITS:
+        coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        objects: dict[int, list[_Annotated]] = {img["id"]: [] for img in coco["images"]}
+        for a in coco["annotations"]:  # in the order the objects were written
+            box = tuple(int(v) for v in a["bbox"])
+            objects[a["image_id"]].append(_Annotated(name_of[a["category_id"]], box, False, a["id"]))
+        for img in coco["images"]:
+            stem = Path(img["file_name"]).stem
+            files[root / "labels" / split / f"{stem}.txt"] = _yolo_labels(hw, objects[img["id"]])
+    return files
+
+
 def _coco_file(split: str, seed: int, images: list[dict], annotations: list[dict]) -> dict:
     return {
         # No timestamps: the file must be byte-identical for the same seed.

@@ -283,7 +283,7 @@ def test_an_interrupted_overwrite_is_finished_by_the_next(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "fresh"]
 
 
-def test_the_yolo_copy_leaves_coco_and_voc_byte_identical_and_an_older_dataset_gets_it_by_overwrite(tmp_path):
+def test_the_yolo_copy_leaves_coco_and_voc_byte_identical_and_an_older_dataset_gets_it_added(tmp_path):
     small = dict(num_train=4, num_val=4, image_size=(160, 160), classification=False)
     without, with_yolo = tmp_path / "without", tmp_path / "with"
     generate_shapes(without, yolo=False, **small)
@@ -294,13 +294,19 @@ def test_the_yolo_copy_leaves_coco_and_voc_byte_identical_and_an_older_dataset_g
                      *[f"labels/val/{i:06d}.txt" for i in range(5, 9)]]  # fmt: skip
     assert {k: v for k, v in yolo_files.items() if k in files and k != "shapes.json"} == {
         k: v for k, v in files.items() if k != "shapes.json"}  # COCO, VOC and the images: the same bytes
-    # A manifest from before the YOLO copy (no "yolo" parameter) reads as yolo=False.
+    # A manifest from before the YOLO copy (no "yolo" parameter) reads as yolo=False; asking for the copy adds it
+    # from the COCO files, no overwrite needed, and gives the files a fresh generation writes, byte for byte.
     manifest = json.loads((without / "shapes.json").read_text())
     del manifest["parameters"]["yolo"]
-    (without / "shapes.json").write_text(json.dumps(manifest))
-    with pytest.raises(FileTakenError, match=r"different parameters: yolo=False \(requested True\)"):
+    (without / "shapes.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (without / "labels" / "val").mkdir(parents=True)
+    (without / "labels" / "val" / "000005.txt").write_text("mine")  # where the copy would write: refused
+    before = _files(without)
+    with pytest.raises(FileTakenError, match=r"labels/val/000005.txt is not a file of the shapes dataset"):
         generate_shapes(without, **small)
-    generate_shapes(without, overwrite=True, **small)
+    assert _files(without) == before
+    (without / "labels" / "val" / "000005.txt").unlink()
+    generate_shapes(without, **small)
     assert _files(without) == yolo_files
 
 

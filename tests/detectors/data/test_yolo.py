@@ -216,14 +216,18 @@ def test_datamodule_reads_names_without_a_split_and_checks_classes(tmp_path):
         DetectionDataModule(str(root), format="yolo", images_dir="images/{split}")
 
 
-def test_an_older_shapes_dataset_without_the_yolo_copy_says_how_to_write_it(tmp_path):
+def test_a_shapes_dataset_without_the_yolo_copy_gets_it_with_generate(tmp_path):
     from detectors.data.shapes import generate_shapes
 
-    root = tmp_path / "shapes"
-    generate_shapes(root, num_train=4, num_val=4, image_size=(160, 160), voc=False, classification=False,
-                    yolo=False)  # fmt: skip
-    with pytest.raises(MissingFileError, match=rf"shapes --out {root} --overwrite true"):
+    root, fresh = tmp_path / "shapes", tmp_path / "fresh"
+    small = dict(num_train=4, num_val=4, image_size=(160, 160), voc=False, classification=False)
+    generate_shapes(root, yolo=False, **small)
+    with pytest.raises(MissingFileError, match=r"no YOLO copy: data.init_args.generate true adds it"):
         _ = DetectionDataModule(str(root), format="yolo").class_names
+    assert DetectionDataModule(str(root), format="yolo", generate=True).class_names == ["rectangle", "ellipse",
+                                                                                         "triangle"]  # fmt: skip
+    generate_shapes(fresh, **small)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == sorted(p.relative_to(fresh) for p in fresh.rglob("*"))
 
 
 def test_fit_trains_on_the_yolo_copy(shapes_dir, tmp_path, train_py, monkeypatch, one_thread):
