@@ -1,7 +1,8 @@
 """Synthetic "shapes" detection dataset: a small, deterministic stand-in for COCO that builds in seconds.
 
 This module checks the parameters, decides where a dataset may be written (a missing or empty folder, or
-over a shapes dataset, removing only the files the generator wrote: ``generate_shapes``), publishes a finished
+over a shapes dataset, removing only the files the generator wrote: ``generate_shapes``; a dataset without the
+YOLO copy gets it added, new files only: ``add_yolo_copy``), publishes a finished
 dataset (atomically into a missing or empty folder) and holds the ``train.py shapes`` command;
 ``shapes_files`` writes the files and ``shapes_scene`` draws the images. Layout written under ``out``
 (every box below is integer-aligned, so all layouts round-trip exactly)::
