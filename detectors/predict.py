@@ -18,7 +18,7 @@ back (shapes: 1, 3, 7); VOC and YOLO data and plain image files have none, so th
 class c is label and category id c + 1). Image ids are the dataset's: COCO's own, positions in the VOC split
 file, in the sorted YOLO image list, or in the sorted list of image files.
 
-Inputs are any predict dataset that yields ``(image, target)`` with ``target["image_id"]``: the COCO/VOC
+Inputs are any predict dataset that yields ``(image, target)`` with ``target["image_id"]``: the COCO/VOC/YOLO
 splits of ``DetectionDataModule``, or ``detectors.data.images.ImageFileDataset`` over a glob of image files
 (``--data.init_args.predict_images 'photos/*.jpg'``), whose image ids are the positions in the sorted list.
 
