@@ -272,3 +272,20 @@ def test_exif_orientation_is_applied_as_annotation_tools_show_the_image(tmp_path
     assert torch.equal((image * 255).round().to(torch.uint8), torch.from_numpy(np.array(upright)).permute(2, 0, 1))
     assert target["boxes"].tolist() == [[width / 4, height / 8, width * 3 / 4, height * 3 / 8]]
     assert ds.header_errors() == {}
+
+
+def test_a_roboflow_export_reads_as_ultralytics_reads_it(tmp_path):
+    """Roboflow's layout: <split>/images and <split>/labels, and data.yaml entries starting with ../"""
+    root = tmp_path / "export"
+    write_image(root / "train" / "images" / "x_jpg.rf.1.jpg", 32, 16)
+    write_image(root / "valid" / "images" / "y_jpg.rf.2.jpg", 16, 16)
+    (root / "train" / "labels").mkdir()
+    (root / "train" / "labels" / "x_jpg.rf.1.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\n\nnc: 2\nnames: ['cat', 'dog']\n"
+                                    "roboflow:\n  workspace: w\n  version: 1\n")  # fmt: skip
+    dm = DetectionDataModule(str(root), format="yolo", num_workers=0)
+    assert dm.class_names == ["cat", "dog"]
+    dm.setup("fit")
+    _, target = dm.datasets["train"].load(0)
+    assert target["boxes"].tolist() == [[8.0, 4.0, 24.0, 12.0]] and target["labels"].tolist() == [2]
+    assert len(dm.datasets["val"]) == 1 and len(dm.datasets["val"].load(0)[1]["boxes"]) == 0
