@@ -8,12 +8,17 @@
     categories.json    [{"id", "name"}, ...]: the category id written for each class
     images.json        [{"id", "file_name", "width", "height"}, ...]: which file each image id is
     failed.json        [{"id", "file_name", "error"}, ...]: the images that could not be read ([] if none)
+    ground_truth.json  (VOC and YOLO data) the predicted images' annotations as a COCO instances file with the
+                       same image and category ids, so ``train.py evaluate --gt ground_truth.json
+                       --predictions predictions.json`` scores them; COCO data has its own instances file
     images/<stem>.jpg  (draw=True) the input images with the detections >= ``draw_score_threshold``
 
 Category ids are the dataset's own: a COCO dataset's ``label_to_cat_id`` maps the model's contiguous labels
-back (shapes: 1, 3, 7); VOC data and plain image files have none, so the label itself is the id.
+back (shapes: 1, 3, 7); VOC and YOLO data and plain image files have none, so the label itself is the id (YOLO
+class c is label and category id c + 1). Image ids are the dataset's: COCO's own, positions in the VOC split
+file, in the sorted YOLO image list, or in the sorted list of image files.
 
-Inputs are any predict dataset that yields ``(image, target)`` with ``target["image_id"]``: the COCO/VOC
+Inputs are any predict dataset that yields ``(image, target)`` with ``target["image_id"]``: the COCO/VOC/YOLO
 splits of ``DetectionDataModule``, or ``detectors.data.images.ImageFileDataset`` over a glob of image files
 (``--data.init_args.predict_images 'photos/*.jpg'``), whose image ids are the positions in the sorted list.
 
@@ -56,6 +61,7 @@ PREDICTIONS_FILE = "predictions.json"
 CATEGORIES_FILE = "categories.json"
 IMAGES_FILE = "images.json"
 FAILED_FILE = "failed.json"
+GROUND_TRUTH_FILE = "ground_truth.json"
 IMAGES_DIR = "images"
 
 # Box colours by label (label 1 -> first colour); names torchvision's draw_bounding_boxes (PIL) knows.
@@ -289,7 +295,7 @@ class CocoPredictionWriter(BasePredictionWriter):
                 [os.path.join(self.out_dir, f"predictions.rank{r}.json") for r in range(trainer.world_size)]
             )
         write_prediction_files(self.out_dir, results, list(images.values()), self._categories(),
-                               list(failed.values()))  # fmt: skip
+                               list(failed.values()), ground_truth(_loaders(trainer), images))  # fmt: skip
         if failed:
             self._report_failed(trainer, failed, len(images))
 
@@ -339,11 +345,24 @@ def merge_rank_files(
     return results, images, {i: bad for i, bad in failed.items() if i not in images}
 
 
+def ground_truth(loaders: list, image_ids) -> dict | None:
+    """The COCO ground truth of the predicted ``image_ids`` of the first predict dataset that has annotations
+    and no COCO file of its own (VOC, YOLO: ``DetectionDataset.to_coco``), or None."""
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "to_coco") and getattr(dataset, "annotation_file", None) is None:
+            return dataset.to_coco(sorted(image_ids))
+    return None
+
+
 def write_prediction_files(
-    out_dir: str, results: list[dict], images: list[dict], categories: list[dict], failed: Sequence[dict] = ()
+    out_dir: str, results: list[dict], images: list[dict], categories: list[dict], failed: Sequence[dict] = (),
+    truth: dict | None = None,
 ) -> None:
-    """Write ``categories.json``, ``images.json``, ``failed.json`` and, last, ``predictions.json`` (sorted by
-    image id, then descending score)."""
+    """Write ``categories.json``, ``images.json``, ``failed.json``, ``ground_truth.json`` (``truth``, when given)
+    and, last, ``predictions.json`` (sorted by image id, then descending score)."""
+    if truth is not None:
+        atomic_write_json(os.path.join(out_dir, GROUND_TRUTH_FILE), truth)
     results = sorted(results, key=lambda r: (r["image_id"], -r["score"]))
     atomic_write_json(os.path.join(out_dir, CATEGORIES_FILE), categories)
     atomic_write_json(os.path.join(out_dir, IMAGES_FILE), sorted(images, key=lambda i: i["id"]))

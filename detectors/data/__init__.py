@@ -1,9 +1,9 @@
-"""Detection data: COCO and VOC readers, the shapes generator, box-aware transforms, the DataModule.
+"""Detection data: COCO, VOC and YOLO readers, the shapes generator, box-aware transforms, the DataModule.
 
 - ``samples``: ``ImageRecord`` (one image's boxes, parsed), ``DetectionDataset`` (records -> samples),
-  ``collate_detection``; the format readers ``coco`` and ``voc`` build the records.
+  ``collate_detection``; the format readers ``coco``, ``voc`` and ``yolo`` build the records.
 - ``transforms``: train/eval augmentation that keeps boxes, labels and flags together.
-- ``datamodule``: ``DetectionDataModule``, COCO or VOC splits on disk -> batched dataloaders.
+- ``datamodule``: ``DetectionDataModule``, COCO, VOC or YOLO splits on disk -> batched dataloaders.
 - ``shapes`` (drawn by ``shapes_scene``, written by ``shapes_files``): the synthetic dataset and its command.
 """
 
@@ -12,6 +12,7 @@ from .datamodule import DetectionDataModule
 from .samples import DetectionDataset, ImageRecord, collate_detection
 from .transforms import detection_transforms
 from .voc import VOC_CLASSES, VOCDetection
+from .yolo import YoloDetection
 
 __all__ = [
     "CocoDetection",
@@ -22,4 +23,5 @@ __all__ = [
     "detection_transforms",
     "VOCDetection",
     "VOC_CLASSES",
+    "YoloDetection",
 ]

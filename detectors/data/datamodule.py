@@ -1,4 +1,4 @@
-"""``DetectionDataModule``: COCO or VOC splits on disk -> batched dataloaders.
+"""``DetectionDataModule``: COCO, VOC or YOLO splits on disk -> batched dataloaders.
 
 Batches are ``(images, targets)`` tuples of variable-size images, as torchvision
 detectors expect. With ``generate=True`` the embedded shapes dataset is written to
@@ -24,13 +24,15 @@ from training.images import DEFAULT_MAX_PIXELS, BadImageError
 from .coco import CocoDetection, read_coco_categories
 from .images import ImageFileDataset, bad_images_message
 from .samples import BadSamplePolicy, DetectionDataset, collate_detection
-from .shapes import MANIFEST_NAME, generate_shapes
+from .shapes import MANIFEST_NAME, add_yolo_copy, generate_shapes
 from .transforms import detection_transforms
 from .voc import VOC_CLASSES, VOCDetection
+from .yolo import DATA_YAML, YoloDetection, read_data_yaml
 
 _LAYOUT_DEFAULTS = {
     "coco": ("images/{split}", "annotations/instances_{split}.json"),
     "voc": ("JPEGImages", "Annotations"),
+    "yolo": (None, DATA_YAML),  # data.yaml names the image folders
 }
 
 
@@ -69,20 +71,23 @@ class GroupedBatchSampler(BatchSampler):
 
 
 class DetectionDataModule(L.LightningDataModule):
-    """Detection data in COCO or Pascal VOC layout.
+    """Detection data in COCO, Pascal VOC or YOLO (Ultralytics) layout.
 
     Args:
         root: dataset directory.
-        format: "coco" (``images_dir``/``annotations`` templates with ``{split}``) or
-            "voc" (``JPEGImages``, ``Annotations``, ``ImageSets/Main/<split>.txt``).
-        train_split, val_split, test_split: split names (``train2017``, ``val``, ...); without ``test_split``,
-            ``test`` (saying so in the log) and ``predict`` use ``val_split``.
+        format: "coco" (``images_dir``/``annotations`` templates with ``{split}``),
+            "voc" (``JPEGImages``, ``Annotations``, ``ImageSets/Main/<split>.txt``) or
+            "yolo" (``root/data.yaml`` naming ``images/<split>`` folders, ``labels/<split>/*.txt`` beside them).
+        train_split, val_split, test_split: split names (``train2017``, ``val``, ...; for YOLO, keys of
+            data.yaml: ``train``, ``val``, ``test``); without ``test_split``, ``test`` (saying so in the log)
+            and ``predict`` use ``val_split``.
         images_dir, annotations: COCO path templates relative to ``root``; defaults fit the
             shapes layout (``images/{split}``, ``annotations/instances_{split}.json``). Real
-            COCO 2017: ``images_dir="{split}"``.
-        classes: VOC class names in label order (default: the 20 VOC classes). COCO
-            reads its categories from the file; given for COCO, they must match it (or stand in
-            for it when ``predict_images`` is used without annotations).
+            COCO 2017: ``images_dir="{split}"``. YOLO: ``annotations`` is the yaml's name in ``root``
+            (default ``data.yaml``); ``images_dir`` does not apply.
+        classes: VOC class names in label order (default: the 20 VOC classes). COCO and YOLO
+            read their classes from the file (``categories``, data.yaml's ``names``); given for them, they must
+            match it (or stand in for it when ``predict_images`` is used without annotations).
         pin_memory: page-locked host memory for faster GPU copies; None: when CUDA is available.
         aspect_ratio_grouping: batch wide and tall images separately.
         hflip_prob, photometric, scale_jitter: train augmentation (see ``detection_transforms``).
@@ -99,7 +104,7 @@ class DetectionDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str = "data/shapes",
-        format: Literal["coco", "voc"] = "coco",
+        format: Literal["coco", "voc", "yolo"] = "coco",
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
@@ -123,7 +128,10 @@ class DetectionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if format not in _LAYOUT_DEFAULTS:
-            raise BadValueError(f"format must be 'coco' or 'voc', got {format!r}")
+            raise BadValueError(f"format must be 'coco', 'voc' or 'yolo', got {format!r}")
+        if format == "yolo" and images_dir is not None:
+            raise BadValueError("data.init_args.images_dir does not apply to format yolo: data.yaml names the "
+                                "image folders of its splits")  # fmt: skip
         self.save_hyperparameters()
         default_images, default_annotations = _LAYOUT_DEFAULTS[format]
         self.images_dir = images_dir or default_images
@@ -142,6 +150,9 @@ class DetectionDataModule(L.LightningDataModule):
                 self._class_names = list(hp.classes)
             elif hp.format == "voc":
                 self._class_names = list(VOC_CLASSES)
+            elif hp.format == "yolo":
+                self.prepare_data()
+                self._class_names = read_data_yaml(self._yolo_yaml()).names
             else:
                 self.prepare_data()
                 categories = read_coco_categories(self._coco_annotations(hp.val_split))
@@ -152,6 +163,14 @@ class DetectionDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         """Including background, as torchvision counts."""
         return len(self.class_names) + 1
+
+    def _yolo_yaml(self) -> str:
+        """The YOLO dataset's yaml; a shapes dataset written without the YOLO copy is told how to get it."""
+        path = os.path.join(self.hparams.root, self.annotations)
+        if not os.path.exists(path) and os.path.isfile(os.path.join(self.hparams.root, MANIFEST_NAME)):
+            raise MissingFileError(f"{path}: file not found; this shapes dataset has no YOLO copy: data.init_args."
+                                   "generate true adds it (its other files stay as they are)")  # fmt: skip
+        return path
 
     def _annotation_path(self, split: str) -> str:
         return os.path.join(self.hparams.root, self.annotations.format(split=split))
@@ -169,9 +188,14 @@ class DetectionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """With ``generate``, write the shapes dataset into ``root`` when it is missing or an empty folder.
-        A root holding a shapes dataset (its manifest) is used as it is, and a root holding anything else is
-        the user's own data, read as it is: nothing there is written, replaced or removed."""
+        A root holding a shapes dataset (its manifest) is used as it is (with format yolo, its YOLO copy is
+        added if it has none), and a root holding anything else is the user's own data, read as it is: nothing
+        there is written, replaced or removed."""
         hp = self.hparams
+        if hp.generate and hp.format == "yolo" and os.path.exists(os.path.join(hp.root, MANIFEST_NAME)) \
+                and not os.path.exists(os.path.join(hp.root, self.annotations)):  # fmt: skip
+            rank_zero_info(f"adding a YOLO copy to the shapes dataset in {hp.root} (data generate: true)")
+            add_yolo_copy(hp.root)
         if not hp.generate or os.path.exists(os.path.join(hp.root, MANIFEST_NAME)):
             return
         root = os.path.abspath(hp.root)
@@ -195,6 +219,12 @@ class DetectionDataModule(L.LightningDataModule):
                       max_image_pixels=hp.max_image_pixels)  # fmt: skip
         if hp.format == "voc":
             return VOCDetection(hp.root, split, classes=self.class_names, **common)
+        if hp.format == "yolo":
+            ds = YoloDetection(hp.root, split, self.annotations, **common)
+            if ds.class_names != self.class_names:
+                raise BadValueError(f"{ds.layout.file}: names {ds.class_names} differ from data.init_args."
+                                    f"classes {self.class_names}")  # fmt: skip
+            return ds
         images = os.path.join(hp.root, self.images_dir.format(split=split))
         ds = CocoDetection(images, self._coco_annotations(split), **common)
         if ds.class_names != self.class_names:

@@ -1,8 +1,9 @@
-"""What COCO and VOC have in common once parsed: a list of images with their boxes.
+"""What COCO, VOC and YOLO have in common once parsed: a list of images with their boxes.
 
-Format readers (``coco.py``, ``voc.py``) only parse and validate files into
+Format readers (``coco.py``, ``voc.py``, ``yolo.py``) only parse and validate files into
 ``ImageRecord`` lists; this module turns a record into a training sample, repairs
-box anomalies once, and applies the one bad-sample policy.
+box anomalies once, applies the one bad-sample policy, and writes records back out as
+COCO ground truth (``to_coco``) for data without a COCO file.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
@@ -162,13 +165,40 @@ class DetectionDataset(Dataset):
 
     def aspect_ratios(self) -> list[float]:
         """Width / height of every image, read from the annotations (no image is opened)."""
-        return [r.width / r.height for r in self.records]
+        return [r.width / r.height if r.height else 1.0 for r in self.records]  # 0: size unknown (YOLO)
+
+    def to_coco(self, image_ids: Sequence[int] | None = None) -> dict:
+        """The records of ``image_ids`` (default: all) as a COCO instances dict, for scoring predictions of
+        data without a COCO file (VOC, YOLO) with ``train.py evaluate``: category id = label, unless the
+        dataset maps labels to ids (``label_to_cat_id``); bbox ``[x, y, w, h]`` from the XYXY boxes (float64,
+        where ``x + w`` gives ``x2`` back); ``area`` and ``iscrowd`` as the records hold them."""
+        to_id = getattr(self, "label_to_cat_id", None) or {k: k for k in range(1, len(self.class_names) + 1)}
+        wanted = None if image_ids is None else set(image_ids)
+        images, annotations = [], []
+        for r in self.records:
+            if wanted is not None and int(r.image_id) not in wanted:
+                continue
+            images.append({"id": int(r.image_id), "file_name": r.path, "width": r.width, "height": r.height})
+            xyxy = np.asarray(r.boxes, np.float64).reshape(-1, 4)
+            xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+            for box, label, area, crowd in zip(xywh.tolist(), r.labels.tolist(), r.area.tolist(),
+                                               r.iscrowd.tolist(), strict=True):  # fmt: skip
+                annotations.append({"id": len(annotations) + 1, "image_id": int(r.image_id),
+                                    "category_id": to_id[int(label)], "bbox": box, "area": float(area),
+                                    "iscrowd": int(crowd)})  # fmt: skip
+        categories = [{"id": to_id[k], "name": n} for k, n in enumerate(self.class_names, start=1)]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+    def open_image(self, rec: ImageRecord) -> Image.Image:
+        """The record's image, 8-bit RGB, in the frame its boxes are in (a reader whose files need more, such
+        as YOLO's EXIF orientation, overrides it); raises BadImageError naming the file."""
+        return open_image(rec.path, self.max_image_pixels)
 
     def load(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """Sample ``index`` before ``transforms``: the uint8[3, H, W] image and its target (class docstring);
         raises BadImageError for a file that cannot be read or whose size differs from the annotations."""
         rec = self.records[index]
-        img = open_image(rec.path, self.max_image_pixels)
+        img = self.open_image(rec)
         if img.size != (rec.width, rec.height):
             raise BadImageError(size_error(rec.path, img.size, (rec.width, rec.height)))
         image = tv_tensors.Image(F.pil_to_tensor(img))

@@ -1,7 +1,8 @@
 """Synthetic "shapes" detection dataset: a small, deterministic stand-in for COCO that builds in seconds.
 
 This module checks the parameters, decides where a dataset may be written (a missing or empty folder, or
-over a shapes dataset, removing only the files the generator wrote: ``generate_shapes``), publishes a finished
+over a shapes dataset, removing only the files the generator wrote: ``generate_shapes``; a dataset without the
+YOLO copy gets it added, new files only: ``add_yolo_copy``), publishes a finished
 dataset (atomically into a missing or empty folder) and holds the ``train.py shapes`` command;
 ``shapes_files`` writes the files and ``shapes_scene`` draws the images. Layout written under ``out``
 (every box below is integer-aligned, so all layouts round-trip exactly)::
@@ -11,6 +12,8 @@ dataset (atomically into a missing or empty folder) and holds the ``train.py sha
     voc/JPEGImages/000001.jpg                 (voc=True) Pascal VOC copy of the same images
     voc/Annotations/000001.xml                VOC boxes xmin, ymin, xmax, ymax = x + 1, y + 1, x + w, y + h
     voc/ImageSets/Main/{train,val,trainval}.txt
+    data.yaml                                 (yolo=True) YOLO (Ultralytics) layout over the same images/<split>:
+    labels/{train,val}/000001.txt             class cx cy w h per object, normalised, class = label - 1
     classification/{train,val}/<class>/*.png  (classification=True) crops of the visible boxes plus a margin
     shapes.json                               manifest: generation parameters and counts ("replacing": the
                                               older parameters while an overwrite is under way)
@@ -48,13 +51,15 @@ from .shapes_files import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SPLITS,
+    YOLO_YAML,
     generated_files,
     layout_folders,
     write_dataset,
+    yolo_copy,
 )
 from .shapes_scene import SHAPES_CATEGORIES
 
-__all__ = ["SHAPES_CATEGORIES", "generate_shapes", "shapes_command"]
+__all__ = ["SHAPES_CATEGORIES", "add_yolo_copy", "generate_shapes", "shapes_command"]
 
 MIN_SPLIT_IMAGES = 4  # images 0..2 carry the forced anchors, the 4th leaves room for an empty image
 MIN_SIDE = 160  # a never-occluded triangle with area > 96**2 needs a bounding box of about 140 x 140
@@ -66,7 +71,7 @@ DEFAULT_NUM_VAL = 60
 
 
 # ---------------------------------------------------------------------------------- the dataset on disk
-def _check_params(num_train, num_val, image_size, seed, voc, classification) -> dict:
+def _check_params(num_train, num_val, image_size, seed, voc, classification, yolo) -> dict:
     def as_int(name, value, minimum):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise BadValueError(f"shapes: {name} must be an integer >= {minimum}, got {value!r}")
@@ -85,6 +90,7 @@ def _check_params(num_train, num_val, image_size, seed, voc, classification) -> 
         "seed": as_int("seed", seed, 0),
         "voc": bool(voc),
         "classification": bool(classification),
+        "yolo": bool(yolo),
     }
 
 
@@ -97,6 +103,9 @@ def _paths(out: Path, params: dict) -> dict[str, Path]:
             paths[f"{split}_classification"] = out / "classification" / split
     if params["voc"]:
         paths["voc"] = out / "voc"
+    if params["yolo"]:
+        paths["yolo"] = out / YOLO_YAML
+        paths.update({f"{split}_labels": out / "labels" / split for split in SPLITS})
     if params["classification"]:
         paths["classification"] = out / "classification"
     return paths
@@ -104,11 +113,11 @@ def _paths(out: Path, params: dict) -> dict[str, Path]:
 
 def _manifest_owned(manifest: dict) -> list[dict]:
     """The parameter sets whose generated files a manifest vouches for: its own and, while a replacement
-    is under way, the replaced dataset's. Raises (KeyError, TypeError, BadValueError) if malformed."""
-    owned = [manifest["parameters"], *manifest.get("replacing", [])]
-    for p in owned:
-        _check_params(p["num_train"], p["num_val"], p["image_size"], p["seed"], p["voc"], p["classification"])
-    return owned
+    is under way, the replaced dataset's, each with every parameter (a dataset written before the YOLO copy
+    existed has yolo=False). Raises (KeyError, TypeError, BadValueError) if malformed."""
+    return [_check_params(p["num_train"], p["num_val"], p["image_size"], p["seed"], p["voc"], p["classification"],
+                          p.get("yolo", False))
+            for p in [manifest["parameters"], *manifest.get("replacing", [])]]  # fmt: skip
 
 
 def _existing(out: Path, params: dict) -> tuple[str | None, list[dict] | None]:
@@ -204,13 +213,47 @@ def _replace_in_place(tmp: Path, out: Path, params: dict, owned: list[dict]) -> 
     os.replace(tmp / MANIFEST_NAME, out / MANIFEST_NAME)  # last: no "replacing" in it means complete
 
 
-def _generate(out, num_train, num_val, image_size, seed, voc, classification, overwrite) -> tuple[dict, bool]:
+def _add_yolo_copy(out: Path, old: dict, params: dict) -> None:
+    """Add the YOLO copy to the shapes dataset in ``out`` written with ``old`` (``params`` with yolo=False, from
+    before the copy existed): new files only, derived from its COCO files, and the manifest last. A file at
+    one of their paths stops it, unless it holds what would be written there (an interrupted addition)."""
+    missing = [str(p) for p in _paths(out, old).values() if not p.exists()]
+    if missing:
+        raise FileTakenError(_refusal(out, f"is incomplete, missing {', '.join(missing)}", [old]))
+    files = yolo_copy(out, params)
+    for path, text in files.items():
+        blocked = [d for d in path.parents if d.is_relative_to(out) and d.exists() and not d.is_dir()]
+        if path.exists() and (not path.is_file() or path.read_text() != text):
+            blocked.insert(0, path)
+        if blocked:
+            raise FileTakenError(f"{blocked[0]} is not a file of the shapes dataset in {out}, and its YOLO copy "
+                                 "would overwrite it: move it away or choose another out (--out)")  # fmt: skip
+    # Each file written beside the dataset, then renamed into place: an interruption leaves whole files only.
+    target = Path(os.path.realpath(out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.yolo-", dir=target.parent))
+    try:
+        for i, (path, text) in enumerate(files.items()):
+            (tmp / str(i)).write_text(text)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / str(i), path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["parameters"] = params
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _generate(out, num_train, num_val, image_size, seed, voc, classification, yolo,
+              overwrite) -> tuple[dict, bool]:  # fmt: skip
     """``generate_shapes``, plus whether it wrote anything (False: ``out`` already held this dataset)."""
     out = Path(out)
-    params = _check_params(num_train, num_val, image_size, seed, voc, classification)
+    params = _check_params(num_train, num_val, image_size, seed, voc, classification, yolo)
     state, owned = _existing(out, params)
     if state == "same":
         return _paths(out, params), False
+    if params["yolo"] and owned == [{**params, "yolo": False}]:  # only the YOLO copy is missing: it is added
+        _add_yolo_copy(out, owned[0], params)
+        return _paths(out, params), True
     if state is not None and (owned is None or not overwrite):
         raise FileTakenError(_refusal(out, state, owned))
     target = Path(os.path.realpath(out))  # a symlinked folder is written through; the link stays
@@ -241,21 +284,35 @@ def generate_shapes(
     seed: int = 0,
     voc: bool = True,
     classification: bool = True,
+    yolo: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write the synthetic shapes dataset to ``out`` (layout in the module docstring) and return its paths.
 
     ``image_size`` is (height, width), each >= 160; each split needs >= 4 images. Returns a dict with keys
-    root, manifest, {train,val}_images, {train,val}_annotations and, when enabled, voc, classification and
-    {train,val}_classification. Writes only into a missing or empty folder, or over a shapes dataset: if
-    ``out`` already holds one generated with the same parameters nothing is written, even with ``overwrite``
+    root, manifest, {train,val}_images, {train,val}_annotations and, when enabled, voc, classification,
+    {train,val}_classification, yolo (data.yaml) and {train,val}_labels. Writes only into a missing or empty
+    folder, or over a shapes dataset: if ``out`` already holds one generated with the same parameters nothing
+    is written, even with ``overwrite``
     (the parameters determine the content); one with other parameters, or incomplete, raises FileTakenError
     (a FileExistsError) unless ``overwrite`` is True, which removes the files the generator wrote there (its
     manifest says which) and keeps every other file. A folder holding anything else (no manifest) is
     refused with or without ``overwrite``: nothing in it is touched. Raises BadValueError (a ValueError) for
     invalid parameters.
     """
-    return _generate(out, num_train, num_val, image_size, seed, voc, classification, overwrite)[0]
+    return _generate(out, num_train, num_val, image_size, seed, voc, classification, yolo, overwrite)[0]
+
+
+def add_yolo_copy(out: str | os.PathLike) -> dict[str, Path]:
+    """Add the YOLO copy to the shapes dataset in ``out`` written without it (by an older version, or with
+    yolo=False), with the parameters its manifest holds; its other files stay as they are. Returns the paths."""
+    out = Path(out)
+    try:
+        (p,) = _manifest_owned(json.loads((out / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadFileError(f"{out}: no complete shapes dataset to add a YOLO copy to ({err})") from None
+    return generate_shapes(out, p["num_train"], p["num_val"], tuple(p["image_size"]), p["seed"], p["voc"],
+                           p["classification"], yolo=True)  # fmt: skip
 
 
 def _print_summary(paths: dict[str, Path], state: str) -> None:
@@ -277,6 +334,8 @@ def _print_summary(paths: dict[str, Path], state: str) -> None:
         print(
             f"  VOC {paths['voc']} ({sum(counts[s]['difficult'] for s in SPLITS)} objects marked difficult)"
         )
+    if "yolo" in paths:
+        print(f"  YOLO {paths['yolo']} (labels/<split>/*.txt beside the COCO images/<split>)")
     if "classification" in paths:
         print(f"  classification {paths['classification']} ({sum(counts[s]['crops'] for s in SPLITS)} crops)")
 
@@ -290,21 +349,23 @@ def shapes_command(
     seed: int = 0,
     voc: bool = True,
     classification: bool = True,
+    yolo: bool = True,
     overwrite: bool = False,
 ) -> None:
-    """Generate the embedded shapes dataset: COCO under OUT, VOC under OUT/voc, crops under OUT/classification.
+    """Generate the embedded shapes dataset: COCO and YOLO under OUT, VOC under OUT/voc, crops under
+    OUT/classification.
 
     Args:
         out: dataset directory.
         num_train, num_val: images per split.
         height, width: image size in pixels (>= 160).
         seed: random seed; the same seed gives the same annotations on any machine.
-        voc, classification: also write the Pascal VOC and the image-folder layouts.
+        voc, classification, yolo: also write the Pascal VOC, the image-folder and the YOLO layouts.
         overwrite: replace a shapes dataset generated with other parameters (only the files it wrote).
     """
     start = time.perf_counter()
     paths, generated = _generate(
-        out, num_train, num_val, (height, width), seed, voc, classification, overwrite
+        out, num_train, num_val, (height, width), seed, voc, classification, yolo, overwrite
     )
     state = (
         f"generated in {time.perf_counter() - start:.1f} s"

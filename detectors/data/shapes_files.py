@@ -1,8 +1,9 @@
 """The files of one shapes dataset, written into a new directory (layout and rules: detectors.data.shapes).
 
 ``write_dataset`` draws every image with ``shapes_scene.draw_scene`` and writes it once as JPEG, then its
-objects' visible boxes and RLE masks as COCO annotations, a VOC copy and the classification crops, split
-by split, and the manifest last.
+objects' visible boxes and RLE masks as COCO annotations, a VOC copy, YOLO label files (over the same
+``images/<split>`` JPEGs, the folders Ultralytics' layout names) and the classification crops, split by split,
+and the manifest last.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .shapes_scene import (
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "shapes.json"
+YOLO_YAML = "data.yaml"
 SPLITS = ("train", "val")
 MIN_CROP_SIDE = 8  # below this the object gets no crop and is VOC-difficult
 DIFFICULT_VISIBLE = 0.6
@@ -150,6 +152,43 @@ def _voc_xml(stem: str, hw: tuple[int, int], objects: list[_Annotated]) -> bytes
     return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"
 
 
+def _yolo_labels(hw: tuple[int, int], objects: list[_Annotated]) -> str:
+    """One ``class cx cy w h`` row per object, normalised by the image size. Python's shortest repr of each
+    float64 reads back as the same float64, so a reader's pixels equal the integer box to ~1e-13 px."""
+    height, width = hw
+    rows = []
+    for name, (x, y, w, h), _, _ in objects:
+        values = ((x + w / 2) / width, (y + h / 2) / height, w / width, h / height)
+        rows.append(" ".join([str(KINDS.index(name)), *(repr(float(v)) for v in values)]) + "\n")
+    return "".join(rows)
+
+
+def _yolo_yaml(seed: int) -> str:
+    """No ``path``: the yaml's folder is the root, for litvision and for Ultralytics (which would resolve a
+    relative ``path`` against the working directory or its datasets_dir setting)."""
+    names = "".join(f"  {i}: {name}\n" for i, name in enumerate(KINDS))
+    return (f"# litvision synthetic shapes, seed {seed}: YOLO (Ultralytics) layout over the COCO copy's images\n"
+            f"train: images/train\nval: images/val\nnames:\n{names}")  # fmt: skip
+
+
+def yolo_copy(root: Path, params: dict) -> dict[Path, str]:
+    """The YOLO copy's files (path -> text) of the shapes dataset in ``root``, derived from its COCO files: the
+    same files ``write_dataset`` writes with yolo=True, for a dataset written before the copy existed."""
+    name_of = {c["id"]: c["name"] for c in SHAPES_CATEGORIES}
+    hw = tuple(params["image_size"])
+    files = {root / YOLO_YAML: _yolo_yaml(params["seed"])}
+    for split in SPLITS:
+        coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+        objects: dict[int, list[_Annotated]] = {img["id"]: [] for img in coco["images"]}
+        for a in coco["annotations"]:  # in the order the objects were written
+            box = tuple(int(v) for v in a["bbox"])
+            objects[a["image_id"]].append(_Annotated(name_of[a["category_id"]], box, False, a["id"]))
+        for img in coco["images"]:
+            stem = Path(img["file_name"]).stem
+            files[root / "labels" / split / f"{stem}.txt"] = _yolo_labels(hw, objects[img["id"]])
+    return files
+
+
 def _coco_file(split: str, seed: int, images: list[dict], annotations: list[dict]) -> dict:
     return {
         # No timestamps: the file must be byte-identical for the same seed.
@@ -176,6 +215,8 @@ def _write_split(root: Path, params: dict, split: str, first_id: int) -> dict:
     hw, seed = tuple(params["image_size"]), params["seed"]
     anchors, empty = _split_plan(seed, code, n)
     (root / "images" / split).mkdir(parents=True)
+    if params["yolo"]:
+        (root / "labels" / split).mkdir(parents=True)
     crops = root / "classification" / split
     if params["classification"]:
         for kind in KINDS:
@@ -196,6 +237,8 @@ def _write_split(root: Path, params: dict, split: str, first_id: int) -> dict:
         objects = _annotate(image_id, shapes, annotations, counts)
         if params["classification"]:
             counts["crops"] += _write_crops(crops, stem, pixels, objects)
+        if params["yolo"]:
+            (root / "labels" / split / f"{stem}.txt").write_text(_yolo_labels(hw, objects))
         if params["voc"]:
             (root / "voc" / "JPEGImages" / f"{stem}.jpg").write_bytes(buffer.getvalue())
             (root / "voc" / "Annotations" / f"{stem}.xml").write_bytes(_voc_xml(stem, hw, objects))
@@ -217,6 +260,8 @@ def write_dataset(root: Path, params: dict) -> None:
     if params["voc"]:
         main = root / "voc" / "ImageSets" / "Main"
         (main / "trainval.txt").write_text((main / "train.txt").read_text() + (main / "val.txt").read_text())
+    if params["yolo"]:
+        (root / YOLO_YAML).write_text(_yolo_yaml(params["seed"]))
     manifest = {
         "generator": "detectors.data.shapes",
         "format_version": FORMAT_VERSION,
@@ -244,6 +289,8 @@ def generated_files(root: Path, params: dict) -> set[Path]:
             files.append(root / "voc" / "ImageSets" / "Main" / f"{split}.txt")
             files += [root / "voc" / "JPEGImages" / f"{i:06d}.jpg" for i in ids[split]]
             files += [root / "voc" / "Annotations" / f"{i:06d}.xml" for i in ids[split]]
+        if params["yolo"]:
+            files += [root / "labels" / split / f"{i:06d}.txt" for i in ids[split]]
         if params["classification"]:
             for kind in KINDS:
                 folder = root / "classification" / split / kind
@@ -251,6 +298,8 @@ def generated_files(root: Path, params: dict) -> set[Path]:
                 files += [folder / n for n, m in crops if m and int(m.group(1)) in ids[split]]
     if params["voc"]:
         files.append(root / "voc" / "ImageSets" / "Main" / "trainval.txt")
+    if params["yolo"]:
+        files.append(root / YOLO_YAML)
     return {f for f in files if f.is_file() and not f.is_symlink()}
 
 
@@ -259,6 +308,7 @@ def layout_folders(root: Path) -> list[Path]:
     folders = [root / "classification" / s / k for s in SPLITS for k in KINDS]
     folders += [root / "classification" / s for s in SPLITS] + [root / "classification"]
     folders += [root / "images" / s for s in SPLITS] + [root / "images", root / "annotations"]
+    folders += [root / "labels" / s for s in SPLITS] + [root / "labels"]
     main = root / "voc" / "ImageSets" / "Main"
     voc = root / "voc"
     return folders + [main, main.parent, voc / "JPEGImages", voc / "Annotations", voc]

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from detectors.data.coco import CocoDetection
 from detectors.data.images import ImageFileDataset
 from detectors.data.samples import collate_detection
+from detectors.data.voc import VOCDetection
+from detectors.data.yolo import YoloDetection
 from detectors.predict import CocoPredictionWriter, merge_rank_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -443,3 +445,90 @@ def test_predict_with_raise_still_writes_the_good_images_when_one_fails_to_decod
     images, detected, failed = _written(out)
     assert images == [0, 1, 2] and detected == {0, 1, 2}
     assert [(i, name) for i, name, _ in failed] == [(3, "cut.jpg")]
+
+
+# -- YOLO data: predictions with the reader's ids, and the ground truth that `train.py evaluate` scores them on -----
+
+
+def test_writer_on_yolo_data_writes_the_ground_truth_with_the_same_ids(shapes_dir, tmp_path):
+    dataset = YoloDetection(shapes_dir, "val")
+    out = tmp_path / "out"
+    _predict(KnownDetections(), dataset, CocoPredictionWriter(str(out)))
+    results = json.loads((out / "predictions.json").read_text())
+    truth = json.loads((out / "ground_truth.json").read_text())
+    # image ids: positions in the sorted image list; category ids: YOLO class + 1, the label
+    assert [i["id"] for i in truth["images"]] == list(range(len(dataset))) == sorted({r["image_id"] for r in results})
+    assert truth["categories"] == json.loads((out / "categories.json").read_text()) == [
+        {"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]  # fmt: skip
+    assert sorted({r["category_id"] for r in results}) == [1, 2, 3]
+    # the ground truth is the data's: each image's YOLO rows, worked back to pixels here from the label file
+    for image in truth["images"]:
+        path = Path(image["file_name"])
+        assert (image["width"], image["height"]) == Image.open(path).size
+        rows = [line.split() for line in (shapes_dir / "labels" / "val" / f"{path.stem}.txt").read_text().splitlines()]
+        expected = [(int(c) + 1, [(float(cx) - float(w) / 2) * 160, (float(cy) - float(h) / 2) * 160,
+                                  float(w) * 160, float(h) * 160]) for c, cx, cy, w, h in rows]  # fmt: skip
+        mine = [(a["category_id"], a["bbox"]) for a in truth["annotations"] if a["image_id"] == image["id"]]
+        assert [c for c, _ in mine] == [c for c, _ in expected]
+        for (_, got), (_, want) in zip(mine, expected, strict=True):
+            assert got == pytest.approx(want, abs=1e-4)
+    assert sum(len(dataset.records[i].labels) for i in range(len(dataset))) == len(truth["annotations"]) > 0
+
+
+class NearTruth(L.LightningModule):
+    """Stands in for a good detector: each true box shifted by 0..0.75 px (scores falling with the shift), plus a
+    copy with the next class at a low score, so that mismatched image or category ids would score near 0."""
+
+    class_names = CLASSES
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def predict_step(self, batch, batch_idx):
+        out = []
+        for t in batch[1]:
+            boxes, labels = t["boxes"].as_subclass(torch.Tensor), t["labels"]
+            shift = torch.arange(len(boxes), dtype=torch.float32).remainder(4)[:, None] / 4
+            scores = 0.9 - 0.1 * shift[:, 0]
+            out.append({"boxes": torch.cat([boxes + shift, boxes]), "labels": torch.cat([labels, labels % 3 + 1]),
+                        "scores": torch.cat([scores, scores / 4]), "image_id": t["image_id"]})  # fmt: skip
+        return out
+
+
+@pytest.mark.parametrize(("layout", "split"), [("yolo", "train"), ("yolo", "val"), ("voc", "val")])
+def test_evaluate_on_written_yolo_and_voc_files_equals_pycocotools(shapes_dir, tmp_path, train_py, layout, split):
+    from .evaluation.helpers import COCO_KEYS, pycocotools_eval
+
+    out = tmp_path / "out"
+    data = YoloDetection(shapes_dir, split) if layout == "yolo" else VOCDetection(shapes_dir / "voc", split, CLASSES)
+    _predict(NearTruth(), data, CocoPredictionWriter(str(out)))
+    gt_file, dt_file = out / "ground_truth.json", out / "predictions.json"
+    code, _, err = train_py("evaluate", "--gt", gt_file, "--predictions", dt_file, "--out", tmp_path / "m.json")
+    assert code == 0, err[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    stats, per_class, _ = pycocotools_eval(json.loads(gt_file.read_text()), json.loads(dt_file.read_text()))
+    assert stats[1] > 0.9  # AP50 of near-true boxes: the ids of both files agree
+    np.testing.assert_allclose([metrics[k] for k in COCO_KEYS], stats, rtol=0, atol=1e-6)
+    assert {k: metrics[f"ap/{k}"] for k in per_class} == pytest.approx(per_class, abs=1e-6)
+
+
+@pytest.mark.slow  # the fast path: the writer test above, and fit on format yolo (tests/detectors/data/test_yolo.py)
+def test_train_py_predict_then_evaluate_on_yolo_data_equals_pycocotools(shapes_dir, cli_checkpoint, tmp_path,
+                                                                          train_py):  # fmt: skip
+    from .evaluation.helpers import COCO_KEYS, pycocotools_eval
+
+    out = tmp_path / "out"
+    code, _, err = train_py("predict", "--config", REPO_ROOT / "configs" / "faster_rcnn.yaml", *_data_args(shapes_dir),
+                            "--data.init_args.format", "yolo", "--ckpt_path", cli_checkpoint, "--predict_out", out,
+                            "--runs_dir", tmp_path / "runs", "--trainer.logger", "false",
+                            "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert code == 0, err[-3000:]
+    gt_file, dt_file = out / "ground_truth.json", out / "predictions.json"
+    assert json.loads(dt_file.read_text())  # score_thresh 0: the untrained model detects something
+    code, _, err = train_py("evaluate", "--gt", gt_file, "--predictions", dt_file, "--out", tmp_path / "m.json")
+    assert code == 0, err[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    stats, per_class, _ = pycocotools_eval(json.loads(gt_file.read_text()), json.loads(dt_file.read_text()))
+    np.testing.assert_allclose([metrics[k] for k in COCO_KEYS], stats, rtol=0, atol=1e-6)
+    assert {k: metrics[f"ap/{k}"] for k in per_class} == pytest.approx(per_class, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Bad input through the real commands: broken data files in COCO and VOC layouts, and broken images, each made
+"""Bad input through the real commands: broken data files in COCO, VOC and YOLO layouts, and broken images, each made
 from a copy of the small shapes set and run through ``fit`` (a broken train split and a broken val split),
 ``validate``, ``predict``, ``compare`` and ``evaluate`` with configs/faster_rcnn.yaml shrunk in size only.
 
@@ -172,6 +172,39 @@ def flip_box(ann: ET.Element) -> None:
     xmin.text, xmax.text = xmax.text, xmin.text
 
 
+def yolo_yaml(root: Path, split: str) -> Path:
+    return root / "data.yaml"
+
+
+def yolo_label(root: Path, split: str) -> Path:
+    """The split's first label file (images 0..2 of a shapes split each hold an object)."""
+    return sorted((root / "labels" / split).glob("*.txt"))[0]
+
+
+def yolo_row(change: Callable[[list[str]], list[str]]) -> Callable[[Path, str], Path]:
+    """The first row of the split's first label file, its fields changed."""
+    def content(data: bytes) -> bytes:
+        first, *rest = data.decode().splitlines(keepends=True)
+        return (" ".join(change(first.split())) + "\n" + "".join(rest)).encode()
+
+    return rewritten(yolo_label, content)
+
+
+def yolo_field(index: int, value: str) -> Callable[[Path, str], Path]:
+    return yolo_row(lambda fields: [value if i == index else f for i, f in enumerate(fields)])
+
+
+def yolo_split_folder(root: Path, split: str) -> Path:
+    """data.yaml's entry of the split names a folder that does not exist."""
+    path = yolo_yaml(root, split)
+    path.write_text(path.read_text().replace(f"{split}: images/{split}", f"{split}: images/{split}-missing"))
+    return path
+
+
+def yolo_image(root: Path, split: str) -> Path:
+    return sorted((root / "images" / split).glob("*.jpg"))[0]
+
+
 def image_file(root: Path, split: str) -> Path:
     """The first image of the split's COCO file (images/<split>/...)."""
     data = json.loads(coco_file(root, split).read_text())
@@ -205,7 +238,7 @@ class Kind:
     error must name, with a match of ``says``; ``args`` are the data settings the case runs with."""
 
     name: str
-    layout: str  # "coco", "voc" or "image" (an image file, COCO layout)
+    layout: str  # "coco", "voc", "yolo" or "image" (an image file, COCO layout)
     breaks: Callable[[Path, str], Path]
     says: str
     commands: tuple[str, ...] = (*DATA_COMMANDS, "evaluate")
@@ -264,6 +297,24 @@ KINDS = [
          STRICT),
     Kind("voc-filename-traversal", "voc", voc_filename_traversal, "resolves outside", DATA_COMMANDS),
     Kind("voc-split-traversal", "voc", voc_split_traversal, "resolves outside", DATA_COMMANDS),
+    # YOLO label files and data.yaml
+    Kind("yolo-short-row", "yolo", yolo_row(lambda fields: fields[:4]), "expected 5 fields 'class cx cy w h', got 4",
+         DATA_COMMANDS),
+    Kind("yolo-not-a-number", "yolo", yolo_field(2, "abc"), "not a number", DATA_COMMANDS),
+    Kind("yolo-nan", "yolo", yolo_field(3, "nan"), "not a finite number", DATA_COMMANDS),
+    Kind("yolo-class-out-of-range", "yolo", yolo_field(0, "3"), "class 3 is not a class index 0..2", DATA_COMMANDS),
+    Kind("yolo-outside-0-1", "yolo", yolo_field(1, "1.5"), "must be normalised to 0..1", DATA_COMMANDS),
+    Kind("yolo-zero-size-strict", "yolo", yolo_field(3, "0"), "non-positive width or height", DATA_COMMANDS,
+         STRICT),
+    Kind("yolo-not-utf8", "yolo", rewritten(yolo_label, lambda b: b"\xff\xfe" + b), "not UTF-8", DATA_COMMANDS),
+    Kind("yolo-yaml-malformed", "yolo", rewritten(yolo_yaml, lambda b: b"names: [a, b\n" + b), "malformed YAML",
+         DATA_COMMANDS),
+    Kind("yolo-yaml-no-names", "yolo", rewritten(yolo_yaml, lambda b: b.split(b"names:")[0]), "missing key 'names'",
+         DATA_COMMANDS),
+    Kind("yolo-yaml-missing", "yolo", deleted(yolo_yaml), "file not found", DATA_COMMANDS),
+    Kind("yolo-split-folder-missing", "yolo", yolo_split_folder, "which does not exist", DATA_COMMANDS),
+    Kind("yolo-image-not-an-image", "yolo", rewritten(yolo_image, lambda b: b"just text\n" * 20),
+         "not a readable image", DATA_COMMANDS),
     # image files (the COCO layout; VOC reads its images through the same DetectionDataset.load)
     Kind("image-zero-byte", "image", rewritten(image_file, lambda b: b""), "not a readable image", DATA_COMMANDS),
     Kind("image-truncated", "image", rewritten(image_file, lambda b: b[: len(b) // 2]), "truncated or corrupt", DATA_COMMANDS),
@@ -279,7 +330,8 @@ BY_NAME = {k.name: k for k in KINDS}
 
 # One of each group in `make test`: the train split's annotation files (the case that was a traceback) and an
 # image, read by a DataLoader worker process.
-FAST = {("coco-malformed", "fit:train"), ("voc-malformed", "fit:train"), ("image-truncated", "fit:train")}
+FAST = {("coco-malformed", "fit:train"), ("voc-malformed", "fit:train"), ("yolo-short-row", "fit:train"),
+        ("image-truncated", "fit:train")}  # fmt: skip
 
 
 def cases():
@@ -322,6 +374,8 @@ def data(shapes_dir, tmp_path) -> Path:
 def data_args(root: Path, layout: str, num_workers: int = 0) -> list:
     where = (["--data.init_args.root", voc_dir(root), "--data.init_args.format", "voc", "--data.init_args.classes",
               json.dumps(CLASSES)] if layout == "voc" else ["--data.init_args.root", root])  # fmt: skip
+    if layout == "yolo":
+        where += ["--data.init_args.format", "yolo"]
     # One batch holds a whole split (8 train, 4 val images): a bad image fails the first step.
     return [*where, "--data.init_args.generate", "false", "--data.init_args.num_workers", num_workers,
             "--data.init_args.batch_size", "8"]  # fmt: skip
@@ -382,7 +436,7 @@ def test_bad_input_is_a_one_line_usage_error(kind_name, command, data, checkpoin
     if command != "evaluate":
         # Image cases on the fast path go through a worker process, which hands the error over wrapped.
         workers = 1 if (kind.name, command) in FAST and kind.layout == "image" else 0
-        layout = "voc" if kind.layout == "voc" else "coco"
+        layout = kind.layout if kind.layout in ("voc", "yolo") else "coco"
         args = command_args(command, data, layout, tmp_path, checkpoint, kind.args)
         args[args.index("--data.init_args.num_workers") + 1] = workers
     code, out, err = train_py(*args)
@@ -426,7 +480,7 @@ def test_a_bad_results_file_is_a_one_line_usage_error(name, content, says, shape
 
 
 SKIPPED = ["image-truncated", "image-not-an-image", "image-decompression-bomb", "image-missing", "image-other-size",
-           "image-zero-byte"]  # fmt: skip
+           "image-zero-byte", "yolo-image-not-an-image"]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", [
@@ -438,9 +492,11 @@ SKIPPED = ["image-truncated", "image-not-an-image", "image-decompression-bomb", 
 def test_with_skip_a_bad_image_is_skipped_and_named(kind_name, command, data, checkpoint, tmp_path, train_py,
                                                      monkeypatch, recwarn, one_thread):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    broken = BY_NAME[kind_name].breaks(data, "train" if command == "fit:train" else "val")
+    kind = BY_NAME[kind_name]
+    broken = kind.breaks(data, "train" if command == "fit:train" else "val")
     skip = ("--data.init_args.on_bad_sample", "skip")
-    code, out, err = train_py(*command_args(command, data, "coco", tmp_path, checkpoint, skip))
+    layout = "yolo" if kind.layout == "yolo" else "coco"
+    code, out, err = train_py(*command_args(command, data, layout, tmp_path, checkpoint, skip))
     assert code == 0, f"exit {code}\n{out[-2000:]}\n{err[-3000:]}"
     skipped = [str(w.message) for w in recwarn if "skipping bad sample" in str(w.message)]
     assert skipped and all(str(broken) in s for s in skipped), [str(w.message) for w in recwarn]

@@ -246,7 +246,7 @@ def test_overwrite_removes_only_the_files_the_generator_wrote(tmp_path, train_py
     generate_shapes(out, num_train=6, num_val=4, image_size=(160, 160))
     mine = {"notes.txt": b"precious", "images/train/holiday.jpg": b"jpeg bytes",
             "classification/train/rectangle/my_crop.png": b"png bytes", "voc/Annotations/extra.xml": b"<a/>",
-            "voc/ImageSets/Main/my_split.txt": b"000001\n"}  # fmt: skip
+            "voc/ImageSets/Main/my_split.txt": b"000001\n", "labels/train/holiday.txt": b"0 0.5 0.5 0.1 0.1\n"}  # fmt: skip
     for name, content in mine.items():
         (out / name).write_bytes(content)
     # Fewer images: 000005-000010 of the old layout have no counterpart in the new one and must go.
@@ -281,6 +281,33 @@ def test_an_interrupted_overwrite_is_finished_by_the_next(tmp_path, monkeypatch)
     generate_shapes(fresh, num_train=4, num_val=4, **small)
     assert _files(out) == {**_files(fresh), "notes.txt": b"precious"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "fresh"]
+
+
+def test_the_yolo_copy_leaves_coco_and_voc_byte_identical_and_an_older_dataset_gets_it_added(tmp_path):
+    small = dict(num_train=4, num_val=4, image_size=(160, 160), classification=False)
+    without, with_yolo = tmp_path / "without", tmp_path / "with"
+    generate_shapes(without, yolo=False, **small)
+    generate_shapes(with_yolo, **small)
+    files, yolo_files = _files(without), _files(with_yolo)
+    added = sorted(set(yolo_files) - set(files))
+    assert added == ["data.yaml", *[f"labels/train/{i:06d}.txt" for i in range(1, 5)],
+                     *[f"labels/val/{i:06d}.txt" for i in range(5, 9)]]  # fmt: skip
+    assert {k: v for k, v in yolo_files.items() if k in files and k != "shapes.json"} == {
+        k: v for k, v in files.items() if k != "shapes.json"}  # COCO, VOC and the images: the same bytes
+    # A manifest from before the YOLO copy (no "yolo" parameter) reads as yolo=False; asking for the copy adds it
+    # from the COCO files, no overwrite needed, and gives the files a fresh generation writes, byte for byte.
+    manifest = json.loads((without / "shapes.json").read_text())
+    del manifest["parameters"]["yolo"]
+    (without / "shapes.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (without / "labels" / "val").mkdir(parents=True)
+    (without / "labels" / "val" / "000005.txt").write_text("mine")  # where the copy would write: refused
+    before = _files(without)
+    with pytest.raises(FileTakenError, match=r"labels/val/000005.txt is not a file of the shapes dataset"):
+        generate_shapes(without, **small)
+    assert _files(without) == before
+    (without / "labels" / "val" / "000005.txt").unlink()
+    generate_shapes(without, **small)
+    assert _files(without) == yolo_files
 
 
 def test_overwrite_refuses_to_replace_a_user_file_the_new_layout_needs(tmp_path):
