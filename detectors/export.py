@@ -104,9 +104,9 @@ class DetectorExport(ExportAdapter):
     def eager(self, images: Tensor) -> list[Tensor]:
         """The module's own detections, padded as the graph pads them (``DetectionModule.forward``)."""
         detections = self.module(list(images))
-        d = self.detections_per_img
-        out = [images.new_zeros((len(images), d, 4)), images.new_zeros((len(images), d)),
-               torch.zeros((len(images), d), dtype=torch.int64), torch.zeros(len(images), dtype=torch.int64)]  # fmt: skip
+        b, d = len(images), self.detections_per_img
+        out = [images.new_zeros((b, d, 4)), images.new_zeros((b, d)), torch.zeros((b, d), dtype=torch.int64),
+               torch.zeros(b, dtype=torch.int64)]  # fmt: skip
         for i, det in enumerate(detections):
             n = len(det["boxes"])
             out[0][i, :n], out[1][i, :n], out[2][i, :n], out[3][i] = det["boxes"], det["scores"], det["labels"], n
@@ -126,8 +126,9 @@ class DetectorExport(ExportAdapter):
                     return CheckResult(False, f"batch {batch} image {i}: {found}")
                 total += n
                 worst_box, worst_score = max(worst_box, found[0]), max(worst_score, found[1])
-        return CheckResult(True, f"{total} detections, labels equal, boxes max |diff| {worst_box:.1e} px "
-                                 f"(<= {tolerances['boxes']:g}), scores {worst_score:.1e} (<= {tolerances['scores']:g})")
+        boxes = f"{worst_box:.1e} px (<= {tolerances['boxes']:g})"
+        scores = f"{worst_score:.1e} (<= {tolerances['scores']:g})"
+        return CheckResult(True, f"{total} detections, labels equal, boxes max |diff| {boxes}, scores {scores}")
 
     def metadata(self, data: Any, format: str) -> dict[str, Any]:
         names = list(self.module.class_names)

@@ -303,8 +303,9 @@ def command_parser(name: str, command: Command) -> tuple[ArgumentParser, Any]:
         parser.add_argument(f"--{param}", nargs="+", required=required, help=helps.get(param))
     for param, base in command.classes.items():
         required = parameters[param].default is inspect.Parameter.empty  # a default (None): optional
-        parser.add_subclass_arguments(_import(base), param, required=required, help=f"{'required' if required else 'optional'}"
-                                      f": a {param} config file or class path ({base.partition(':')[2]}): {helps.get(param, '')}")
+        what = f"a {param} config file or class path ({base.partition(':')[2]})"
+        parser.add_subclass_arguments(_import(base), param, required=required,
+                                      help=f"{'required' if required else 'optional'}: {what}: {helps.get(param, '')}")
     return parser, function
 
 

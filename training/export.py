@@ -22,7 +22,9 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -124,11 +126,14 @@ def batches(images: Sequence[Tensor], batch_size: int) -> list[Tensor]:
     for start in range(0, len(images), batch_size):
         group = list(images[start : start + batch_size])
         group += [group[0]] * (batch_size - len(group))
-        size = group[0].shape[-2:]
-        group = [g if g.shape[-2:] == size else nn.functional.interpolate(g[None], size=tuple(size),
-                                                                          mode="bilinear")[0] for g in group]  # fmt: skip
+        size = tuple(group[0].shape[-2:])
+        group = [g if tuple(g.shape[-2:]) == size else _resize(g, size) for g in group]
         out.append(torch.stack(group))
     return out
+
+
+def _resize(image: Tensor, size: tuple[int, ...]) -> Tensor:
+    return nn.functional.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 # -- exporters ------------------------------------------------------------------------------------------
@@ -195,7 +200,9 @@ def load_runner(format: str, path: str) -> Callable[[Tensor], list[Tensor]]:
     if format == "onnx":
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads torch has: a like-for-like runtime
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda images: [torch.from_numpy(o) for o in session.run(None, {name: images.numpy()})]
     with _quiet():
@@ -206,6 +213,23 @@ def load_runner(format: str, path: str) -> Callable[[Tensor], list[Tensor]]:
             return [o.detach() for o in module(images)]
 
     return run
+
+
+def median_latency_ms(runs: dict[str, Callable[[Tensor], Any]], images: Sequence[Tensor], rounds: int = 20,
+                      warmup: int = 2) -> dict[str, float]:  # fmt: skip
+    """Median milliseconds of each function of ``runs`` on batches of ``images``: ``warmup`` untimed rounds,
+    then ``rounds`` in which every function runs once on the same batch, in turn (interleaved: a slow moment of
+    a shared machine costs each of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for r in range(warmup + rounds):
+            batch = images[r % len(images)]
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(batch)
+                if r >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -235,10 +259,15 @@ def _json_or_text(value: str) -> Any:
 
 def check_export(adapter: ExportAdapter, format: str, path: str, samples: list[Tensor],
                  tolerances: dict) -> CheckResult:  # fmt: skip
-    """Run the exported file and the eager module on every sample batch and compare them."""
-    run = load_runner(format, path)
+    """Run the exported file and the eager module on every sample batch and compare them; a file its runtime
+    cannot load or run is an :class:`ExportError`."""
     with torch.no_grad():
-        exported = [run(batch) for batch in samples]
+        try:
+            run = load_runner(format, path)
+            exported = [run(batch) for batch in samples]
+        except Exception as e:  # noqa: BLE001 -- the runtime's own error, in one line: the export is not usable
+            raise ExportError(f"the exported {format} file does not run: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200]}") from e
         eager = [adapter.eager(batch) for batch in samples]
     return adapter.compare(exported, eager, tolerances)
 
@@ -322,11 +351,7 @@ def _export_and_check(adapter: ExportAdapter, format: str, out: str, samples: li
             raise
         except Exception as e:  # noqa: BLE001 -- an exporter's limit: said in one line with the format that works
             raise _cannot(metadata.get("task", "model"), format, e, WORKS[format]) from e
-        try:
-            result = check_export(adapter, format, tmp, samples, tolerances)
-        except Exception as e:  # noqa: BLE001 -- the runtime cannot run the file: the export is not usable
-            raise ExportError(f"the exported {format} file does not run: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:200]}") from e
+        result = check_export(adapter, format, tmp, samples, tolerances)
         if not result.ok:
             raise ExportError(f"the exported {format} model does not reproduce the eager one, so {out} was not "
                               f"written: {result.summary}")
