@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import io
 import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -147,12 +149,12 @@ def _quiet():
     return stack
 
 
-def _cannot(kind: str, format: str, error: BaseException, works: str) -> ExportError:
+def _cannot(model: str, format: str, error: BaseException, works: str) -> ExportError:
     """One line: which exporter failed on what, and the format that works."""
     reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     where = next((line.strip() for line in str(error).splitlines() if line.startswith("Caused by:")), "")
     detail = f"{type(error).__name__}: {reason[:160]}" + (f" {where[:120]}" if where else "")
-    return ExportError(f"--format {format} cannot export this {kind} ({detail}); use --format {works}")
+    return ExportError(f"--format {format} cannot export {model} ({detail}); use --format {works}")
 
 
 def export_onnx(graph: nn.Module, example: Tensor, path: str, adapter: ExportAdapter, metadata: dict) -> None:
@@ -172,12 +174,27 @@ def export_onnx(graph: nn.Module, example: Tensor, path: str, adapter: ExportAda
     onnx.save(model, path)
 
 
+@contextlib.contextmanager
+def _no_stderr():
+    """Nothing written to stderr gets through, by Python or by C++: torch.export writes the whole traced graph
+    (hundreds of kB) there when it fails, and the exception already says why."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(io.StringIO()):
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def export_program(graph: nn.Module, example: Tensor, path: str, adapter: ExportAdapter, metadata: dict) -> None:
     """torch.export with the adapter's free dimensions, saved as a ``.pt2`` archive with ``litvision.json``."""
     dims = {axis: torch.export.Dim.AUTO for axis in adapter.dynamic("exported_program")}
     if 0 in dims and example.shape[0] == 1:  # torch.export fixes a dimension it sees at size 1
         example = torch.cat([example, example])
-    with _quiet():
+    with _quiet(), _no_stderr():
         program = torch.export.export(graph, (example,), dynamic_shapes={adapter.input_name: dims or None},
                                       strict=False)  # fmt: skip
     torch.export.save(program, path, extra_files={METADATA_FILE: json.dumps(metadata)})
@@ -350,7 +367,7 @@ def _export_and_check(adapter: ExportAdapter, format: str, out: str, samples: li
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 -- an exporter's limit: said in one line with the format that works
-            raise _cannot(metadata.get("task", "model"), format, e, WORKS[format]) from e
+            raise _cannot(metadata.get("model_class", "the model"), format, e, WORKS[format]) from e
         result = check_export(adapter, format, tmp, samples, tolerances)
         if not result.ok:
             raise ExportError(f"the exported {format} model does not reproduce the eager one, so {out} was not "
