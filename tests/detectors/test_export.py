@@ -185,12 +185,33 @@ def test_matching_pairs_detections_in_any_order_and_names_the_one_that_differs()
     order = torch.tensor([2, 0, 1])  # the tied pair comes out in the other order
     tol = {"boxes": 1e-3, "scores": 1e-4}
     moved = boxes[order] + torch.tensor([0.0, 0.0, 0.0, 5e-4])
-    assert match_detections([moved, scores[order], labels[order]], [boxes, scores, labels], tol) == pytest.approx(
-        (5e-4, 0.0), abs=1e-6)
+    found = match_detections([moved, scores[order], labels[order]], [boxes, scores, labels], tol)
+    assert found == pytest.approx((5e-4, 0.0, 0), abs=1e-6)
     wrong_label = labels.clone()
     wrong_label[0] = 3
     found = match_detections([boxes, scores, wrong_label], [boxes, scores, labels], tol)
     assert isinstance(found, str) and "label 1 score 0.9000" in found and "closest: label 3" in found
     too_far = boxes.clone()
-    too_far[1, 2] += 2e-3  # 2e-3 px: beyond 1e-3
+    too_far[0, 2] += 2e-3  # 2e-3 px: beyond 1e-3
     assert isinstance(match_detections([too_far, scores, labels], [boxes, scores, labels], tol), str)
+
+
+def test_detections_tied_at_the_lowest_score_may_differ_others_may_not():
+    """Where a detection limit cuts between equal scores, 1e-7 decides which box is kept: only there may the two
+    outputs hold different detections (also one more or one fewer)."""
+    tol = {"boxes": 1e-3, "scores": 1e-4}
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [30.0, 30.0, 40.0, 40.0]])
+    scores, labels = torch.tensor([0.9, 0.30002, 0.30001]), torch.tensor([1, 1, 2])
+    other = boxes.clone()
+    other[2] = torch.tensor([50.0, 50.0, 60.0, 60.0])  # the other of two boxes tied at the cut
+    assert match_detections([other, scores, labels], [boxes, scores, labels], tol)[2] == 2  # one each side
+    assert match_detections([boxes[:2], scores[:2], labels[:2]], [boxes, scores, labels], tol)[2] == 1
+    above = scores.clone()
+    above[2] = 0.2  # the cut now lies at 0.2: the boxes at 0.3 must match
+    found = match_detections([other, above, labels], [boxes, scores, labels], tol)
+    assert isinstance(found, str) and "no exported detection matches label 2 score 0.3000" in found
+    found = match_detections([boxes, scores, labels], [other, above, labels], tol)  # the other way round
+    assert isinstance(found, str) and "the exported model has a detection the eager one has not" in found
+    swapped, higher = boxes.clone(), torch.tensor([0.9, 0.5, 0.30001])
+    swapped[1] = torch.tensor([70.0, 70.0, 80.0, 80.0])  # a box above the cut differs
+    assert isinstance(match_detections([swapped, higher, labels], [boxes, higher, labels], tol), str)
