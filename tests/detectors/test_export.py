@@ -105,7 +105,6 @@ def test_onnx_export_matches_eager_on_the_val_images_and_keeps_classes_and_categ
     assert n[0] == len(eager["boxes"])
 
 
-@pytest.mark.slow  # the fast suite fails a check on the classifier (tests/classifiers/test_export.py)
 def test_a_check_that_fails_exits_non_zero_with_the_reason_and_writes_nothing(faster_rcnn_ckpt, tmp_path,
                                                                               train_py, monkeypatch):  # fmt: skip
     forward = DetectorGraph.forward
