@@ -31,6 +31,9 @@ COMMANDS = {
     "layers": Command("classifiers.backbones:layers_command",
                       "list a classifier backbone's layers in the order freeze=N counts them",
                       nested="model"),  # the classifier config's own keys: --model.backbone resnet50
+    "export": Command("training.export:export_command",
+                      "export a detector or classifier to ONNX, ExportedProgram or TorchScript, checked against it",
+                      classes={"data": "lightning:LightningDataModule"}),
     "compare": Command("detectors.compare:compare_command",
                        "compare detector checkpoints on one split: metrics, bootstrap CIs, speed, plots",
                        several=("checkpoints",), classes={"data": "lightning:LightningDataModule"}),

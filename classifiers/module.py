@@ -174,6 +174,12 @@ class FrozenBackboneClassifier(SavableModule, DistributedSteps, L.LightningModul
         """``[B, 3, H, W]`` in 0..1 -> logits ``[B, num_classes]``."""
         return self.head(self.backbone((images - self.mean) / self.std))
 
+    def export_adapter(self, batch_size: int = 1):
+        """What ``train.py export`` exports and checks (``classifiers.export.ClassifierExport``)."""
+        from .export import ClassifierExport
+
+        return ClassifierExport(self, batch_size)
+
     def training_step(self, batch, batch_idx: int):
         images, labels = batch
         if len(labels) == 0:  # every sample of the batch was skipped as unreadable

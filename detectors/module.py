@@ -192,6 +192,12 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
             raise RuntimeError("forward() returns detections: call .eval() first (training_step computes losses)")
         return without_background(losses_and_detections(self.model, list(images))[1])
 
+    def export_adapter(self, batch_size: int = 1):
+        """What ``train.py export`` exports and checks (``detectors.export.DetectorExport``)."""
+        from .export import DetectorExport
+
+        return DetectorExport(self, batch_size)
+
     def setup(self, stage: str) -> None:
         precision = str(getattr(self._trainer, "precision", ""))  # None when called without a Trainer
         if precision in ("16-true", "bf16-true"):

@@ -21,7 +21,7 @@ def test_help_lists_subcommands_and_extra_commands(train_py):
     assert usage.startswith("usage: train.py")
     (listed,) = re.findall(r"\{([a-z,]+)\}", usage)
     assert set(listed.split(",")) == {"fit", "validate", "test", "predict", "evaluate", "compare", "layers", "shapes",
-                                      "demo"}  # fmt: skip
+                                      "demo", "export"}  # fmt: skip
     assert "usage: train.py [options] fit" in train_py("fit", "--help")[1]  # the subcommands' own usage unchanged
     # A typo'd key is an error, even a prefix of a real one (argparse would take it for max_steps).
     code, _, err = train_py("fit", "--config", REPO / "configs" / "faster_rcnn.yaml", "--trainer.max_step", "5",
@@ -35,6 +35,7 @@ def test_help_lists_subcommands_and_extra_commands(train_py):
     ("layers", ["--model.backbone", "--model.freeze"]),
     ("shapes", ["--out", "--num_train", "--voc"]),
     ("demo", ["--out", "--detectors_together"]),
+    ("export", ["--ckpt_path", "--format", "optional: a data config file", "--overwrite"]),
 ])  # fmt: skip
 def test_extra_commands_explain_their_arguments(command, words, train_py):
     code, out, _ = train_py(command, "--help")
@@ -57,6 +58,9 @@ def test_extra_commands_explain_their_arguments(command, words, train_py):
     (["compare", "--checkpoints", "{tmp}/m.ckpt", "--data", "{tmp}/shapez.yaml"],
      "{tmp}/shapez.yaml: data config file not found"),
     (["compare", "--checkpoints", "{tmp}/m.ckpt", "--data", "{shapes}", "--resamples", "-1"], "need resamples >= 0"),
+    (["export", "--ckpt_path", "{tmp}/missing.ckpt", "--out", "{tmp}/m.onnx"], "{tmp}/missing.ckpt: no such file"),
+    (["export", "--ckpt_path", "{tmp}/text.json", "--out", "{tmp}/text.json"], "--out {tmp}/text.json already exists"),
+    (["export", "--ckpt_path", "{tmp}/text.json", "--out", "{tmp}/s/m.onnx"], "folder {tmp}/s does not exist"),
 ])  # fmt: skip
 def test_extra_commands_report_bad_arguments_and_missing_files_as_usage_errors(args, says, shapes_dir, tmp_path,
                                                                                 train_py, monkeypatch):  # fmt: skip

@@ -302,8 +302,10 @@ def command_parser(name: str, command: Command) -> tuple[ArgumentParser, Any]:
         required = parameters[param].default is inspect.Parameter.empty
         parser.add_argument(f"--{param}", nargs="+", required=required, help=helps.get(param))
     for param, base in command.classes.items():
-        parser.add_subclass_arguments(_import(base), param, required=True, help=f"required: a {param} config file "
-                                      f"or class path ({base.partition(':')[2]}): {helps.get(param, '')}")
+        required = parameters[param].default is inspect.Parameter.empty  # a default (None): optional
+        what = f"a {param} config file or class path ({base.partition(':')[2]})"
+        parser.add_subclass_arguments(_import(base), param, required=required,
+                                      help=f"{'required' if required else 'optional'}: {what}: {helps.get(param, '')}")
     return parser, function
 
 

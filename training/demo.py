@@ -1,5 +1,6 @@
 """``train.py demo``: the main job on the embedded shapes data, run through train.py's own commands over the
-shipped configs (configs/pretrain.yaml, faster_rcnn.yaml, retinanet.yaml, classifier.yaml, data/shapes.yaml).
+shipped configs (configs/pretrain.yaml, faster_rcnn.yaml, retinanet.yaml, classifier.yaml, data/shapes.yaml),
+ending with both detectors exported to ONNX (``OUT/export/*.onnx``) and their onnxruntime latency.
 
 Each step is marked finished in its run folder (``OUT/runs/NAME/demo-finished``), so a re-run reuses what is
 done and continues an interrupted step from its last.ckpt. The two detectors can train side by side, each in
@@ -36,8 +37,8 @@ def run_demo(
     detectors_together: bool | None = None,
 ) -> None:
     """The main job on the embedded data: shapes -> a MobileNetV3 pretrained on the shapes crops -> Faster R-CNN
-    and RetinaNet from that backbone on the same schedule -> their comparison -> a frozen-backbone classifier
-    transferred from the Faster R-CNN backbone.
+    and RetinaNet from that backbone on the same schedule -> their comparison -> both as ONNX files, with their
+    onnxruntime latency -> a frozen-backbone classifier transferred from the Faster R-CNN backbone.
 
     Args:
         out: directory for the dataset, runs and report. Re-running reuses finished steps and resumes an
@@ -77,14 +78,46 @@ def run_demo(
     if not os.path.isfile(done) or os.path.getmtime(done) < max(map(os.path.getmtime, ckpt.values())):
         _train(["compare", "--checkpoints", ckpt["faster_rcnn"], ckpt["retinanet"],
                 "--data", str(CONFIGS / "data" / "shapes.yaml"), *data, "--out", report])  # fmt: skip
+    exported = export_detectors(ckpt, os.path.join(out, "export"), data)
     classifier = fit("classifier", runs_dir, classifier_minutes, seed,
                      [*crop_data, "--model.init_args.backbone_checkpoint", ckpt["faster_rcnn"]])
     print("\nlitvision demo outputs")
     for what, where in [("dataset (COCO, VOC, crops)", data_root), ("pretrained backbone", pretrained),
                         ("Faster R-CNN", ckpt["faster_rcnn"]), ("RetinaNet", ckpt["retinanet"]),
                         ("comparison report", os.path.join(report, "comparison.md")),
+                        *[(f"{NAMES[name]} ONNX", where) for name, where in exported.items()],
                         ("classifier", classifier), ("logs (tensorboard --logdir)", runs_dir)]:  # fmt: skip
         print(f"  {what:30s} {where}")
+
+
+NAMES = {"faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet"}
+
+
+def export_detectors(ckpt: dict[str, str], folder: str, data: list[str]) -> dict[str, str]:
+    """Each detector as an ONNX file (``train.py export``, checked on the validation images), exported again
+    only when its checkpoint is newer; returns name -> "FILE (latency at batch 1: eager and onnxruntime)"."""
+    os.makedirs(folder, exist_ok=True)
+    described = {}
+    for name, path in ckpt.items():
+        onnx_file = os.path.join(folder, f"{name}.onnx")
+        if not os.path.isfile(onnx_file) or os.path.getmtime(onnx_file) < os.path.getmtime(path):
+            stale = ["--overwrite", "true"] if os.path.isfile(onnx_file) else []  # the demo's own older export
+            _train(["export", "--ckpt_path", path, "--out", onnx_file, "--data", str(CONFIGS / "data" / "shapes.yaml"),
+                    *data, *stale])  # fmt: skip
+        ms = onnx_latency(path, onnx_file)
+        described[name] = f"{onnx_file} (batch 1: eager {ms['eager']:.0f} ms, onnxruntime {ms['onnxruntime']:.0f} ms)"
+    return described
+
+
+def onnx_latency(ckpt: str, onnx_file: str, rounds: int = 10) -> dict[str, float]:
+    """Median ms per image of the eager model and of its ONNX file in onnxruntime, at batch 1, interleaved, on
+    the threads torch uses (bench/export_latency.py measures more rounds; docs/benchmarks.md)."""
+    from training.export import batches, load_runner, median_latency_ms
+    from training.saving import load_model
+
+    adapter = load_model(ckpt).eval().export_adapter()
+    images = batches(adapter.generated_images(2), 1)
+    return median_latency_ms({"eager": adapter.eager, "onnxruntime": load_runner("onnx", onnx_file)}, images, rounds)
 
 
 def _raised_while(error: BaseException, kind: type[BaseException]) -> bool:

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
     import json
+    import re
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "demo"
@@ -25,11 +26,19 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys, monkeypatch):
     assert {m["detector"] for m in report["models"]} == {"two-stage", "one-stage"}
     for name in ("pretrain", "faster_rcnn", "retinanet", "classifier"):
         assert (out / "runs" / name / "checkpoints" / "last.ckpt").is_file()
+    summary = capsys.readouterr().out
+    for name, title in (("faster_rcnn", "Faster R-CNN"), ("retinanet", "RetinaNet")):  # exported, checked, timed
+        onnx = out / "export" / f"{name}.onnx"
+        assert onnx.is_file()
+        assert re.search(rf"{title} ONNX +{re.escape(str(onnx))} \(batch 1: eager \d+ ms, onnxruntime \d+ ms\)", summary)
+    assert summary.count("export check, onnxruntime (CPU) vs eager on 4 validation image(s)") == 2
     stamp = (out / "comparison" / "comparison.json").stat().st_mtime_ns
-    capsys.readouterr()
+    exported = (out / "export" / "retinanet.onnx").stat().st_mtime_ns
     demo.run_demo(str(out), **budgets)
-    assert "Epoch" not in capsys.readouterr().out  # nothing retrained
+    again = capsys.readouterr().out
+    assert "Epoch" not in again and "export check" not in again  # nothing retrained or exported again
     assert (out / "comparison" / "comparison.json").stat().st_mtime_ns == stamp  # report reused
+    assert (out / "export" / "retinanet.onnx").stat().st_mtime_ns == exported
 
 
 def test_a_demo_directory_of_another_dataset_is_refused_before_training(tmp_path, train_py):
