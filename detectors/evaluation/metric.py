@@ -29,6 +29,7 @@ def evaluate_detections(
     class_names: Sequence[str],
     box_format: BoxFormat = "xyxy",
     coco: CocoResult | None = None,
+    voc: bool = True,
 ) -> dict[str, float]:
     """Every metric of :class:`DetectionEvaluator` for per-image dicts, as a flat dict of python floats.
 
@@ -37,12 +38,15 @@ def evaluate_detections(
     IoU of the detections matched at IoU 0.5 by the VOC rule, per class and over all matched detections
     (-1 where nothing matched). -1 marks an undefined value (no ground truth), as in pycocotools.
     ``coco``: the :func:`coco_evaluate` result of these same inputs when the caller already has it (the
-    COCO evaluation is the expensive part), else it is computed here.
+    COCO evaluation is the expensive part), else it is computed here. ``voc=False``: the COCO keys alone
+    (no ``voc*`` and ``iou`` keys), without the cost of the VOC matching.
     """
     names = list(class_names)
     if coco is None:
         coco = coco_evaluate(preds, targets, names, box_format)
     out = dict(coco.metrics)
+    if not voc:
+        return out
     m = voc_match(preds, targets, len(names), 0.5, plus_one=False, box_format=box_format)
     for year, use_07 in (("07", True), ("10", False)):
         ap, mean = voc_ap_per_class(m, use_07)
@@ -68,7 +72,7 @@ def _image_id(target: dict) -> int:
 class DetectionEvaluator(Metric):
     """Epoch-level detection metrics for a LightningModule: ``update(preds, targets)`` per batch with
     per-image dicts (``evaluation.inputs``), ``compute()`` once per epoch -> :func:`evaluate_detections`' flat
-    dict of python floats, ``reset()`` between epochs.
+    dict of python floats, ``reset()`` between epochs. ``voc=False`` leaves the VOC metrics out of it.
 
     Inputs are stored unmodified (concatenated per field, with per-image counts), so the states are plain
     tensors that move with ``.to(device)`` and are gathered across DDP processes (``dist_reduce_fx="cat"``,
@@ -89,8 +93,10 @@ class DetectionEvaluator(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, class_names: list[str], box_format: BoxFormat = "xyxy", **kwargs) -> None:
+    def __init__(self, class_names: list[str], box_format: BoxFormat = "xyxy", voc: bool = True,
+                 **kwargs) -> None:  # fmt: skip
         super().__init__(**kwargs)
+        self.voc = voc
         if box_format not in ("xyxy", "xywh"):
             raise BadValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
         self.box_format = box_format
@@ -181,4 +187,4 @@ class DetectionEvaluator(Metric):
 
     def compute(self) -> dict[str, float]:
         """:func:`evaluate_detections` on the (DDP-gathered) images: a flat dict of python floats."""
-        return evaluate_detections(*self._images(), self.class_names, self.box_format)
+        return evaluate_detections(*self._images(), self.class_names, self.box_format, voc=self.voc)
