@@ -16,6 +16,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.ops import box_convert
 
+from training.distributed import computed_once, gather_to_first
 from training.errors import BadValueError
 
 from .coco import CocoResult, coco_evaluate
@@ -97,6 +98,7 @@ class DetectionEvaluator(Metric):
                  **kwargs) -> None:  # fmt: skip
         super().__init__(**kwargs)
         self.voc = voc
+        self._gather_everywhere = False  # images(): torchmetrics' all-gather instead of gather_to_first
         if box_format not in ("xyxy", "xywh"):
             raise BadValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
         self.box_format = box_format
@@ -177,14 +179,42 @@ class DetectionEvaluator(Metric):
                 [t for t, k in zip(targets, keep, strict=True) if k])  # fmt: skip
 
     def images(self) -> tuple[list[dict], list[dict]]:
-        """The accumulated (DDP-gathered) per-image predictions and targets, on CPU, in update order."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
-            return self._images()
+        """The accumulated (DDP-gathered) per-image predictions and targets, on CPU, in update order; under
+        DDP on every process (torchmetrics' all-gather)."""
+        self._gather_everywhere = True
+        try:
+            with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+                return self._images()
+        finally:
+            self._gather_everywhere = False
+
+    def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 (torchmetrics' hook)
+        """torchmetrics' sync before ``compute()``: the states of every process are gathered on the first
+        process only (:func:`training.distributed.gather_to_first`, in rank order); the others keep none.
+        ``compute()`` then scores them there once and sends the result to all (``images()`` all-gathers)."""
+        if self._gather_everywhere:
+            return super()._sync_dist(dist_sync_fn, process_group)
+        local = {}
+        for name in self._defaults:
+            value = getattr(self, name)
+            local[name] = dim_zero_cat(value).cpu() if isinstance(value, Tensor) or value else None
+        gathered = gather_to_first(local, process_group or self.process_group)
+        for name in self._defaults:
+            setattr(self, name, [g[name] for g in gathered if g[name] is not None] if gathered else [])
+        return None
 
     def coco_result(self, **overrides) -> CocoResult:
         """:func:`coco_evaluate` on the accumulated images: precision array, PR curves, AP per IoU."""
         return coco_evaluate(*self.images(), self.class_names, self.box_format, **overrides)
 
     def compute(self) -> dict[str, float]:
-        """:func:`evaluate_detections` on the (DDP-gathered) images: a flat dict of python floats."""
-        return evaluate_detections(*self._images(), self.class_names, self.box_format, voc=self.voc)
+        """:func:`evaluate_detections` on the (DDP-gathered) images: a flat dict of python floats. Under DDP
+        it is computed once, on the first process, and every process returns that same dict
+        (:func:`training.distributed.computed_once`)."""
+
+        def score() -> dict[str, float]:
+            return evaluate_detections(*self._images(), self.class_names, self.box_format, voc=self.voc)
+
+        if self._is_synced and not self._gather_everywhere:  # states gathered on the first process
+            return computed_once(score, self.process_group)
+        return score()
