@@ -1,16 +1,18 @@
-"""COCO bbox metrics through torchmetrics, configured to reproduce pycocotools ``COCOeval(gt, dt, "bbox")``.
+"""COCO bbox metrics configured to reproduce pycocotools ``COCOeval(gt, dt, "bbox")``.
 
-:func:`coco_map_metric` sets up torchmetrics ``MeanAveragePrecision`` with the faster-coco-eval backend;
-:func:`coco_evaluate` runs it on per-image dicts (``detectors.evaluation.inputs``) and returns the 12 stats,
-per-class AP and the precision array (:class:`CocoResult`). The tests compare all 12 stats and per-class AP
-to pycocotools to 1e-6. What that takes:
+:func:`coco_evaluate` runs faster-coco-eval on per-image dicts (``detectors.evaluation.inputs``), fed as
+arrays (``evaluation.coco_arrays``), and returns the 12 stats, per-class AP and the precision array
+(:class:`CocoResult`); :func:`coco_map_metric` sets up torchmetrics ``MeanAveragePrecision`` on the same
+backend the same way, which ``coco_evaluate(..., **overrides)`` uses for torchmetrics' own options. The
+tests compare all 12 stats and per-class AP to pycocotools to 1e-6. What that takes:
 
 - IoU and recall thresholds are float64 ``numpy.linspace`` values, as in pycocotools; torchmetrics' defaults
   are float32 ``torch.linspace`` values (0.55 becomes 0.550000011920929), which flips matches whose IoU sits
   between the two and moves the 101 recall sampling points.
 - ``area`` is forwarded so small/medium/large use the annotation area (segmentation area for COCO), not the
-  box area. torchmetrics only uses an area that is ``> 0`` and silently replaces 0 by the box area, so an
-  annotation area of exactly 0 is passed as the smallest positive float (same small/medium/large decision).
+  box area. torchmetrics only uses an area that is ``> 0`` and silently replaces 0 by the box area, so on
+  that path an annotation area of exactly 0 is passed as the smallest positive float (same
+  small/medium/large decision); the array path passes every area as it is.
 - ``iscrowd`` is forwarded: crowd regions are ignored GT that absorb detections, as in pycocotools.
 - Nothing is truncated or filtered here. pycocotools applies ``maxDets=100`` per image AND per class (the
   top-100 detections of each class in each image), so an image may contribute more than 100 detections in
@@ -21,9 +23,9 @@ to pycocotools to 1e-6. What that takes:
   That includes classes that appear only in predictions.
 - Per-class AP (``ap/<name>``) is computed from the precision array of the one evaluation, exactly as
   pycocotools' ``summarize()`` does for ``params.catIds = [class]``; torchmetrics' ``class_metrics=True``
-  would give the same numbers (in float32) by re-running the evaluation once per class.
-- pycocotools works on XYWH and takes a detection's area as ``w * h``; torchmetrics converts XYXY input
-  to XYWH, so XYXY input stands for the results file that holds ``w = x2 - x1``.
+  would give the same numbers (in float32, like all its stats) by re-running the evaluation once per class.
+- pycocotools works on XYWH and takes a detection's area as ``w * h``; XYXY input is converted to XYWH
+  in its own dtype (as torchmetrics does), so it stands for the results file that holds ``w = x2 - x1``.
   ``detectors.evaluation.evaluate`` therefore hands the file's XYWH boxes over unchanged
   (``box_format="xywh"``) rather than round-tripping them.
 """
