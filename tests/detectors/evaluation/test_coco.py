@@ -30,6 +30,7 @@ from .helpers import (
     resample_coco,
     score_files,
     synthetic,
+    write_files,
 )
 
 
@@ -221,3 +222,18 @@ def test_boundary_area_and_iou_are_exact(tmp_path):
     metrics = score_files(tmp_path, gt, dets)
     assert_matches_pycocotools(metrics, gt, dets)
     assert metrics["map_medium"] == pytest.approx(0.5)  # the unmatched 32x32 detection is a medium FP
+
+
+def test_evaluate_command_without_voc_gives_the_coco_numbers_alone(tmp_path, train_py):
+    """``train.py evaluate --voc false``: the same COCO keys and values as with VOC (pycocotools' numbers), and
+    no VOC or matched-IoU key, in the JSON and in the printed tables."""
+    gt, dets = synthetic(4)
+    gt_path, dt_path = write_files(tmp_path, gt, dets)
+    code, stdout, _ = train_py("evaluate", "--gt", gt_path, "--predictions", dt_path, "--out", tmp_path / "m.json",
+                               "--voc", "false")  # fmt: skip
+    assert code == 0 and "map_50" in stdout and "voc07_ap50" not in stdout
+    without = json.loads((tmp_path / "m.json").read_text())
+    assert_matches_pycocotools(without, gt, dets)
+    full = evaluate(gt_path, dt_path)
+    assert {k for k in full if k.startswith(("voc", "iou/", "mean_iou"))}  # the premise: VOC keys exist
+    assert without == {k: v for k, v in full.items() if not k.startswith(("voc", "iou/", "mean_iou"))}
