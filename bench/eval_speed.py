@@ -146,6 +146,41 @@ def epoch_batches(gt: dict, results: list, batch: int = 8) -> tuple[list[str], l
     return names, [(preds[j : j + batch], targets[j : j + batch]) for j in range(0, len(ids), batch)]
 
 
+def time_rounds(runs: dict, rounds: int) -> tuple[dict[str, list[float]], list[float], dict[str, object]]:
+    """Run every evaluator once per round, alternating: (times per evaluator, update times of the epoch metric,
+    the last output of each). The epoch metric's runs return (output, its update time), not counted."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    update_times: list[float] = []
+    out: dict[str, object] = {}
+    for r in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            out[name] = fn()
+            elapsed = time.perf_counter() - t0
+            if name == "DetectionEvaluator.compute":
+                out[name], t_update = out[name]
+                update_times.append(t_update)
+                elapsed -= t_update
+            times[name].append(elapsed)
+            print(f"  round {r + 1}: {name} {elapsed:.2f} s", flush=True)
+    return times, update_times, out
+
+
+def report(times: dict[str, list[float]], update_times: list[float], out: dict[str, object], ref_name: str) -> None:
+    ref = np.asarray(out[ref_name])
+    base = statistics.median(times["faster-coco-eval direct"])
+    print(f"\nmedian of {len(update_times)} rounds; stats compared to {ref_name}")
+    print(f"{'evaluator':<30} {'time s':>8} {'x fce':>7} {'max |stat diff|':>16}")
+    for name, ts in times.items():
+        value = out[name]
+        stats = np.asarray([value[k] for k in COCO_KEYS]) if isinstance(value, dict) else np.asarray(value)
+        t = statistics.median(ts)
+        print(f"{name:<30} {t:8.2f} {t / base:7.2f} {np.abs(stats - ref).max():16.1e}")
+    print(f"{'(DetectionEvaluator.update)':<30} {statistics.median(update_times):8.2f}")
+    print("DetectionEvaluator gets float32 XYXY boxes and areas, as in training: its stats differ from the files'")
+    print("by that rounding of its inputs, not by its evaluation")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -184,34 +219,8 @@ def main() -> None:
         }
         if args.pycocotools:
             runs["pycocotools"] = lambda: pycocotools_direct(gt_path, dt_path)
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        update_times: list[float] = []
-        out: dict[str, object] = {}
-        for r in range(args.rounds):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                out[name] = fn()
-                elapsed = time.perf_counter() - t0
-                if name == "DetectionEvaluator.compute":
-                    out[name], t_update = out[name]
-                    update_times.append(t_update)
-                    elapsed -= t_update
-                times[name].append(elapsed)
-                print(f"  round {r + 1}: {name} {elapsed:.2f} s", flush=True)
-
-    ref_name = "pycocotools" if args.pycocotools else "faster-coco-eval direct"
-    ref = np.asarray(out[ref_name])
-    base = statistics.median(times["faster-coco-eval direct"])
-    print(f"\nmedian of {args.rounds} rounds; stats compared to {ref_name}")
-    print(f"{'evaluator':<30} {'time s':>8} {'x fce':>7} {'max |stat diff|':>16}")
-    for name, ts in times.items():
-        value = out[name]
-        stats = np.asarray([value[k] for k in COCO_KEYS]) if isinstance(value, dict) else np.asarray(value)
-        t = statistics.median(ts)
-        print(f"{name:<30} {t:8.2f} {t / base:7.2f} {np.abs(stats - ref).max():16.1e}")
-    print(f"{'(DetectionEvaluator.update)':<30} {statistics.median(update_times):8.2f}")
-    print("DetectionEvaluator gets float32 XYXY boxes and areas, as in training: its stats differ from the files'")
-    print("by that rounding of its inputs, not by its evaluation")
+        timed = time_rounds(runs, args.rounds)
+    report(*timed, "pycocotools" if args.pycocotools else "faster-coco-eval direct")
 
 
 if __name__ == "__main__":
