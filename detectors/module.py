@@ -257,9 +257,11 @@ class DetectionModule(SavableModule, DistributedSteps, L.LightningModule):
         if not self.computes_epoch_metric(metrics, metrics.local_images > 0, lambda: metrics.update([], [])):
             metrics.reset()
             return
+        # Under DDP compute() gathers every process' images on rank 0, scores them there once and hands
+        # every process that same dict, so every process logs (and its callbacks decide on) equal values.
         values = metrics.compute()
         metrics.reset()
-        # Only scalars reach the logger (val_map, val_ap/<class>, ...); compute() gathered across processes.
+        # Only scalars reach the logger (val_map, val_ap/<class>, ...).
         self.log_gathered({f"{prefix}_map_50": values.pop("map_50")}, prog_bar=True)
         self.log_gathered({f"{prefix}_{k}": float(v) for k, v in values.items()})
 

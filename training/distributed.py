@@ -85,6 +85,38 @@ def evaluation_sampler(datamodule: L.LightningDataModule, dataset: Sized) -> Sam
     return SequentialSampler(dataset)
 
 
+def gather_to_first(obj: object, group: object | None = None) -> list | None:
+    """``obj`` of every process of ``group`` (default: all), on the group's first process as a list in rank
+    order; ``None`` on the others. Every process of the group must call it. ``obj`` is pickled: tensors go
+    as CPU tensors (a CUDA tensor would be unpickled on its sender's device), and are unpickled with
+    ``weights_only=True`` (tensors, containers and plain values only)."""
+    size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    gathered = [None] * size if rank == 0 else None
+    torch.distributed.gather_object(obj, gathered, group=group, group_dst=0, weights_only=True)
+    return gathered
+
+
+def computed_once(fn: Callable[[], object], group: object | None = None) -> object:
+    """``fn()`` run on the first process of ``group`` only, its result (plain values: weights_only
+    unpickling) sent to every process: an expensive epoch-end computation done once instead of once per
+    process, every process returning the same value. An error in ``fn`` is raised on every process (as a
+    ``RuntimeError`` naming it on the others), so none is left waiting. Every process of the group must
+    call it."""
+    box: list = [None]
+    if torch.distributed.get_rank(group) == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as error:
+            torch.distributed.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], group=group,
+                                                    group_src=0, weights_only=True)  # fmt: skip
+            raise
+    torch.distributed.broadcast_object_list(box, group=group, group_src=0, weights_only=True)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"the first process failed in the epoch-end computation: {value}")
+    return value
+
+
 class EpochMean(Metric):
     """The epoch's per-sample mean of a per-batch mean (a loss), each batch weighted by its size: the mean over
     the epoch's samples, on one process or gathered from several.

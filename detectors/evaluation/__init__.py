@@ -1,4 +1,4 @@
-"""Detection evaluation: COCO mAP (pycocotools-exact, via torchmetrics), Pascal VOC AP, matched IoU.
+"""Detection evaluation: COCO mAP (pycocotools-exact, via faster-coco-eval), Pascal VOC AP, matched IoU.
 
 Inputs everywhere are torchvision-style per-image dicts (one dict per image, same order in both lists):
 
@@ -15,10 +15,12 @@ The modules, one concept each:
 
 - ``inputs``: the per-image dict contract above and its one shared check.
 - ``coco``: COCO stats, per-class AP and the precision array [T, R, K, A, M] (:func:`coco_evaluate`,
-  :class:`CocoResult`), with what it takes for torchmetrics to give pycocotools' numbers exactly.
+  :class:`CocoResult`), with what it takes to give pycocotools' numbers exactly.
+- ``coco_arrays``: faster-coco-eval fed the per-image dicts as arrays (what :func:`coco_evaluate` runs).
 - ``resample``: :class:`ResampledCocoMap`, COCO mAP of many bootstrap resamples from one matching.
 - ``voc``: VOC07 11-point and VOC2010+ all-point AP with the devkit's matching (:func:`voc_evaluate`).
-- ``metric``: :class:`DetectionEvaluator`, the epoch metric of training (DDP-gathered), and
+- ``metric``: :class:`DetectionEvaluator`, the epoch metric of training (under DDP gathered on the first
+  process and computed there once), and
   :func:`evaluate_detections`, every number above in one flat dict.
 - ``files``: COCO ground-truth and results files read and validated, metrics written as JSON.
 - ``tables``: the metrics as rich tables.

@@ -1,16 +1,18 @@
-"""COCO bbox metrics through torchmetrics, configured to reproduce pycocotools ``COCOeval(gt, dt, "bbox")``.
+"""COCO bbox metrics configured to reproduce pycocotools ``COCOeval(gt, dt, "bbox")``.
 
-:func:`coco_map_metric` sets up torchmetrics ``MeanAveragePrecision`` with the faster-coco-eval backend;
-:func:`coco_evaluate` runs it on per-image dicts (``detectors.evaluation.inputs``) and returns the 12 stats,
-per-class AP and the precision array (:class:`CocoResult`). The tests compare all 12 stats and per-class AP
-to pycocotools to 1e-6. What that takes:
+:func:`coco_evaluate` runs faster-coco-eval on per-image dicts (``detectors.evaluation.inputs``), fed as
+arrays (``evaluation.coco_arrays``), and returns the 12 stats, per-class AP and the precision array
+(:class:`CocoResult`); :func:`coco_map_metric` sets up torchmetrics ``MeanAveragePrecision`` on the same
+backend the same way, which ``coco_evaluate(..., **overrides)`` uses for torchmetrics' own options. The
+tests compare all 12 stats and per-class AP to pycocotools to 1e-6. What that takes:
 
 - IoU and recall thresholds are float64 ``numpy.linspace`` values, as in pycocotools; torchmetrics' defaults
   are float32 ``torch.linspace`` values (0.55 becomes 0.550000011920929), which flips matches whose IoU sits
   between the two and moves the 101 recall sampling points.
 - ``area`` is forwarded so small/medium/large use the annotation area (segmentation area for COCO), not the
-  box area. torchmetrics only uses an area that is ``> 0`` and silently replaces 0 by the box area, so an
-  annotation area of exactly 0 is passed as the smallest positive float (same small/medium/large decision).
+  box area. torchmetrics only uses an area that is ``> 0`` and silently replaces 0 by the box area, so on
+  that path an annotation area of exactly 0 is passed as the smallest positive float (same
+  small/medium/large decision); the array path passes every area as it is.
 - ``iscrowd`` is forwarded: crowd regions are ignored GT that absorb detections, as in pycocotools.
 - Nothing is truncated or filtered here. pycocotools applies ``maxDets=100`` per image AND per class (the
   top-100 detections of each class in each image), so an image may contribute more than 100 detections in
@@ -21,9 +23,9 @@ to pycocotools to 1e-6. What that takes:
   That includes classes that appear only in predictions.
 - Per-class AP (``ap/<name>``) is computed from the precision array of the one evaluation, exactly as
   pycocotools' ``summarize()`` does for ``params.catIds = [class]``; torchmetrics' ``class_metrics=True``
-  would give the same numbers (in float32) by re-running the evaluation once per class.
-- pycocotools works on XYWH and takes a detection's area as ``w * h``; torchmetrics converts XYXY input
-  to XYWH, so XYXY input stands for the results file that holds ``w = x2 - x1``.
+  would give the same numbers (in float32, like all its stats) by re-running the evaluation once per class.
+- pycocotools works on XYWH and takes a detection's area as ``w * h``; XYXY input is converted to XYWH
+  in its own dtype (as torchmetrics does), so it stands for the results file that holds ``w = x2 - x1``.
   ``detectors.evaluation.evaluate`` therefore hands the file's XYWH boxes over unchanged
   (``box_format="xywh"``) rather than round-tripping them.
 """
@@ -39,6 +41,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from training.errors import BadValueError
 
+from .coco_arrays import faster_coco_eval
 from .inputs import BoxFormat, as_cpu, check_inputs
 
 IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, 10).tolist()  # float64, exactly pycocotools' iouThrs
@@ -153,17 +156,37 @@ def coco_evaluate(
     box_format: BoxFormat = "xyxy",
     **overrides,
 ) -> CocoResult:
-    """COCO bbox evaluation of per-image dicts (``evaluation.inputs``) through :func:`coco_map_metric`.
+    """COCO bbox evaluation of per-image dicts (``evaluation.inputs``): the 12 stats, per-class AP and the
+    precision and recall arrays, from one faster-coco-eval evaluation fed arrays directly
+    (``evaluation.coco_arrays``, the thresholds of :func:`coco_map_metric`).
 
-    ``box_format="xywh"`` takes COCO's boxes as they are (module docstring, last point); ``overrides`` go to
-    :func:`coco_map_metric` (``extended_summary=False`` skips the arrays and per-class AP, the fastest choice
-    for a bootstrap of mAP alone). The metric is local and never syncs across processes: callers pass
-    already-gathered lists.
+    ``box_format="xywh"`` takes COCO's boxes as they are (module docstring, last point). ``overrides`` run
+    the evaluation through torchmetrics' ``MeanAveragePrecision`` instead, set up by
+    ``coco_map_metric(**overrides)`` (``extended_summary=False``: no arrays, no per-class AP;
+    ``class_metrics=True`` with it: torchmetrics' own per-class AP, one evaluation per class). Nothing here
+    syncs across processes: callers pass already-gathered lists.
     """
     names = list(class_names)
     check_inputs(preds, targets, len(names))
-    # One evaluation gives everything: per-class AP is read from its precision array (class_metrics=True
-    # would re-run the evaluation once per class, K times the cost for the same numbers).
+    if overrides:
+        return _torchmetrics_evaluate(preds, targets, names, box_format, overrides)
+    T, R, K, M = len(IOU_THRESHOLDS), len(REC_THRESHOLDS), len(names), len(MAX_DETECTIONS)
+    if len(preds) > 0:
+        stats, precision, recall = faster_coco_eval(
+            preds, targets, K, box_format, IOU_THRESHOLDS, REC_THRESHOLDS, MAX_DETECTIONS
+        )
+    else:  # nothing to evaluate: pycocotools would have no images
+        stats, precision, recall = -np.ones(12), -np.ones((T, R, K, 4, M)), -np.ones((T, K, 4, M))
+    metrics = dict(zip(COCO_KEYS, stats.tolist(), strict=True))
+    result = CocoResult(metrics, precision, recall, list(IOU_THRESHOLDS), list(REC_THRESHOLDS), names)
+    result.metrics.update({f"ap/{n}": v for n, v in zip(names, result.class_ap().tolist(), strict=True)})
+    return result
+
+
+def _torchmetrics_evaluate(
+    preds: Sequence[dict], targets: Sequence[dict], names: list[str], box_format: BoxFormat, overrides: dict
+) -> CocoResult:
+    """:func:`coco_evaluate` through ``coco_map_metric(box_format=box_format, **overrides)``."""
     overrides = {"extended_summary": True, "class_metrics": False, "sync_on_compute": False, **overrides}
     metric = coco_map_metric(box_format=box_format, **overrides)
     T, R, K = len(metric.iou_thresholds), len(metric.rec_thresholds), len(names)
@@ -187,7 +210,7 @@ def coco_evaluate(
             per_class.update(
                 {names[c - 1]: float(v) for c, v in zip(classes, out["map_per_class"], strict=True)}
             )
-    else:  # nothing to evaluate: pycocotools would have no images
+    else:
         mar = [f"mar_{m}" for m in metric.max_detection_thresholds]
         metrics = dict.fromkeys([*COCO_KEYS[:6], *mar, *COCO_KEYS[9:]], -1.0)
     result = CocoResult(

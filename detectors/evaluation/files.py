@@ -1,10 +1,12 @@
 """COCO files in and out: a ground-truth (instances) file and a results file read into per-image dicts,
-validated entry by entry, and the metrics written as flat JSON.
+validated, and the metrics written as flat JSON.
 
 COCO category ids and XYWH boxes exist only here, at the file boundary: category ids become contiguous
 labels 1..K (ascending id), and boxes come out in the ``box_format`` asked for. Every malformed entry is an
 error naming the file and the entry, because pycocotools either crashes far from the cause or silently
-drops what it does not know.
+drops what it does not know. The annotations and detections are read as numpy columns and checked a
+column at a time (a results file holds hundreds of thousands of entries); when a column fails, the
+entries are checked one by one to name the first bad one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert
@@ -63,8 +67,59 @@ def _check_entry(entry: object, keys: dict[str, str], where: str) -> None:
             raise BadValueError(f"{where}: {key!r} must be {what}, got {entry[key]!r}")
 
 
-def _coco_boxes(rows: list[list[float]], box_format: BoxFormat) -> Tensor:
-    b = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)  # float64 keeps the file's values exactly
+_ANNOTATION_KEYS = {"image_id": "int", "category_id": "int", "bbox": "box"}
+_DETECTION_KEYS = {"image_id": "int", "category_id": "int", "bbox": "box", "score": "num"}
+_NO_AREA = object()  # an annotation without "area"
+
+
+class _Irregular(Exception):
+    """An entry :func:`_columns` cannot read as a column; :func:`_check_entry` then names it."""
+
+
+def _columns(entries: list, keys: dict[str, str]) -> dict[str, np.ndarray]:
+    """``keys`` ('int', 'num' or 'box', as in :func:`_check_entry`) of every entry as numpy columns: int64
+    [N], float64 [N], float64 [N, 4]. Type tests run over whole columns (a set of the value types), which
+    is what keeps a results file of a million entries fast; any entry that is not a dict, lacks a key or
+    holds a value of another kind raises :class:`_Irregular`, and the caller's per-entry check then
+    reports the first bad entry as it would have without this shortcut."""
+    if not set(map(type, entries)) <= {dict}:
+        raise _Irregular
+    out = {}
+    try:
+        for key, kind in keys.items():
+            values = [e[key] for e in entries]
+            if kind == "box":
+                if not set(map(type, values)) <= {list} or not set(map(len, values)) <= {4}:
+                    raise _Irregular
+                values = list(chain.from_iterable(values))
+            if not set(map(type, values)) <= ({int} if kind == "int" else {int, float}):
+                raise _Irregular
+            col = np.asarray(values, dtype=np.int64 if kind == "int" else np.float64)
+            if kind != "int" and not np.isfinite(col).all():
+                raise _Irregular
+            out[key] = col.reshape(-1, 4) if kind == "box" else col
+    except (KeyError, OverflowError) as e:  # a missing key, an integer beyond 64 bits
+        raise _Irregular from e
+    return out
+
+
+def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each of ``ids`` in ``sorted_ids``, whether it is there at all)."""
+    pos = np.searchsorted(sorted_ids, ids).clip(max=max(len(sorted_ids) - 1, 0))
+    found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    return pos, found
+
+
+def _per_image(image_pos: np.ndarray, num_images: int, columns: dict[str, Tensor]) -> list[dict]:
+    """Rows grouped by image (file order kept within an image): one dict of ``columns`` per image."""
+    order = torch.from_numpy(np.argsort(image_pos, kind="stable"))
+    counts = np.bincount(image_pos, minlength=num_images).tolist()
+    split = {k: v[order].split(counts) for k, v in columns.items()}
+    return [{k: split[k][i] for k in columns} for i in range(num_images)]
+
+
+def _coco_boxes(rows: np.ndarray, box_format: BoxFormat) -> Tensor:
+    b = torch.from_numpy(rows).reshape(-1, 4)  # float64 keeps the file's values exactly
     return b if box_format == "xywh" else box_convert(b, "xywh", "xyxy")
 
 
@@ -104,30 +159,30 @@ def load_coco_ground_truth(gt_json: str | os.PathLike, box_format: BoxFormat = "
     image_ids = sorted({img["id"] for img in data["images"]})
     if len(image_ids) != len(data["images"]):
         raise BadValueError(f"{path}: duplicate image ids")
-    label_of = {c: k + 1 for k, c in enumerate(cat_ids)}
-    per_image: dict[int, list[dict]] = {i: [] for i in image_ids}
-    for i, ann in enumerate(data["annotations"]):
-        where = f"{path}: annotations[{i}]"
-        _check_entry(ann, {"image_id": "int", "category_id": "int", "bbox": "box"}, where)
-        if ann["image_id"] not in per_image:
-            raise BadValueError(f"{where}: image_id {ann['image_id']} is not in 'images'")
-        if ann["category_id"] not in label_of:
-            raise BadValueError(f"{where}: category_id {ann['category_id']} is not in 'categories'")
-        if "area" in ann:
-            _check_entry(ann, {"area": "num"}, where)
-        if ann.get("iscrowd", 0) not in (0, 1):
-            raise BadValueError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
-        per_image[ann["image_id"]].append(ann)
-    targets = []
-    for img in image_ids:
-        anns = per_image[img]  # file order, as pycocotools' imgToAnns
-        targets.append({
-            "boxes": _coco_boxes([a["bbox"] for a in anns], box_format),
-            "labels": torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64),
-            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
-            "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
-                                 dtype=torch.float64),
-        })  # fmt: skip
+    anns = data["annotations"]
+    try:
+        cols = _columns(anns, _ANNOTATION_KEYS)
+        image_pos, image_found = _lookup(np.asarray(image_ids, dtype=np.int64), cols["image_id"])
+        cat_pos, cat_found = _lookup(np.asarray(cat_ids, dtype=np.int64), cols["category_id"])
+        area = [a.get("area", _NO_AREA) for a in anns]
+        given = [i for i, v in enumerate(area) if v is not _NO_AREA]
+        given_area = _columns([{"area": area[i]} for i in given], {"area": "num"})["area"]
+        crowd = [a.get("iscrowd", 0) for a in anns]
+        if not (image_found.all() and cat_found.all() and set(crowd) <= {0, 1}):  # True and 1.0 count as 1
+            raise _Irregular
+    except (_Irregular, TypeError, OverflowError):  # TypeError: an unhashable iscrowd
+        _check_annotations(anns, path, set(image_ids), set(cat_ids))
+        raise BadValueError(f"{path}: 'annotations' hold ids outside the 64-bit integer range") from None
+    boxes = cols["bbox"]
+    areas = boxes[:, 2] * boxes[:, 3]  # pycocotools' w * h where the file gives no area
+    areas[given] = given_area
+    columns = {
+        "boxes": _coco_boxes(boxes, box_format),
+        "labels": torch.from_numpy(cat_pos + 1),
+        "iscrowd": torch.tensor(crowd, dtype=torch.int64),
+        "area": torch.from_numpy(areas),
+    }
+    targets = _per_image(image_pos, len(image_ids), columns)  # file order within an image, as pycocotools'
     return CocoGroundTruth(path, image_ids, cat_ids, names, targets, box_format)
 
 
@@ -140,32 +195,55 @@ def load_coco_predictions(predictions_json: str | os.PathLike, gt: CocoGroundTru
     data = read_json(path)
     if not isinstance(data, list):
         raise BadValueError(f"{path}: expected a JSON list of detections (COCO results format)")
-    index = {img: i for i, img in enumerate(gt.image_ids)}
-    label_of = {c: k + 1 for k, c in enumerate(gt.category_ids)}
-    rows: list[list[dict]] = [[] for _ in gt.image_ids]
+    try:
+        cols = _columns(data, _DETECTION_KEYS)
+        image_pos, image_found = _lookup(np.asarray(gt.image_ids, dtype=np.int64), cols["image_id"])
+        cat_pos, cat_found = _lookup(np.asarray(gt.category_ids, dtype=np.int64), cols["category_id"])
+        if not (image_found.all() and cat_found.all()):
+            raise _Irregular
+    except (_Irregular, OverflowError):
+        _check_detections(data, path, gt)
+        raise BadValueError(f"{path}: ids outside the 64-bit integer range") from None
+    columns = {
+        "boxes": _coco_boxes(cols["bbox"], gt.box_format),
+        "scores": torch.from_numpy(cols["score"]),
+        "labels": torch.from_numpy(cat_pos + 1),
+    }
+    return _per_image(image_pos, len(gt.image_ids), columns)
+
+
+def _check_annotations(anns: list, path: str, image_ids: set[int], cat_ids: set[int]) -> None:
+    """Raise for the first malformed entry of a ground truth's 'annotations' (what :func:`_columns` found)."""
+    for i, ann in enumerate(anns):
+        where = f"{path}: annotations[{i}]"
+        _check_entry(ann, _ANNOTATION_KEYS, where)
+        if ann["image_id"] not in image_ids:
+            raise BadValueError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+        if ann["category_id"] not in cat_ids:
+            raise BadValueError(f"{where}: category_id {ann['category_id']} is not in 'categories'")
+        if "area" in ann:
+            _check_entry(ann, {"area": "num"}, where)
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise BadValueError(f"{where}: 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+
+
+def _check_detections(data: list, path: str, gt: CocoGroundTruth) -> None:
+    """Raise for the first malformed entry of a results file, or name the image ids the ground truth lacks
+    (what :func:`_columns` and the id lookups found)."""
+    image_ids, cat_ids = set(gt.image_ids), set(gt.category_ids)
     unknown_images: set[int] = set()
     for i, det in enumerate(data):
         where = f"{path}: [{i}]"
-        _check_entry(det, {"image_id": "int", "category_id": "int", "bbox": "box", "score": "num"}, where)
-        if det["image_id"] not in index:
+        _check_entry(det, _DETECTION_KEYS, where)
+        if det["image_id"] not in image_ids:
             unknown_images.add(det["image_id"])
-            continue
-        if det["category_id"] not in label_of:
+        elif det["category_id"] not in cat_ids:
             raise BadValueError(f"{where}: category_id {det['category_id']} is not a category of {gt.path}")
-        rows[index[det["image_id"]]].append(det)
     if unknown_images:
         some = sorted(unknown_images)[:10]
         raise BadValueError(
             f"{path}: {len(unknown_images)} image id(s) not in the ground truth {gt.path}: {some}"
         )
-    return [
-        {
-            "boxes": _coco_boxes([d["bbox"] for d in dets], gt.box_format),
-            "scores": torch.tensor([float(d["score"]) for d in dets], dtype=torch.float64),
-            "labels": torch.tensor([label_of[d["category_id"]] for d in dets], dtype=torch.int64),
-        }
-        for dets in rows
-    ]
 
 
 def write_metrics_json(metrics: dict[str, float], path: str | os.PathLike) -> None:

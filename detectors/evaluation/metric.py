@@ -16,6 +16,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.ops import box_convert
 
+from training.distributed import computed_once, gather_to_first
 from training.errors import BadValueError
 
 from .coco import CocoResult, coco_evaluate
@@ -29,6 +30,7 @@ def evaluate_detections(
     class_names: Sequence[str],
     box_format: BoxFormat = "xyxy",
     coco: CocoResult | None = None,
+    voc: bool = True,
 ) -> dict[str, float]:
     """Every metric of :class:`DetectionEvaluator` for per-image dicts, as a flat dict of python floats.
 
@@ -37,12 +39,15 @@ def evaluate_detections(
     IoU of the detections matched at IoU 0.5 by the VOC rule, per class and over all matched detections
     (-1 where nothing matched). -1 marks an undefined value (no ground truth), as in pycocotools.
     ``coco``: the :func:`coco_evaluate` result of these same inputs when the caller already has it (the
-    COCO evaluation is the expensive part), else it is computed here.
+    COCO evaluation is the expensive part), else it is computed here. ``voc=False``: the COCO keys alone
+    (no ``voc*`` and ``iou`` keys), without the cost of the VOC matching.
     """
     names = list(class_names)
     if coco is None:
         coco = coco_evaluate(preds, targets, names, box_format)
     out = dict(coco.metrics)
+    if not voc:
+        return out
     m = voc_match(preds, targets, len(names), 0.5, plus_one=False, box_format=box_format)
     for year, use_07 in (("07", True), ("10", False)):
         ap, mean = voc_ap_per_class(m, use_07)
@@ -68,7 +73,7 @@ def _image_id(target: dict) -> int:
 class DetectionEvaluator(Metric):
     """Epoch-level detection metrics for a LightningModule: ``update(preds, targets)`` per batch with
     per-image dicts (``evaluation.inputs``), ``compute()`` once per epoch -> :func:`evaluate_detections`' flat
-    dict of python floats, ``reset()`` between epochs.
+    dict of python floats, ``reset()`` between epochs. ``voc=False`` leaves the VOC metrics out of it.
 
     Inputs are stored unmodified (concatenated per field, with per-image counts), so the states are plain
     tensors that move with ``.to(device)`` and are gathered across DDP processes (``dist_reduce_fx="cat"``,
@@ -89,8 +94,11 @@ class DetectionEvaluator(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, class_names: list[str], box_format: BoxFormat = "xyxy", **kwargs) -> None:
+    def __init__(self, class_names: list[str], box_format: BoxFormat = "xyxy", voc: bool = True,
+                 **kwargs) -> None:  # fmt: skip
         super().__init__(**kwargs)
+        self.voc = voc
+        self._gather_everywhere = False  # images(): torchmetrics' all-gather instead of gather_to_first
         if box_format not in ("xyxy", "xywh"):
             raise BadValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
         self.box_format = box_format
@@ -171,14 +179,42 @@ class DetectionEvaluator(Metric):
                 [t for t, k in zip(targets, keep, strict=True) if k])  # fmt: skip
 
     def images(self) -> tuple[list[dict], list[dict]]:
-        """The accumulated (DDP-gathered) per-image predictions and targets, on CPU, in update order."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
-            return self._images()
+        """The accumulated (DDP-gathered) per-image predictions and targets, on CPU, in update order; under
+        DDP on every process (torchmetrics' all-gather)."""
+        self._gather_everywhere = True
+        try:
+            with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+                return self._images()
+        finally:
+            self._gather_everywhere = False
+
+    def _sync_dist(self, dist_sync_fn=None, process_group=None) -> None:  # noqa: ANN001 (torchmetrics' hook)
+        """torchmetrics' sync before ``compute()``: the states of every process are gathered on the first
+        process only (:func:`training.distributed.gather_to_first`, in rank order); the others keep none.
+        ``compute()`` then scores them there once and sends the result to all (``images()`` all-gathers)."""
+        if self._gather_everywhere:
+            return super()._sync_dist(dist_sync_fn, process_group)
+        local = {}
+        for name in self._defaults:
+            value = getattr(self, name)
+            local[name] = dim_zero_cat(value).cpu() if isinstance(value, Tensor) or value else None
+        gathered = gather_to_first(local, process_group or self.process_group)
+        for name in self._defaults:
+            setattr(self, name, [g[name] for g in gathered if g[name] is not None] if gathered else [])
+        return None
 
     def coco_result(self, **overrides) -> CocoResult:
         """:func:`coco_evaluate` on the accumulated images: precision array, PR curves, AP per IoU."""
         return coco_evaluate(*self.images(), self.class_names, self.box_format, **overrides)
 
     def compute(self) -> dict[str, float]:
-        """:func:`evaluate_detections` on the (DDP-gathered) images: a flat dict of python floats."""
-        return evaluate_detections(*self._images(), self.class_names, self.box_format)
+        """:func:`evaluate_detections` on the (DDP-gathered) images: a flat dict of python floats. Under DDP
+        it is computed once, on the first process, and every process returns that same dict
+        (:func:`training.distributed.computed_once`)."""
+
+        def score() -> dict[str, float]:
+            return evaluate_detections(*self._images(), self.class_names, self.box_format, voc=self.voc)
+
+        if self._is_synced and not self._gather_everywhere:  # states gathered on the first process
+            return computed_once(score, self.process_group)
+        return score()

@@ -29,9 +29,8 @@ class ResampledCocoMap:
     ``indices[j]``'s, so a repeated image counts as a separate image, exactly as evaluating the resampled
     lists from scratch (the tests check this against pycocotools on resampled data) but at the cost of one
     ``accumulate()`` per resample. Only what mAP needs is matched: area "all", maxDets 100, the float64
-    thresholds of :func:`coco_map_metric`. Boxes go to pycocotools as torchmetrics hands them over (XYXY
-    converted to XYWH in the tensors' dtype), so the numbers equal :func:`coco_evaluate`'s ``map`` up to its
-    float32 rounding (~1e-8).
+    thresholds of :func:`coco_map_metric`. Boxes go to pycocotools as :func:`coco_evaluate` hands them to
+    faster-coco-eval (XYXY converted to XYWH in the tensors' dtype), so the numbers equal its ``map``.
 
     ``preds``/``targets``: per-image dicts (``evaluation.inputs``), one of each per image; ``box_format`` as
     in :func:`coco_evaluate`.

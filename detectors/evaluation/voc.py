@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_convert
 
 from training.errors import BadValueError
 
@@ -60,32 +60,78 @@ class VocMatches:
     tp_iou: list[np.ndarray]
 
 
-def _match_image(iou: np.ndarray, same_class: np.ndarray, ignored: np.ndarray, scores: np.ndarray,
-                 iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The devkit's greedy matching in one image: (tp [D], fp [D], IoU of each TP [D]), float64, input order.
+def _boxes_xyxy(dicts: Sequence[dict], box_format: BoxFormat, plus_one: bool) -> np.ndarray:
+    """Every dict's boxes concatenated, float64 XYXY [N, 4] (widened before the conversion); ``plus_one``:
+    the devkit's pixel convention, width = x2 - x1 + 1 (same for intersections)."""
+    parts = [as_cpu(d["boxes"], torch.float64).reshape(-1, 4) for d in dicts]
+    boxes = box_convert(torch.cat(parts), box_format, "xyxy") if parts else torch.zeros(0, 4, dtype=torch.float64)
+    if plus_one:
+        boxes = boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    return boxes.numpy()
 
-    ``iou``: float64 [D, G] between every detection and ground truth box; ``same_class``: bool [D, G];
-    ``ignored``: bool [G] (difficult or crowd); ``scores``: float64 [D].
 
-    A detection's best ground truth is the one of its class with the highest IoU (first on ties, like
-    MATLAB's max), whether or not it is taken: the devkit never falls back to a second best. So the greedy
-    walk down the scores reduces to: below the threshold (or no ground truth of its class) -> FP; best is
-    ignored -> neither; else the best-scored detection claiming a ground truth (input order on ties) is
-    its TP and every later claimant a duplicate FP.
+def _column(dicts: Sequence[dict], key: str, dtype: torch.dtype) -> np.ndarray:
+    """Every dict's ``key`` concatenated ([N], ``dtype``); zeros for a dict without it."""
+    parts = [
+        as_cpu(d[key], dtype).reshape(-1) if key in d else torch.zeros(len(d["labels"]), dtype=dtype) for d in dicts
+    ]
+    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[i]`` and ``b[i]`` (float64 XYXY [P, 4] each) -> [P], with ``torchvision.ops.box_iou``'s
+    operations in its order, so every value is bit-identical to the matrix entry it would give."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = np.clip(np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2]), 0, None)
+    inter = wh[:, 0] * wh[:, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: 0 / 0 = NaN, as box_iou gives
+        return inter / (area_a + area_b - inter)
+
+
+def _first_per_group(groups: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Index of the first element of each group of ``groups`` after ordering by ``keys`` (the first key
+    the most significant) and then by index: the lexicographic argmin per group."""
+    order = np.lexsort((np.arange(len(groups)), *reversed(keys), groups))
+    g = groups[order]
+    return order[np.r_[True, g[1:] != g[:-1]]] if len(g) else order
+
+
+def _match(d_img: np.ndarray, d_boxes: np.ndarray, d_scores: np.ndarray, d_labels: np.ndarray,
+           g_img: np.ndarray, g_boxes: np.ndarray, g_labels: np.ndarray, ignored: np.ndarray,
+           iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The devkit's greedy matching of every image at once: (tp [D], fp [D], IoU of each TP [D]), float64,
+    input order. ``d_*``: detections (image index, float64 XYXY boxes, scores, labels), ``g_*``: ground
+    truth, ``ignored``: bool [G] (difficult or crowd).
+
+    A detection's best ground truth is the one of its class in its image with the highest IoU (first in
+    input order on ties, like MATLAB's max; a NaN IoU, of two empty boxes, counts as the highest, like
+    numpy's argmax), whether or not it is taken: the devkit never falls back to a second best. So the
+    greedy walk down the scores reduces to: no ground truth of its class, or below the threshold -> FP;
+    best is ignored -> neither; else the best-scored detection claiming a ground truth (input order on ties)
+    is its TP and every later claimant a duplicate FP. Only (detection, ground truth) pairs of one image
+    and class are formed: each detection's candidates are a range of the ground truth sorted by that key.
     """
-    num_det = len(scores)
+    num_det, stride = len(d_img), int(max(d_labels.max(initial=0), g_labels.max(initial=0))) + 1
+    g_key = g_img * stride + g_labels
+    g_order = np.argsort(g_key, kind="stable")  # grouped by (image, class), input order within a group
+    d_key = d_img * stride + d_labels
+    start = np.searchsorted(g_key[g_order], d_key, "left")
+    n_pairs = np.searchsorted(g_key[g_order], d_key, "right") - start
+    pair_det = np.repeat(np.arange(num_det), n_pairs)
+    offset = np.arange(len(pair_det)) - np.repeat(np.cumsum(n_pairs) - n_pairs, n_pairs)
+    pair_gt = g_order[np.repeat(start, n_pairs) + offset]
+    iou = _pairwise_iou(d_boxes[pair_det], g_boxes[pair_gt])
+    best = _first_per_group(pair_det, -np.where(np.isnan(iou), np.inf, iou))  # pairs are in input order
+    has = n_pairs > 0
+    best_gt, best_iou = np.zeros(num_det, dtype=np.int64), np.zeros(num_det)
+    best_gt[has], best_iou[has] = pair_gt[best], iou[best]
+    hit = has & ~(best_iou < iou_threshold)  # a NaN IoU is no "below"
+    claim = hit.copy()
+    claim[hit] = ~ignored[best_gt[hit]]
+    claimants = np.flatnonzero(claim)
+    winners = claimants[_first_per_group(best_gt[claimants], -d_scores[claimants])]
     tp, fp, tp_iou = np.zeros(num_det), np.zeros(num_det), np.zeros(num_det)
-    if iou.shape[1] == 0:
-        return tp, np.ones(num_det), tp_iou
-    best = np.argmax(np.where(same_class, iou, -1.0), axis=1)  # [D]; other classes never win
-    best_iou = iou[np.arange(num_det), best]
-    # no ground truth of its class, or below the threshold: FP (a NaN IoU of two empty boxes is no "below")
-    hit = same_class.any(axis=1) & ~(best_iou < iou_threshold)
-    claim = hit & ~ignored[best]
-    order = np.argsort(-scores, kind="stable")
-    claimants = order[claim[order]]  # best-scored first
-    _, first = np.unique(best[claimants], return_index=True)
-    winners = claimants[first]
     tp[winners], tp_iou[winners] = 1, best_iou[winners]
     fp[~hit | (claim & (tp == 0))] = 1
     return tp, fp, tp_iou
@@ -103,35 +149,19 @@ def voc_match(
     take the GT of their class with the highest IoU; IoU >= threshold and GT not taken -> TP, GT already
     taken -> FP (duplicate), GT difficult or crowd -> ignored (neither), IoU below -> FP.
 
-    The greedy order only matters among detections of one image and class, so each image is matched alone
-    (one IoU matrix, :func:`_match_image`) and the results are merged with a stable global sort."""
+    The greedy order only matters among detections of one image and class, so all images are matched at
+    once on flat arrays (:func:`_match`) and the results ranked with a stable global sort."""
     check_inputs(preds, targets, num_classes)
-    npos = np.zeros(num_classes, dtype=np.int64)
-    columns: list[tuple[np.ndarray, ...]] = []  # per image: scores, labels, tp, fp, tp_iou
-    for p, t in zip(preds, targets, strict=True):
-        d_boxes = box_convert(as_cpu(p["boxes"], torch.float64).reshape(-1, 4), box_format, "xyxy")
-        d_scores = as_cpu(p["scores"], torch.float64).reshape(-1).numpy()
-        d_labels = as_cpu(p["labels"], torch.int64).reshape(-1).numpy()
-        g_boxes = box_convert(as_cpu(t["boxes"], torch.float64).reshape(-1, 4), box_format, "xyxy")
-        g_labels = as_cpu(t["labels"], torch.int64).reshape(-1).numpy()
-        ignored = np.zeros(len(g_labels), dtype=bool)
-        for key in ("difficult", "iscrowd"):
-            if key in t:
-                ignored |= as_cpu(t[key]).reshape(-1).numpy().astype(bool)
-        np.add.at(npos, g_labels[~ignored] - 1, 1)
-        if len(d_labels) == 0:
-            continue
-        if plus_one:  # devkit pixel convention: width = x2 - x1 + 1, same for intersections
-            d_boxes = d_boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-            g_boxes = g_boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-        iou = box_iou(d_boxes, g_boxes).numpy()  # [D, G]
-        same_class = d_labels[:, None] == g_labels[None, :]
-        columns.append((d_scores, d_labels, *_match_image(iou, same_class, ignored, d_scores, iou_threshold)))
-    scores, labels, tp, fp, tp_iou = (
-        (np.concatenate(c) for c in zip(*columns, strict=True)) if columns else (np.zeros(0),) * 5
-    )
+    d_labels, g_labels = _column(preds, "labels", torch.int64), _column(targets, "labels", torch.int64)
+    d_img = np.repeat(np.arange(len(preds)), [len(p["labels"]) for p in preds])
+    g_img = np.repeat(np.arange(len(targets)), [len(t["labels"]) for t in targets])
+    ignored = (_column(targets, "difficult", torch.int64) != 0) | (_column(targets, "iscrowd", torch.int64) != 0)
+    npos = np.bincount(g_labels[~ignored] - 1, minlength=num_classes).astype(np.int64)
+    scores = _column(preds, "scores", torch.float64)
+    tp, fp, tp_iou = _match(d_img, _boxes_xyxy(preds, box_format, plus_one), scores, d_labels, g_img,
+                            _boxes_xyxy(targets, box_format, plus_one), g_labels, ignored, iou_threshold)  # fmt: skip
     order = np.argsort(-scores, kind="stable")  # ties: image order, then input order
-    per_class = [order[labels[order] == k + 1] for k in range(num_classes)]
+    per_class = [order[d_labels[order] == k + 1] for k in range(num_classes)]
     return VocMatches(
         scores=[scores[i] for i in per_class],
         tp=[tp[i] for i in per_class],

@@ -159,6 +159,11 @@ def test_ddp_validation_scores_each_image_once(tmp_path):
         for key in keys:
             assert got[family][key] == pytest.approx(expected[family][key], rel=1e-5, abs=1e-6), (family, key)
         assert expected[family]["val_loss"] > 0
+    # The detectors' COCO+VOC scoring ran once per validation, on rank 0 only, and both processes hold
+    # (and log) the very same values: the callbacks of every process decide alike.
+    ranks = [torch.load(two / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert [r["scorings"] for r in ranks] == [2, 0]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == got
 
 
 def test_epoch_mean_weights_each_batch_by_its_size():

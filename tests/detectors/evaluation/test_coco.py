@@ -30,6 +30,7 @@ from .helpers import (
     resample_coco,
     score_files,
     synthetic,
+    write_files,
 )
 
 
@@ -101,7 +102,9 @@ def test_per_class_ap_from_precision_array_equals_torchmetrics_class_metrics(tmp
     for name in gt_data.class_names:
         assert ours[f"ap/{name}"] == pytest.approx(tm.metrics[f"ap/{name}"], abs=1e-6)
     fast = coco_evaluate(preds, gt_data.targets, gt_data.class_names, extended_summary=False).metrics
-    assert fast == {k: v for k, v in ours.items() if not k.startswith("ap/")}
+    expected = {k: v for k, v in ours.items() if not k.startswith("ap/")}
+    assert fast.keys() == expected.keys()  # torchmetrics' stats are float32, the direct path's float64
+    assert fast == pytest.approx(expected, abs=1e-7)
 
 
 def test_more_than_100_detections_per_image_are_cut_per_class(tmp_path):
@@ -219,3 +222,18 @@ def test_boundary_area_and_iou_are_exact(tmp_path):
     metrics = score_files(tmp_path, gt, dets)
     assert_matches_pycocotools(metrics, gt, dets)
     assert metrics["map_medium"] == pytest.approx(0.5)  # the unmatched 32x32 detection is a medium FP
+
+
+def test_evaluate_command_without_voc_gives_the_coco_numbers_alone(tmp_path, train_py):
+    """``train.py evaluate --voc false``: the same COCO keys and values as with VOC (pycocotools' numbers), and
+    no VOC or matched-IoU key, in the JSON and in the printed tables."""
+    gt, dets = synthetic(4)
+    gt_path, dt_path = write_files(tmp_path, gt, dets)
+    code, stdout, _ = train_py("evaluate", "--gt", gt_path, "--predictions", dt_path, "--out", tmp_path / "m.json",
+                               "--voc", "false")  # fmt: skip
+    assert code == 0 and "map_50" in stdout and "voc07_ap50" not in stdout
+    without = json.loads((tmp_path / "m.json").read_text())
+    assert_matches_pycocotools(without, gt, dets)
+    full = evaluate(gt_path, dt_path)
+    assert {k for k in full if k.startswith(("voc", "iou/", "mean_iou"))}  # the premise: VOC keys exist
+    assert without == {k: v for k, v in full.items() if not k.startswith(("voc", "iou/", "mean_iou"))}
