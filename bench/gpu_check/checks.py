@@ -154,8 +154,8 @@ def check_fit(plan: Plan, detector: str, precision: str) -> dict:
     memory = f", peak {numbers['peak_memory_gib']:.1f} GiB" if numbers["peak_memory_gib"] is not None else ""
     ran_as = f" (ran as {timings['precision']})" if timings["precision"] != precision else ""
     rounds = f"{speed['rounds']} round{'s' * (speed['rounds'] != 1)}"
-    text = (f"{speed['litvision_ips']:.1f} img/s vs raw {speed['raw_ips']:.1f} (time x{speed['time_ratio']:.3f}, "
-            f"{rounds}){ran_as}; loss {numbers['train_loss']:.3f}, val mAP {numbers['val_map']:.4f}{memory}")
+    text = (f"{speed['litvision_ips']:.1f} img/s, raw loop {speed['raw_ips']:.1f}: {speed['time_ratio']:.3f}x its time "
+            f"per image ({rounds}){ran_as}; loss {numbers['train_loss']:.3f}, val mAP {numbers['val_map']:.4f}{memory}")
     return {**numbers, "text": text}
 
 
