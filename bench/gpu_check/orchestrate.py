@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="results folder (default: $OUT, else runs/gpu_check/TIMESTAMP)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "gpu_check" / "work",
                         help="generated data (kept for later runs) and each run's checkpoints (work/runs/TIMESTAMP)")
-    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run these checks (env and data always run)")
+    parser.add_argument("--only", nargs="+", metavar="CHECK", help="run these checks, with env, data and the fits "
+                        "whose checkpoints they read")  # fmt: skip
     parser.add_argument("--budget", type=float, help=f"wall-clock seconds for all checks (default {DEFAULT_BUDGET}; "
                         "none for --dry-run)")  # fmt: skip
     parser.add_argument("--ddp", action="store_true", help="--dry-run: run the 2-process check on the CPU too")
@@ -132,19 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"gpu_check: no check named {', '.join(sorted(unknown))}; the checks: "
                              f"{', '.join(c.name for c in checks)}")
-        checks = [c for c in checks if c.name in {"env", "data", *args.only}]
+        chosen = {"env", "data", *args.only} | {r for c in checks if c.name in args.only for r in c.reads}
+        checks = [c for c in checks if c.name in chosen]
     if args.plan:
         for c in checks:
             print(f"{c.name} ({c.timeout} s): {c.title}")
             for command in c.commands:
                 print("    python train.py " + " ".join(command))
-        print(f"estimated wall time at ~20 training images/s: {plan.estimate_seconds():.0f} s")
+        print(f"estimated wall time of the whole {mode} plan at ~20 training images/s: {plan.estimate_seconds():.0f} s")
         return 0
     results = _results_folder(args.out, stamp).resolve()
     results.mkdir(parents=True, exist_ok=True)
     budget = args.budget if args.budget is not None else (None if mode == "dry-run" else DEFAULT_BUDGET)
-    print(f"gpu_check {mode}: {len(checks)} checks, budget {budget or 'none'} s; results {results}, "
-          f"runs {plan.runs}", flush=True)
+    limit = f"a {budget:.0f} s budget" if budget else "no time budget"
+    print(f"gpu_check {mode}: {len(checks)} checks, {limit}; results {results}, runs {plan.runs}", flush=True)
     started, start = datetime.now(timezone.utc), time.monotonic()
     done = run_plan(checks, lambda c: check_command(plan, c.name, results / "checks" / f"{c.name}.json"),
                     results, budget)  # fmt: skip

@@ -103,14 +103,16 @@ def _value(v) -> str:
 
 @dataclass(frozen=True)
 class Check:
-    """One check: its name, what it shows, its timeout, the checks it needs (skipped when one of them failed)
-    and the train.py command lines it runs (without ``python train.py``), for the record."""
+    """One check: its name, what it shows, its timeout, the checks it needs (skipped when one of them did not
+    pass), the train.py command lines it runs (without ``python train.py``), for the record, and the checks whose
+    checkpoints it reads (run with it by ``--only``; without their files it is skipped)."""
 
     name: str
     title: str
     timeout: int
     needs: tuple[str, ...] = ()
     commands: tuple[tuple[str, ...], ...] = ()
+    reads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,13 +198,13 @@ class Plan:
                 checks.append(Check(f"fit_{d}_{short(precision)}", f"fit {d} R50-FPN {precision}, vs a raw loop",
                                     t[f"fit_{short(precision)}"], (*gpu, "data"),
                                     (tuple(self.fit_args(d, precision)),)))  # fmt: skip
-        for d in DETECTORS:
-            run = f"fit_{d}_{short(PRECISIONS[0])}"
+        fits = {d: f"fit_{d}_{short(PRECISIONS[0])}" for d in DETECTORS}
+        for d, run in fits.items():
             checks.append(Check(f"validate_{d}", f"validate {d} (checkpoint of {run})", t["validate"],
-                                (*gpu, "data"), (tuple(self.validate_args(d, run, f"validate_{d}")),)))
+                                (*gpu, "data"), (tuple(self.validate_args(d, run, f"validate_{d}")),), (run,)))
         checks.append(Check("compare", f"compare --device {self.scale.compare_device} --precision "
                             f"{self.scale.compare_precision}", t["compare"], (*gpu, "data"),
-                            (tuple(self.compare_args()),)))  # fmt: skip
+                            (tuple(self.compare_args()),), tuple(fits.values())))  # fmt: skip
         checks.append(Check("kill_resume", "SIGKILL once last.ckpt exists, then --ckpt_path last",
                             t["kill_resume"], (*gpu, "data"),
                             (tuple(self.kill_args()), (*self.kill_args(), "--ckpt_path", "last"))))

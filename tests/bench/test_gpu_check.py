@@ -203,13 +203,19 @@ def test_the_orchestrator_records_failures_timeouts_and_skips_and_runs_on(tmp_pa
 
 
 def test_the_script_runs_the_orchestrator_with_the_given_python(tmp_path):
-    env = {**os.environ, "LITVISION_PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(SCRIPT), "--plan", "--work", str(tmp_path)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    names = [line.split(" (")[0] for line in out.stdout.splitlines() if not line.startswith((" ", "estimated"))]
+    def plan(*args) -> tuple[list[str], str]:
+        env = {**os.environ, "LITVISION_PYTHON": sys.executable}
+        out = subprocess.run(["bash", str(SCRIPT), "--plan", "--work", str(tmp_path), *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        return [line.split(" (")[0] for line in lines if not line.startswith((" ", "estimated"))], out.stdout
+
+    names, printed = plan()
     assert names == [c.name for c in make_plan("full", tmp_path, tmp_path).checks()]
-    assert out.stdout.count("python train.py fit --config configs/") == 4 + 2 + 1  # fits, kill + resume, DDP
+    assert printed.count("python train.py fit --config configs/") == 4 + 2 + 1  # fits, kill + resume, DDP
+    # --only adds env, data and the fits whose checkpoints the chosen checks read, in the plan's order.
+    assert plan("--only", "compare")[0] == ["env", "data", "fit_faster_rcnn_bf16", "fit_retinanet_bf16", "compare"]
 
 
 def _metric(run: Path, key: str) -> float:
