@@ -149,6 +149,8 @@ def check_fit(plan: Plan, detector: str, precision: str) -> dict:
     timings = json.loads((run / SPEED_FILE).read_text())
     if not all(b["finite"] for b in timings["raw"]):
         raise CheckFailed("the raw loop's loss was not finite")
+    if plan.scale.accelerator == "gpu" and timings["precision"] != precision:  # only CPUs lack float16 autocast
+        raise CheckFailed(f"asked for {precision}, Lightning ran {timings['precision']}")
     speed = speed_summary(timings)
     numbers.update(speed, peak_memory_gib=timings["peak_memory_gib"], ran_as=timings["precision"])
     memory = f", peak {numbers['peak_memory_gib']:.1f} GiB" if numbers["peak_memory_gib"] is not None else ""
@@ -192,7 +194,10 @@ def check_compare(plan: Plan) -> dict:
         raise CheckSkipped(f"no checkpoint from check {', '.join(missing)}")
     train(plan.check("compare").commands[0])
     report = json.loads((plan.runs / "compare" / "comparison.json").read_text())
-    numbers, parts = {}, []
+    settings = report["settings"]
+    if not settings["device"].startswith(plan.scale.compare_device) or settings["precision"] != plan.scale.compare_precision:
+        raise CheckFailed(f"comparison.json: ran on {settings['device']} in {settings['precision']}")
+    numbers, parts = {"device": settings["device"]}, []
     for detector, model in zip(DETECTORS, report["models"], strict=True):
         if model["map"] is None or not model["latency_ms"] or not model["throughput_ips"]:
             raise CheckFailed(f"comparison.json, {model['model']}: mAP {model['map']}, latency {model['latency_ms']}, "
