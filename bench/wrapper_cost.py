@@ -93,7 +93,9 @@ def fixed_loader(items: list):
 
 def raw_targets(targets) -> list[dict]:
     """Plain tensors, what torchvision trains on (the data's crowd regions: none in shapes)."""
-    return [{"boxes": t["boxes"].as_subclass(__import__("torch").Tensor), "labels": t["labels"]} for t in targets]
+    from torch import Tensor
+
+    return [{"boxes": t["boxes"].as_subclass(Tensor), "labels": t["labels"]} for t in targets]
 
 
 # -- fit ---------------------------------------------------------------------------------------------------------
