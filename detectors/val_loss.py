@@ -143,8 +143,9 @@ def _rpn_outputs(
 
 
 def _rcnn_losses_per_image(model: GeneralizedRCNN, image_list: ImageList, features, rpn_outputs,
-                           targets) -> dict[str, Tensor]:  # fmt: skip
-    """The mean over the images of each image's :func:`_rcnn_losses`, its sampling seeded afresh (module doc).
+                           targets) -> tuple[dict[str, Tensor], list[Tensor]]:  # fmt: skip
+    """The mean over the images of each image's :func:`_rcnn_losses`, its sampling seeded afresh (module doc),
+    and the training-mode proposals (per image ``[P, 4]``, best first).
 
     Each image's RPN and ROI sampling draw from ``VAL_LOSS_SEED`` in torchvision's order (the RPN's anchors, then
     its ROIs); what draws nothing runs once for the batch: the RPN head (shared with the detections), the
@@ -174,7 +175,16 @@ def _rcnn_losses_per_image(model: GeneralizedRCNN, image_list: ImageList, featur
         loss_classifier, loss_box_reg = fastrcnn_loss(logits, boxes, roi_labels, roi_regression)
         losses.update(loss_classifier=loss_classifier, loss_box_reg=loss_box_reg)
     names = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")  # torchvision's order
-    return {k: torch.stack([losses[k] for losses in per_image]).mean() for k in names}
+    return {k: torch.stack([losses[k] for losses in per_image]).mean() for k in names}, proposals
+
+
+def _eval_proposals_from_training(rpn: RegionProposalNetwork) -> int | None:
+    """How many of the training-mode proposals are the eval-mode ones, or None. The two modes' proposal filtering
+    differs only in its counts: with the same count before NMS, both keep the NMS survivors best first, so the
+    eval proposals are the first ``post_nms_top_n`` (testing) of the training ones when that is no more (the demo
+    configs: 300 before NMS, 150 / 100 after), and the NMS runs once."""
+    pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
+    return post["testing"] if pre["training"] == pre["testing"] and post["training"] >= post["testing"] else None
 
 
 def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
@@ -182,10 +192,14 @@ def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
     losses: dict[str, Tensor] = {}
     with _full_precision(image_list.tensors.device):
         rpn_outputs = _rpn_outputs(model.rpn, image_list, features)
+        shared = _eval_proposals_from_training(model.rpn) if with_loss else None
         if with_loss:
-            losses = _rcnn_losses_per_image(model, image_list, features, rpn_outputs, targets)
-        objectness, _, _, decoded, per_level = rpn_outputs
-        proposals, _ = model.rpn.filter_proposals(decoded, objectness, image_list.image_sizes, per_level)
+            losses, training_proposals = _rcnn_losses_per_image(model, image_list, features, rpn_outputs, targets)
+        if shared is not None:
+            proposals = [p[:shared] for p in training_proposals]
+        else:
+            objectness, _, _, decoded, per_level = rpn_outputs
+            proposals, _ = model.rpn.filter_proposals(decoded, objectness, image_list.image_sizes, per_level)
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
