@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     dm = DetectionDataModule(args.root, batch_size=args.batch_size, num_workers=0, generate=True)
+    dm.prepare_data()  # generates the shapes set where root is missing
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
     batches = [next(loader) for _ in range(args.steps + 1)]

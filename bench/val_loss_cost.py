@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=192)
     args = parser.parse_args()
     dm = DetectionDataModule(args.root, batch_size=args.batch_size, num_workers=0, generate=True)
+    dm.prepare_data()  # generates the shapes set where root is missing
     dm.setup("validate")
     batches = []
     for images, targets in dm.val_dataloader():

@@ -17,7 +17,9 @@ then the heads run:
   function of the weights and that image, whatever batch, process or position it
   comes in (torchvision's batched loss draws the images' samples one after another
   from one RNG stream and normalises over the batch's samples, so it changed with
-  the batch size). RetinaNet's loss samples nothing and is already a per-image mean;
+  the batch size). What draws nothing is shared or batched: Faster R-CNN's RPN head output, anchors and
+  decoded boxes serve the loss and the detections, and its box head runs once over every image's sampled ROIs.
+  RetinaNet's loss samples nothing and is already a per-image mean;
 * for the detections, in eval mode, exactly as ``model(images)`` would -- except that under bf16/fp16
   autocast the heads run in float32, so boxes and scores are not rounded to half precision.
 
@@ -34,6 +36,8 @@ from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from training.errors import BadValueError
 
@@ -49,8 +53,10 @@ def loss_mode(model: nn.Module):
     """Training-mode control flow with inference-mode layers, the RNG forked and seeded with ``VAL_LOSS_SEED``;
     restores every flag and the RNG. Yields ``reseed()``, which seeds it again: call it before each image's
     sampling."""
-    flags = {m: m.training for m in model.modules()}
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    modules = list(model.modules())  # walked once: a few hundred modules, every validation batch
+    flags = [m.training for m in modules]
+    devices = sorted({p.device.index for m in modules for p in m._parameters.values()
+                      if p is not None and p.device.type == "cuda"})  # fmt: skip
 
     def reseed() -> None:
         torch.random.default_generator.manual_seed(VAL_LOSS_SEED)
@@ -61,13 +67,19 @@ def loss_mode(model: nn.Module):
         with torch.random.fork_rng(devices=devices):
             reseed()
             model.train()
-            for m in model.modules():
+            for m in modules:
                 if isinstance(m, _INFERENCE_ONLY):
-                    m.eval()
+                    _set_training(m, False)
             yield reseed
     finally:
-        for m, flag in flags.items():
-            m.training = flag
+        for m, flag in zip(modules, flags, strict=True):
+            _set_training(m, flag)
+
+
+def _set_training(module: nn.Module, flag: bool) -> None:
+    """``module.training = flag`` as ``nn.Module.train`` sets it on one module, without ``nn.Module.__setattr__``'s
+    checks for parameters, buffers and submodules (most of the cost of switching a few hundred modules)."""
+    object.__setattr__(module, "training", flag)
 
 
 def _check_detector(model: nn.Module) -> None:
@@ -115,25 +127,79 @@ def _rcnn_losses(model: GeneralizedRCNN, image_list, features, targets) -> dict[
     return {**det_losses, **rpn_losses}
 
 
-def _rcnn_losses_per_image(model: GeneralizedRCNN, image_list: ImageList, features, targets) -> dict[str, Tensor]:
-    """The mean over the images of each image's :func:`_rcnn_losses`, its sampling seeded afresh (module doc)."""
-    per_image = []
-    with loss_mode(model) as reseed:
+def _rpn_outputs(
+    rpn: RegionProposalNetwork, image_list: ImageList, features
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor, list[int]]:
+    """RegionProposalNetwork.forward up to its proposals, which the loss and the detections share: the head once
+    over the batch, the anchors, the decoded boxes. Returns (objectness [N * A, 1], deltas [N * A, 4], anchors
+    per image [A, 4], decoded proposals [N, A, 4], anchors per level)."""
+    levels = list(features.values())
+    objectness, deltas = rpn.head(levels)
+    anchors = rpn.anchor_generator(image_list, levels)
+    per_level = [o[0].numel() for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)  # rows image by image
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+    return objectness, deltas, anchors, proposals, per_level
+
+
+def _rcnn_losses_per_image(model: GeneralizedRCNN, image_list: ImageList, features, rpn_outputs,
+                           targets) -> tuple[dict[str, Tensor], list[Tensor]]:  # fmt: skip
+    """The mean over the images of each image's :func:`_rcnn_losses`, its sampling seeded afresh (module doc),
+    and the training-mode proposals (per image ``[P, 4]``, best first).
+
+    Each image's RPN and ROI sampling draw from ``VAL_LOSS_SEED`` in torchvision's order (the RPN's anchors, then
+    its ROIs); what draws nothing runs once for the batch: the RPN head (shared with the detections), the
+    training-mode proposals, the anchor matching, and the box head over every image's sampled ROIs."""
+    rpn, roi_heads = model.rpn, model.roi_heads
+    objectness, deltas, anchors, decoded, per_level = rpn_outputs
+    n = len(targets)
+    per_image: list[dict[str, Tensor]] = []
+    with loss_mode(model) as reseed:  # training-mode proposal counts and sampling
+        proposals, _ = rpn.filter_proposals(decoded, objectness, image_list.image_sizes, per_level)
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        regression = rpn.box_coder.encode(matched, anchors)
+        objectness, deltas = objectness.view(n, -1), deltas.view(n, len(anchors[0]), 4)
+        sampled = []
         for i, target in enumerate(targets):
             reseed()  # each image's sampling starts from the same seed, whatever came before it
-            one = ImageList(image_list.tensors[i : i + 1], image_list.image_sizes[i : i + 1])
-            maps = OrderedDict((k, v[i : i + 1]) for k, v in features.items())
-            per_image.append(_rcnn_losses(model, one, maps, [target]))
-    return {k: torch.stack([losses[k] for losses in per_image]).mean() for k in per_image[0]}
+            loss_objectness, loss_rpn_box_reg = rpn.compute_loss(objectness[i], deltas[i], [labels[i]], [regression[i]])
+            per_image.append({"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg})
+            sampled.append(roi_heads.select_training_samples([proposals[i]], [target]))
+        rois = [s[0][0] for s in sampled]
+        box_features = roi_heads.box_head(roi_heads.box_roi_pool(features, rois, image_list.image_sizes))
+        class_logits, box_regression = roi_heads.box_predictor(box_features)
+    rows = [len(r) for r in rois]
+    for losses, (_, _, roi_labels, roi_regression), logits, boxes in zip(
+        per_image, sampled, class_logits.split(rows), box_regression.split(rows), strict=True
+    ):
+        loss_classifier, loss_box_reg = fastrcnn_loss(logits, boxes, roi_labels, roi_regression)
+        losses.update(loss_classifier=loss_classifier, loss_box_reg=loss_box_reg)
+    names = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")  # torchvision's order
+    return {k: torch.stack([losses[k] for losses in per_image]).mean() for k in names}, proposals
+
+
+def _eval_proposals_from_training(rpn: RegionProposalNetwork) -> int | None:
+    """How many of the training-mode proposals are the eval-mode ones, or None. The two modes' proposal filtering
+    differs only in its counts: with the same count before NMS, both keep the NMS survivors best first, so the
+    eval proposals are the first ``post_nms_top_n`` (testing) of the training ones when that is no more (the demo
+    configs: 300 before NMS, 150 / 100 after), and the NMS runs once."""
+    pre, post = rpn._pre_nms_top_n, rpn._post_nms_top_n
+    return post["testing"] if pre["training"] == pre["testing"] and post["training"] >= post["testing"] else None
 
 
 def _fasterrcnn(model: GeneralizedRCNN, images, targets, with_loss: bool):
     image_list, targets, features, original_sizes = _features(model, images, targets if with_loss else None)
     losses: dict[str, Tensor] = {}
     with _full_precision(image_list.tensors.device):
+        rpn_outputs = _rpn_outputs(model.rpn, image_list, features)
+        shared = _eval_proposals_from_training(model.rpn) if with_loss else None
         if with_loss:
-            losses = _rcnn_losses_per_image(model, image_list, features, targets)
-        proposals, _ = model.rpn(image_list, features)
+            losses, training_proposals = _rcnn_losses_per_image(model, image_list, features, rpn_outputs, targets)
+        if shared is not None:
+            proposals = [p[:shared] for p in training_proposals]
+        else:
+            objectness, _, _, decoded, per_level = rpn_outputs
+            proposals, _ = model.rpn.filter_proposals(decoded, objectness, image_list.image_sizes, per_level)
         detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
     return losses, model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 

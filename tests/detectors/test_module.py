@@ -121,6 +121,27 @@ def test_val_loss_pass_changes_no_state(name, shapes_dir):
             torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
 
 
+def test_detections_beside_the_loss_are_the_eval_models_when_the_nms_is_shared(shapes_dir):
+    """With equal pre-NMS proposal counts in both modes (the demo configs), the detections take their proposals
+    from the loss' training-mode ones: still exactly what the eval-mode model returns."""
+    from detectors.val_loss import _eval_proposals_from_training
+
+    module = tiny(FasterRCNNModule, rpn_pre_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
+                  rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=30, box_batch_size_per_image=32)  # fmt: skip
+    assert _eval_proposals_from_training(module.model.rpn) == 30  # the shared path is the one tested
+    images, targets = _shapes_batch(shapes_dir)
+    plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
+    module.eval()
+    losses, detections = losses_and_detections(module.model, list(images), plain)
+    assert losses
+    with torch.no_grad():
+        reference = module.model(list(images))
+    assert sum(len(d["boxes"]) for d in reference) > 0
+    for ours, ref in zip(detections, reference, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_val_loss_equals_train_mode_loss_with_inference_layers(name, shapes_dir):
     """The loss is the mean over the images of torchvision's own train-mode loss of each image alone, computed
