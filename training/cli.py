@@ -21,9 +21,14 @@ import inspect
 import os
 import signal
 import sys
+import types
+import typing
+from functools import reduce
+from operator import or_
 from typing import Any
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -60,6 +65,24 @@ def usage_errors(parser: ArgumentParser):
         parser.error(user_message(error), ex=error)
 
 
+def int_before_float(function: Any) -> None:
+    """Put ``int`` before ``float`` in the ``Union`` annotations of ``function`` that hold both, as the
+    Trainer's source writes them (``limit_train_batches: Optional[Union[int, float]]``).
+
+    jsonargparse tries a union's types in order, so the order decides whether ``--trainer.limit_train_batches 1``
+    means one batch (int) or 100% (float 1.0). typing caches unions and treats ``Union[int, float]`` and
+    ``Union[float, int]`` as equal, so an annotation evaluated while another module's ``Optional[Union[float,
+    int]]`` (Lightning Fabric has some) is in that cache comes out float-first, depending on import order.
+    ``int | float`` (``types.UnionType``) is not cached, so it keeps the order given.
+    """
+    annotations = getattr(function, "__annotations__", {})
+    for name, hint in list(annotations.items()):
+        args = typing.get_args(hint)
+        is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if is_union and {int, float} <= set(args) and args.index(float) < args.index(int):
+            annotations[name] = reduce(or_, sorted(args, key=lambda t: (t is not int, t is type(None))))
+
+
 class TrainingCLI(LightningCLI):
     """LightningCLI with the Keras-style callbacks, TensorBoard + CSV logs in ``<runs_dir>/<name>/version_N``,
     a ``--ckpt_path last`` that fails instead of silently starting over, and ``--ckpt_path auto``: resume from
@@ -74,6 +97,7 @@ class TrainingCLI(LightningCLI):
     def __init__(self, *args, commands: dict[str, Command] | None = None, **kwargs) -> None:
         self.commands = dict(commands or {})
         self._new_log_dirs: list[str] = []  # the run's log folders that did not exist before it
+        int_before_float(kwargs.get("trainer_class", Trainer).__init__)
         super().__init__(*args, **kwargs)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,21 @@ def test_only_the_loggers_files_of_an_unused_run_folder_are_removed(tmp_path):
     remove_unused_log_dirs([str(version)], ("hparams.yaml",))
     assert sorted(p.name for p in version.iterdir()) == ["notes.txt"]
     assert (runs / "name" / "checkpoints").is_dir()
+
+
+def test_an_int_limit_is_a_number_of_batches_whatever_order_typing_cached_the_union(shapes_dir, tmp_path, monkeypatch):
+    """``--trainer.limit_train_batches 1`` is one batch, not 100%, even when the Trainer's annotation was
+    evaluated float-first (typing's union cache; the import order decides it)."""
+    from lightning import Trainer
+
+    from train import LitvisionCLI
+
+    float_first = typing.Union[float, int, None]  # noqa: UP007 (a cache entry of its own: float first)
+    assert typing.get_args(float_first)[0] is float
+    for name in ("limit_train_batches", "limit_val_batches"):
+        monkeypatch.setitem(Trainer.__init__.__annotations__, name, float_first)
+    monkeypatch.chdir(tmp_path)
+    args = [str(a) for a in tiny_fit_args(shapes_dir, tmp_path / "runs")[1:]]
+    cli = LitvisionCLI(args=[*args, "--trainer.limit_train_batches", "1"], run=False)
+    assert cli.trainer.limit_train_batches == 1 and isinstance(cli.trainer.limit_train_batches, int)
+    assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
