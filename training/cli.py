@@ -200,6 +200,9 @@ class TrainingCLI(LightningCLI):
             config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, ProgressBar)]
         if config.get("logger") is False:  # nothing to log the LR to: Lightning would refuse the monitor
             config["callbacks"] = [c for c in config.get("callbacks") or [] if not isinstance(c, LearningRateMonitor)]
+            # Without a logger there is no run folder, and Lightning would write config.yaml into the working
+            # directory, replacing a user's own config.yaml there.
+            self.save_config_callback = None
         sub = self._sub()
         ckpt = sub.get("ckpt_path") if self.subcommand == "fit" else None
         version, step = checkpoint_log_position(ckpt) if ckpt else (None, 0)  # a resumed run continues its version

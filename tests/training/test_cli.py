@@ -352,3 +352,17 @@ def test_an_int_limit_is_a_number_of_batches_whatever_order_typing_cached_the_un
     cli = LitvisionCLI(args=[*args, "--trainer.limit_train_batches", "1"], run=False)
     assert cli.trainer.limit_train_batches == 1 and isinstance(cli.trainer.limit_train_batches, int)
     assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
+
+
+def test_a_run_without_a_logger_leaves_the_working_directorys_config_yaml_alone(shapes_dir, tmp_path, train_py,
+                                                                               monkeypatch):
+    """``--trainer.logger false``: no run folder, so no config.yaml is saved; Lightning would write it into the
+    working directory, over a user's own config.yaml there."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "config.yaml"
+    mine.write_text("# the user's own config\n")
+    args = tiny_fit_args(shapes_dir, tmp_path / "runs")
+    code, out, err = train_py("validate", *args[1:], "--trainer.logger", "false")
+    assert code == 0, err[-2000:]
+    assert mine.read_text() == "# the user's own config\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
