@@ -87,31 +87,28 @@ def generate(images: int, classes: int = 80, detections: int = 100, seed: int = 
     return gt, results
 
 
-def faster_coco_eval_direct(gt_path: Path, dt_path: Path) -> np.ndarray:
-    from faster_coco_eval import COCO, COCOeval_faster
-
+def _direct(coco_class, eval_class, gt_path: Path, dt_path: Path) -> np.ndarray:
+    """The 12 stats of a COCO API's own load, loadRes, evaluate, accumulate and summarize on the files."""
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
-        dt = gt.loadRes(str(dt_path))
-        ev = COCOeval_faster(gt, dt, "bbox")
+        gt = coco_class(str(gt_path))
+        ev = eval_class(gt, gt.loadRes(str(dt_path)), "bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     return np.asarray(ev.stats)[:12]
+
+
+def faster_coco_eval_direct(gt_path: Path, dt_path: Path) -> np.ndarray:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    return _direct(COCO, COCOeval_faster, gt_path, dt_path)
 
 
 def pycocotools_direct(gt_path: Path, dt_path: Path) -> np.ndarray:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
-        dt = gt.loadRes(str(dt_path))
-        ev = COCOeval(gt, dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return np.asarray(ev.stats)[:12]
+    return _direct(COCO, COCOeval, gt_path, dt_path)
 
 
 def epoch_batches(gt: dict, results: list, batch: int = 8) -> tuple[list[str], list[tuple[list, list]]]:

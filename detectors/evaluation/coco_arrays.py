@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
-from .inputs import BoxFormat, as_cpu
+from .inputs import BoxFormat, as_cpu, concat_field
 
 
 def _boxes_xywh(dicts: Sequence[dict], box_format: BoxFormat) -> np.ndarray:
@@ -35,15 +35,6 @@ def _boxes_xywh(dicts: Sequence[dict], box_format: BoxFormat) -> np.ndarray:
     if box_format != "xywh":
         boxes = box_convert(boxes, box_format, "xywh")
     return boxes.double().numpy()
-
-
-def _values(dicts: Sequence[dict], key: str, default: float, dtype: torch.dtype) -> np.ndarray:
-    """Every dict's ``key`` concatenated ([N], ``dtype``); ``default`` for the boxes of a dict without it."""
-    parts = [
-        as_cpu(d[key], dtype).reshape(-1) if key in d else torch.full((len(d["labels"]),), default, dtype=dtype)
-        for d in dicts
-    ]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float64 if dtype.is_floating_point else np.int64)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -75,13 +66,13 @@ def faster_coco_eval(
     categories = [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]
     g_image = np.repeat(np.arange(len(targets)), [len(t["labels"]) for t in targets]).tolist()
     g_boxes = _boxes_xywh(targets, box_format)
-    g_area = _values(targets, "area", np.nan, torch.float64)
+    g_area = concat_field(targets, "area", torch.float64, np.nan)
     g_area = np.where(np.isnan(g_area), g_boxes[:, 2] * g_boxes[:, 3], g_area)
     gt_anns = [
         {"id": i, "image_id": im, "category_id": c, "bbox": b, "area": a, "iscrowd": z}
         for i, im, c, b, a, z in zip(
-            count(1), g_image, _values(targets, "labels", 0, torch.int64).tolist(), g_boxes.tolist(),
-            g_area.tolist(), _values(targets, "iscrowd", 0, torch.int64).tolist(),
+            count(1), g_image, concat_field(targets, "labels", torch.int64).tolist(), g_boxes.tolist(),
+            g_area.tolist(), concat_field(targets, "iscrowd", torch.int64).tolist(),
         )
     ]  # fmt: skip
     d_image = np.repeat(np.arange(len(preds)), [len(p["labels"]) for p in preds]).tolist()
@@ -89,8 +80,8 @@ def faster_coco_eval(
     dt_anns = [
         {"id": i, "image_id": im, "category_id": c, "bbox": b, "score": s, "area": a, "iscrowd": 0}
         for i, im, c, b, s, a in zip(
-            count(1), d_image, _values(preds, "labels", 0, torch.int64).tolist(), d_boxes.tolist(),
-            _values(preds, "scores", 0, torch.float64).tolist(), (d_boxes[:, 2] * d_boxes[:, 3]).tolist(),
+            count(1), d_image, concat_field(preds, "labels", torch.int64).tolist(), d_boxes.tolist(),
+            concat_field(preds, "scores", torch.float64).tolist(), (d_boxes[:, 2] * d_boxes[:, 3]).tolist(),
         )
     ]  # fmt: skip
     gt, dt = COCO(print_function=_quiet), COCO(print_function=_quiet)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,6 +22,16 @@ def as_cpu(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``x`` detached on the CPU, converted to ``dtype`` when given."""
     x = x.detach().cpu()
     return x if dtype is None else x.to(dtype)
+
+
+def concat_field(dicts: Sequence[dict], key: str, dtype: torch.dtype, default: float = 0) -> np.ndarray:
+    """Every dict's ``key`` concatenated on the CPU as one [N] array of ``dtype``; ``default`` for each box of
+    a dict without it (dicts checked by :func:`check_inputs`)."""
+    parts = [
+        as_cpu(d[key], dtype).reshape(-1) if key in d else torch.full((len(d["labels"]),), default, dtype=dtype)
+        for d in dicts
+    ]
+    return torch.cat(parts).numpy() if parts else torch.zeros(0, dtype=dtype).numpy()
 
 
 def check_inputs(preds: Sequence[dict], targets: Sequence[dict], num_classes: int) -> None:

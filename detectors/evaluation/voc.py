@@ -17,7 +17,7 @@ from torchvision.ops import box_convert
 
 from training.errors import BadValueError
 
-from .inputs import BoxFormat, as_cpu, check_inputs
+from .inputs import BoxFormat, as_cpu, check_inputs, concat_field
 
 
 def voc_ap(
@@ -68,14 +68,6 @@ def _boxes_xyxy(dicts: Sequence[dict], box_format: BoxFormat, plus_one: bool) ->
     if plus_one:
         boxes = boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     return boxes.numpy()
-
-
-def _column(dicts: Sequence[dict], key: str, dtype: torch.dtype) -> np.ndarray:
-    """Every dict's ``key`` concatenated ([N], ``dtype``); zeros for a dict without it."""
-    parts = [
-        as_cpu(d[key], dtype).reshape(-1) if key in d else torch.zeros(len(d["labels"]), dtype=dtype) for d in dicts
-    ]
-    return torch.cat(parts).numpy() if parts else np.zeros(0, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
 
 
 def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -152,12 +144,12 @@ def voc_match(
     The greedy order only matters among detections of one image and class, so all images are matched at
     once on flat arrays (:func:`_match`) and the results ranked with a stable global sort."""
     check_inputs(preds, targets, num_classes)
-    d_labels, g_labels = _column(preds, "labels", torch.int64), _column(targets, "labels", torch.int64)
+    d_labels, g_labels = concat_field(preds, "labels", torch.int64), concat_field(targets, "labels", torch.int64)
     d_img = np.repeat(np.arange(len(preds)), [len(p["labels"]) for p in preds])
     g_img = np.repeat(np.arange(len(targets)), [len(t["labels"]) for t in targets])
-    ignored = (_column(targets, "difficult", torch.int64) != 0) | (_column(targets, "iscrowd", torch.int64) != 0)
+    ignored = (concat_field(targets, "difficult", torch.int64) != 0) | (concat_field(targets, "iscrowd", torch.int64) != 0)
     npos = np.bincount(g_labels[~ignored] - 1, minlength=num_classes).astype(np.int64)
-    scores = _column(preds, "scores", torch.float64)
+    scores = concat_field(preds, "scores", torch.float64)
     tp, fp, tp_iou = _match(d_img, _boxes_xyxy(preds, box_format, plus_one), scores, d_labels, g_img,
                             _boxes_xyxy(targets, box_format, plus_one), g_labels, ignored, iou_threshold)  # fmt: skip
     order = np.argsort(-scores, kind="stable")  # ties: image order, then input order
